@@ -1,0 +1,3 @@
+"""posttrain: study and steer how post-training changes a language model."""
+
+__version__ = "0.1.0"

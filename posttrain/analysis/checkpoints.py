@@ -1,0 +1,157 @@
+"""Streaming access to Hugging Face safetensors checkpoints, one tensor at a time.
+
+`Checkpoint` reads single-file and sharded (``model.safetensors.index.json``) checkpoints without
+loading the model: `get(name)` memory-maps one tensor. `classify(name)` maps a parameter name to
+(layer index, module type) for the common decoder families; names it does not know go to the
+"other" bucket rather than failing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from posttrain.errors import UserError
+
+
+class Checkpoint:
+    """A read-only view of the tensors of a checkpoint directory (or a single .safetensors file)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"checkpoint not found: {self.path}")
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        if self.path.is_file():
+            files = [self.path]
+        else:
+            index = self.path / "model.safetensors.index.json"
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{index}: corrupt index (no weight_map)") from None
+                for name, fname in weight_map.items():
+                    self._where[name] = self.path / fname
+                missing = sorted({str(p) for p in self._where.values() if not p.is_file()})
+                if missing:
+                    raise UserError(f"{self.path}: shard files listed in the index are missing: {', '.join(missing)}")
+                files = []
+            else:
+                files = sorted(self.path.glob("*.safetensors"))
+                if not files:
+                    raise UserError(f"{self.path}: no safetensors weights found (only safetensors checkpoints are read)")
+        for f in files:
+            for name in self._open(f).keys():
+                self._where[name] = f
+
+    def _open(self, f: Path):
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise UserError(f"{f}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
+        return self._handles[f]
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self._where[name]).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self._open(self._where[name]).get_slice(name).get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._open(self._where[name]).get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{self._where[name]}: cannot read tensor {name} ({str(e).splitlines()[0]})") from None
+
+    def shards(self) -> dict[str, list[str]]:
+        """File name -> tensor names, in file order (used to write outputs sharded like the input)."""
+        out: dict[str, list[str]] = {}
+        for name, f in self._where.items():
+            out.setdefault(f.name, []).append(name)
+        return out
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._where:
+            yield name, self.get(name)
+
+
+def check_compatible(base: Checkpoint, other: Checkpoint) -> list[str]:
+    """Names present in both with equal shapes; a `UserError` naming the first mismatches."""
+    a, b = set(base.names()), set(other.names())
+    only_a, only_b = sorted(a - b), sorted(b - a)
+    if only_a or only_b:
+        parts = []
+        if only_a:
+            parts.append(f"only in {base.path}: {', '.join(only_a[:5])}{' ...' if len(only_a) > 5 else ''}")
+        if only_b:
+            parts.append(f"only in {other.path}: {', '.join(only_b[:5])}{' ...' if len(only_b) > 5 else ''}")
+        raise UserError("architecture mismatch, tensors differ: " + "; ".join(parts))
+    bad = [n for n in base.names() if base.shape(n) != other.shape(n)]
+    if bad:
+        n = bad[0]
+        raise UserError(
+            f"architecture mismatch: {n} has shape {list(base.shape(n))} in {base.path} "
+            f"but {list(other.shape(n))} in {other.path}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+        )
+    return base.names()
+
+
+# ------------------------------------------------------------------------------------------------
+# parameter name -> (layer, module type)
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
+
+# (pattern searched in the name, module type); first match wins, so specific patterns come first
+_MODULES: list[tuple[re.Pattern, str]] = [
+    (re.compile(p), m)
+    for p, m in [
+        (r"\.(q_proj|query|wq)\.", "q_proj"),
+        (r"\.(k_proj|key|wk)\.", "k_proj"),
+        (r"\.(v_proj|value|wv)\.", "v_proj"),
+        (r"\.(qkv_proj|c_attn|query_key_value|Wqkv|att_proj)\.", "qkv_proj"),
+        (r"\.(o_proj|wo|out_proj)\.|\.attn\.c_proj\.|\.attention\.dense\.|\.attention\.output\.dense\.", "o_proj"),
+        (r"\.(gate_up_proj)\.", "gate_up_proj"),
+        (r"\.(gate_proj|w1)\.", "gate_proj"),
+        (r"\.(up_proj|w3|c_fc|dense_h_to_4h|fc1)\.", "up_proj"),
+        (r"\.(down_proj|w2|dense_4h_to_h|fc2)\.|\.mlp\.c_proj\.", "down_proj"),
+        (r"(embed_tokens|wte|word_embeddings|tok_embeddings)\.", "embed"),
+        (r"(wpe|embed_positions|position_embeddings)\.", "pos_embed"),
+        (r"(^|\.)(lm_head|embed_out)\.|^output\.", "lm_head"),
+        (r"(norm|ln_\d|ln_f|layernorm|layer_norm)", "norm"),
+        (r"\.(router|gate)\.", "router"),
+    ]
+]
+
+MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                "down_proj", "embed", "pos_embed", "lm_head", "norm", "router", "other"]
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    layer: int | None
+    module: str
+
+
+def classify(name: str) -> ParamInfo:
+    """(layer index or None, module type) of a parameter name; unknown names -> "other"."""
+    m = _LAYER.search(name)
+    layer = int(m.group(1)) if m else None
+    for pattern, module in _MODULES:
+        if pattern.search(name):
+            return ParamInfo(layer, module)
+    return ParamInfo(layer, "other")

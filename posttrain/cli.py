@@ -1,0 +1,207 @@
+"""The `posttrain` command line. Exit codes: 0 ok, 2 bad input (one-line message), 1 internal error."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from posttrain.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Study and steer how post-training changes a language model.")
+
+SET_HELP = "Override any config field, e.g. --set pretrain.steps=300 (repeatable)."
+
+
+def _study_config(config: Path | None, preset: str | None, overrides: list[str]):
+    from posttrain.config import load_study_config, preset_path
+
+    path = config if config is not None else preset_path(preset or "default")
+    return load_study_config(path, overrides)
+
+
+@app.command()
+def demo(
+    preset: str = typer.Option("default", help="Embedded study preset: quick (CI, ~1 min) or default (~5 min)."),
+    out: Path = typer.Option(Path("runs/demo"), help="Run directory (stages already done there are reused)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the study (config field `seed`)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Run the embedded default study end to end: pretrain, SFT vs GRPO, evaluate, diff, report."""
+    from posttrain.study import run_study
+
+    overrides = list(set_) + ([f"seed={seed}"] if seed is not None else [])
+    cfg = _study_config(None, preset, overrides)
+    run_study(cfg, out, resume=True, device=device)
+
+
+@app.command()
+def study(
+    config: Path = typer.Argument(..., help="Study YAML (see configs/)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<study name>)."),
+    resume: bool = typer.Option(False, help="Continue a run directory, reusing finished stages."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the study (config field `seed`)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Run a whole study from a YAML config."""
+    from posttrain.study import run_study
+
+    overrides = list(set_) + ([f"seed={seed}"] if seed is not None else [])
+    cfg = _study_config(config, None, overrides)
+    run_study(cfg, out or Path("runs") / cfg.name, resume=resume, device=device)
+
+
+@app.command()
+def pretrain(
+    config: Path = typer.Argument(..., help="Study YAML; its model, world and pretrain sections are used."),
+    out: Path = typer.Option(..., help="Directory for the base checkpoint (out/base) and metrics (out/pretrain)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Pretrain a tiny model from scratch on the config's task mixture."""
+    from posttrain.study import build_tasks
+    from posttrain.train.pretrain import pretrain as run_pretrain
+
+    cfg = _study_config(config, None, list(set_))
+    if (out / "base").exists():
+        raise UserError(f"{out / 'base'} exists; choose another --out")
+    path = run_pretrain(cfg.model, cfg.pretrain, build_tasks(cfg), out / "pretrain", out / "base", cfg.seed, device=device)
+    typer.echo(str(path))
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Study YAML holding the method under `methods`."),
+    method: str = typer.Option(..., help="Name of the method in the config's `methods`."),
+    base: Path = typer.Option(..., help="Checkpoint to start from (and the KL reference)."),
+    out: Path = typer.Option(..., help="Output directory (model/, metrics.jsonl, checkpoints/)."),
+    expert_format: Optional[str] = typer.Option(None, help="Solution format of expert demos (overrides the method's)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Post-train one model with one method of a config (SFT, GRPO, ...)."""
+    from posttrain.study import build_tasks
+    from posttrain.train.loop import train as run_train
+
+    cfg = _study_config(config, None, list(set_))
+    if method not in cfg.methods:
+        raise UserError(f"method {method!r} is not in {config} (has: {', '.join(cfg.methods)})")
+    m = cfg.methods[method]
+    if not (base / "config.json").is_file():
+        raise UserError(f"--base {base}: not a Hugging Face checkpoint directory")
+    if (out / "model").exists():
+        raise UserError(f"{out / 'model'} exists; choose another --out")
+    task = build_tasks(cfg)[m.task]
+    fmt = expert_format or m.expert_format
+    if fmt is None and (m.data or "expert") == "expert" and m.objective == "sft":
+        from posttrain.study import base_format_shares, least_used_format
+
+        fmt = least_used_format(task, base_format_shares(cfg, task, m.split, base, device))
+        typer.echo(f"expert format: {fmt} (the one the base writes least)", err=True)
+    res = run_train(m, init_dir=base, ref_dir=base, out_dir=out, task=task, expert_format=fmt,
+                    seed=cfg.seed if m.seed is None else m.seed, device=device)
+    typer.echo(str(res.model_dir))
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Argument(..., help="Checkpoint directory."),
+    tasks: str = typer.Option("points24/id,points24/ood,facts/id", help="Comma-separated task/split list."),
+    config: Optional[Path] = typer.Option(None, help="Study YAML for task parameters and eval settings."),
+    out: Optional[Path] = typer.Option(None, help="Write the scores as JSON here."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Evaluate one checkpoint on task splits (greedy accuracy, pass@k, format shares)."""
+    import json
+
+    from posttrain.evaluation.evaluate import eval_problems, evaluate_model
+    from posttrain.io import atomic_write_json
+    from posttrain.models.loading import load_model
+    from posttrain.tasks import build_task
+
+    cfg = _study_config(config, None, list(set_)) if config else _study_config(None, "default", list(set_))
+    keys = [k.strip() for k in tasks.split(",") if k.strip()]
+    objs, sets = {}, {}
+    for key in keys:
+        name, _, split = key.partition("/")
+        split = split or "id"
+        objs[name] = build_task(name, cfg.world.get(name, {}))
+        objs[name].check_split(split)
+        sets[f"{name}/{split}"] = eval_problems(objs[name], split, cfg.eval.n_per_split, cfg.seed)
+    mdl, tok = load_model(model, device=device)
+    scores = evaluate_model(mdl, tok, objs, sets, cfg.eval, cfg.seed)
+    if out:
+        atomic_write_json(out, scores)
+    summary = {k: {"acc": v["acc"], "malformed": v["malformed"], **({"pass_at_k": v["pass_at_k"]} if "pass_at_k" in v else {})}
+               for k, v in scores.items()}
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def diff(
+    base: Path = typer.Argument(..., help="Base checkpoint directory (or .safetensors file)."),
+    others: List[Path] = typer.Argument(..., help="One or more fine-tuned checkpoints."),
+    out: Path = typer.Option(..., help="Output directory for diff.json, tensors.csv/.parquet and plots."),
+    device: str = typer.Option("cpu", help="cpu or cuda (computes there when available)."),
+) -> None:
+    """Where did fine-tuning change the weights? Relative update per layer x module, streamed."""
+    from posttrain.analysis.diff import diff as run_diff
+    from posttrain.analysis.diff import model_names
+    from posttrain.models.loading import resolve_device
+
+    res = run_diff(base, model_names(list(others)), out, device=str(resolve_device(device)))
+    for name, s in res.summaries.items():
+        top = sorted(s.rel_update_by_module.items(), key=lambda kv: -kv[1])[:3]
+        typer.echo(f"{name}: total rel. update {s.rel_update_total:.3e}; top modules "
+                   + ", ".join(f"{m} {v:.3e}" for m, v in top)
+                   + (f"; NON-FINITE tensors: {', '.join(s.nonfinite[:5])}" if s.nonfinite else ""))
+    typer.echo(f"wrote {out / 'diff.json'}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A study's run directory.")) -> None:
+    """(Re)write RUN_DIR/report.html from RUN_DIR/results.json."""
+    from posttrain.report.html import write_report
+
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    typer.echo(str(write_report(run_dir)))
+
+
+def main() -> None:
+    try:
+        rv = app(standalone_mode=False)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        if os.environ.get("POSTTRAIN_DEBUG"):
+            raise
+        typer.echo(f"internal error: {type(e).__name__}: {e} (set POSTTRAIN_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

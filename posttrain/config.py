@@ -1,0 +1,255 @@
+"""Typed configuration: every default lives here, presets and user YAML only override.
+
+`load_study_config` reads a YAML file, applies `--set a.b=c` style overrides and validates the
+result; any problem becomes a one-line `UserError` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from posttrain.errors import UserError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    """Architecture of a tiny from-scratch model (ignored when `base_model` points at a checkpoint)."""
+
+    arch: Literal["llama", "qwen2"] = "llama"
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(384, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int | None = None
+    max_length: int = Field(128, ge=16)
+    tie_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class TaskRef(Strict):
+    """A task split, optionally with solution-format weights (empty = all formats equally)."""
+
+    task: str
+    split: str = "id"
+    weight: float = Field(1.0, gt=0)
+    formats: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.split}"
+
+
+def _default_mixture() -> list[TaskRef]:
+    return [
+        TaskRef(task="points24", split="id", weight=3.0, formats={"eq": 0.85, "steps": 0.15}),
+        TaskRef(task="points24", split="ood", weight=2.0, formats={"eq": 0.85, "steps": 0.15}),
+        TaskRef(task="arith", split="id", weight=2.0, formats={"direct": 0.2, "cot": 0.5, "code": 0.3}),
+        TaskRef(task="facts", split="id", weight=2.0),
+        TaskRef(task="strings", split="id", weight=1.0),
+    ]
+
+
+class PretrainConfig(Strict):
+    """From-scratch pretraining on a weighted mixture of task splits and solution formats."""
+
+    steps: int = Field(1200, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixture: list[TaskRef] = Field(default_factory=_default_mixture)
+    log_every: int = Field(25, ge=1)
+
+
+class TrainConfig(Strict):
+    """One post-training method: an objective fed by a data source, in the shared loop."""
+
+    objective: str = "sft"
+    data: Literal["expert", "on_policy"] | None = None  # None: the objective's natural source
+    task: str = "points24"
+    split: str = "id"
+    expert_format: str | None = None  # None: the task's format the base uses least (see study)
+    init: str = "base"  # "base", another method's name, or a checkpoint directory
+    steps: int = Field(60, ge=1)
+    prompts_per_step: int = Field(16, ge=1)
+    samples_per_prompt: int = Field(8, ge=1)  # GRPO group size; expert demos per prompt for SFT
+    lr: float = Field(3e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(32, ge=1)
+    clip_eps_low: float = Field(0.2, ge=0)
+    clip_eps_high: float = Field(0.2, ge=0)
+    kl_coef: float = Field(0.0, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    adv_norm_std: bool = True
+    adv_eps: float = Field(1e-6, gt=0)
+    checkpoint_every: int = Field(0, ge=0)  # 0: only the final checkpoint
+    log_every: int = Field(1, ge=1)
+    seed: int | None = None  # None: the study seed
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, v: str) -> str:
+        from posttrain.train.objectives import OBJECTIVES
+
+        if v not in OBJECTIVES:
+            raise ValueError(f"unknown objective {v!r} (known: {', '.join(sorted(OBJECTIVES))})")
+        return v
+
+
+class EvalConfig(Strict):
+    n_per_split: int = Field(200, ge=1)  # greedy accuracy on this many problems per task split
+    pass_k: list[int] = Field(default_factory=lambda: [1, 4])
+    n_samples: int = Field(8, ge=1)  # samples per problem for pass@k (k <= n_samples)
+    n_sampled_problems: int = Field(64, ge=0)  # problems evaluated with sampling (0: skip)
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> "EvalConfig":
+        bad = [k for k in self.pass_k if k < 1 or k > self.n_samples]
+        if bad:
+            raise ValueError(f"pass_k values {bad} must be in 1..n_samples ({self.n_samples})")
+        return self
+
+
+class StudyConfig(Strict):
+    name: str = "default"
+    seed: int = 0
+    base_model: str | None = None  # a checkpoint dir or hub id; None: pretrain a tiny model
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    # task name -> constructor parameters; a task's own signature holds its defaults
+    world: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    id_task: TaskRef = Field(default_factory=lambda: TaskRef(task="points24", split="id"))
+    ood_task: TaskRef = Field(default_factory=lambda: TaskRef(task="points24", split="ood"))
+    retention: list[TaskRef] = Field(
+        default_factory=lambda: [TaskRef(task="facts"), TaskRef(task="strings"), TaskRef(task="arith")]
+    )
+    methods: dict[str, TrainConfig] = Field(
+        default_factory=lambda: {"sft": TrainConfig(objective="sft"), "grpo": TrainConfig(objective="grpo")}
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_refs(self) -> "StudyConfig":
+        from posttrain.tasks import build_task
+
+        refs = [self.id_task, self.ood_task, *self.retention, *self.pretrain.mixture]
+        refs += [TaskRef(task=m.task, split=m.split) for m in self.methods.values()]
+        for ref in refs:
+            task = build_task(ref.task, self.world.get(ref.task, {}))
+            task.check_split(ref.split)
+            for fmt in ref.formats:
+                task.check_format(fmt)
+        for name, m in self.methods.items():
+            if m.expert_format is not None:
+                build_task(m.task, self.world.get(m.task, {})).check_format(m.expert_format)
+            if m.init not in ("base", *self.methods) and not Path(m.init).exists():
+                raise ValueError(f"methods.{name}.init: {m.init!r} is neither 'base', a method, nor a directory")
+            if m.init == name:
+                raise ValueError(f"methods.{name}.init refers to itself")
+        return self
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `data[a][b][c] = value` for `dotted = "a.b.c"`, creating dicts on the way."""
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise UserError(f"cannot set {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` with the value read as YAML (so numbers, bools and lists work)."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} is not of the form key.path=value")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise UserError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
+    return f"invalid config: {loc}: {msg}{more}"
+
+
+def build_study_config(data: dict[str, Any], overrides: list[str] = ()) -> StudyConfig:
+    """Validate `data`, then apply `key.path=value` overrides to the fully resolved config (so an
+    override changes one field and keeps every default around it) and validate again."""
+    try:
+        cfg = StudyConfig.model_validate(data)
+        if not overrides:
+            return cfg
+        resolved = cfg.model_dump(mode="json")
+        for item in overrides:
+            set_path(resolved, *parse_override(item))
+        return StudyConfig.model_validate(resolved)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: top level must be a mapping")
+    return data
+
+
+def load_study_config(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
+    return build_study_config(read_yaml(path), overrides)
+
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise UserError(f"unknown preset {name!r} (known: {', '.join(known)})")
+    return path
+
+
+def config_hash(obj: BaseModel | dict[str, Any]) -> str:
+    data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

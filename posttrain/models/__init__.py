@@ -1,0 +1,1 @@
+"""Model building (tiny from-scratch models) and loading (any HF causal LM)."""

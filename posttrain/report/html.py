@@ -1,0 +1,137 @@
+"""`report.html`: one self-contained page (inline CSS, plots embedded as data URIs) per run."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import UserError
+from posttrain.io import atomic_write_text, read_json
+from posttrain.report import plots as P
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em} th,td{border:1px solid #ddd;padding:.3em .6em;text-align:right}
+th{background:#f4f4f4} td.l,th.l{text-align:left} .meta{color:#666;font-size:.9em}
+.yes{color:#1a7f37;font-weight:bold} .no{color:#cf222e;font-weight:bold} .na{color:#888}
+img{max-width:100%;height:auto;border:1px solid #eee;margin:.4em 0} pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:.85em}
+code{background:#f6f8fa;padding:0 .2em}
+"""
+
+
+def _img(fig, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="{P.data_uri(P.to_png(fig))}">'
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def accuracy_table(res: dict) -> str:
+    models = res["models"]
+    ret_tasks = list(next(iter(models.values()))["retention"])
+    ks = sorted({k for m in models.values() for k in m.get("id_pass_at_k", {})}, key=int)
+    head = ["model", "in-domain", "OOD"] + [f"retention: {t}" for t in ret_tasks] + ["forgetting"]
+    head += [f"ID pass@{k}" for k in ks] + ["ID malformed", "ID format shares (sampled)"]
+    rows = []
+    for name, m in models.items():
+        fs = ", ".join(f"{k} {v:.2f}" for k, v in sorted(m["format_share"].items(), key=lambda kv: -kv[1]))
+        forg = res["forgetting"].get(name)
+        cells = [f'<td class="l"><b>{html.escape(name)}</b></td>', f"<td>{_pct(m['id_acc'])}</td>", f"<td>{_pct(m['ood_acc'])}</td>"]
+        cells += [f"<td>{_pct(m['retention'][t])}</td>" for t in ret_tasks]
+        cells.append(f"<td>{'–' if forg is None else f'{100 * forg:+.1f} pt'}</td>")
+        cells += [f"<td>{_pct(m.get('id_pass_at_k', {}).get(k))}</td>" for k in ks]
+        cells += [f"<td>{_pct(m.get('id_malformed'))}</td>", f'<td class="l">{html.escape(fs)}</td>']
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    th = "".join(f'<th class="{"l" if i == 0 else ""}">{html.escape(h)}</th>' for i, h in enumerate(head))
+    return f"<table><tr>{th}</tr>{''.join(rows)}</table>"
+
+
+def findings_table(findings: list[dict]) -> str:
+    rows = []
+    for f in findings:
+        verdict = {True: '<span class="yes">holds</span>', False: '<span class="no">does not hold</span>',
+                   None: '<span class="na">not tested</span>'}[f["holds"]]
+        rows.append(f'<tr><td class="l">{html.escape(f["claim"])}</td><td class="l">{verdict}</td>'
+                    f'<td class="l">{html.escape(f["evidence"])}</td></tr>')
+    return ('<table><tr><th class="l">published claim (rule used here)</th><th class="l">in this run</th>'
+            f'<th class="l">numbers</th></tr>{"".join(rows)}</table>')
+
+
+def examples_block(run: Path, res: dict) -> str:
+    parts = []
+    for name in res["models"]:
+        path = run / "eval" / f"{name}.json"
+        if not path.is_file():
+            continue
+        ex = read_json(path).get(res["id_task"], {}).get("examples", [])
+        lines = "\n".join(f"{'✓' if e['correct'] else '✗'} {e['prompt']} {e['completion']}" for e in ex)
+        parts.append(f"<h3>{html.escape(name)}</h3><pre>{html.escape(lines)}</pre>")
+    return "".join(parts)
+
+
+def build_report(run: Path) -> str:
+    res_path = run / "results.json"
+    if not res_path.is_file():
+        raise UserError(f"{run}: no results.json (run a study into this directory first)")
+    res = read_json(res_path)
+    versions = read_json(run / "versions.json") if (run / "versions.json").is_file() else {}
+    config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
+    body = [f"<h1>posttrain study <code>{html.escape(str(res['study']))}</code></h1>",
+            f'<p class="meta">seed {res["seed"]} · wall time {res["wall_seconds"]:.0f}s · in-domain task '
+            f'<code>{html.escape(res["id_task"])}</code> · OOD task <code>{html.escape(res["ood_task"])}</code> · '
+            f'retention probes {", ".join(f"<code>{html.escape(t)}</code>" for t in res["retention_tasks"])} · '
+            f'torch {html.escape(versions.get("torch", "?"))}, transformers {html.escape(versions.get("transformers", "?"))}, '
+            f'git {html.escape(versions.get("git_sha", "?")[:10])}</p>']
+    body.append("<h2>Accuracy</h2><p>Greedy accuracy on fixed problem sets (identical for every model); "
+                "pass@k and format shares from sampled completions (temperature 1). Forgetting = mean drop of "
+                "retention accuracy versus the base, in points.</p>")
+    body.append(accuracy_table(res))
+    body.append(_img(P.accuracy_bars(res["models"]), "accuracy by model"))
+    body.append("<h2>Findings</h2><p>Each published claim is checked by the fixed rule in its text, on this "
+                "run's numbers. One seed; see the README for the spread across seeds.</p>")
+    body.append(findings_table(res.get("findings", [])))
+
+    curves = {name: _read_metrics(run / "methods" / name / "metrics.jsonl") for name in res.get("training", {})}
+    curves = {k: v for k, v in curves.items() if v}
+    if curves:
+        keys = [(f"eval/{res['id_task']}/acc", "in-domain accuracy (greedy, 64 problems)"),
+                (f"eval/{res['ood_task']}/acc", "OOD accuracy (greedy, 64 problems)"), ("loss", "training loss")]
+        if any("rollout/reward" in r for rows in curves.values() for r in rows):
+            keys.append(("rollout/reward", "on-policy reward (rollouts)"))
+        if any("kl_ref" in r for rows in curves.values() for r in rows):
+            keys.append(("kl_ref", "KL to base (k1, per token, on the training batch)"))
+        body.append("<h2>Training curves</h2>")
+        body.append(_img(P.training_curves(curves, keys), "training curves"))
+    pre = _read_metrics(run / "pretrain" / "metrics.jsonl")
+    if pre:
+        body.append(_img(P.training_curves({"pretrain": pre}, [("loss", "pretraining loss")]), "pretraining loss"))
+
+    diag = res.get("diagnostics", {})
+    if diag:
+        body.append("<h2>Where the weights moved</h2><p>Relative update ‖W<sub>ft</sub> − W<sub>base</sub>‖<sub>F</sub> / "
+                    "‖W<sub>base</sub>‖<sub>F</sub> per layer and module type (cells aggregate their tensors as one "
+                    "concatenated weight), streamed tensor by tensor from the safetensors files.</p>")
+        body.append(_img(P.update_heatmaps(diag), "relative update heatmaps"))
+        body.append(_img(P.module_bars(diag), "relative update by module"))
+    body.append("<h2>Example completions (in-domain)</h2>")
+    body.append(examples_block(run, res))
+    body.append(f"<h2>Configuration</h2><details><summary>resolved config.yaml</summary><pre>{html.escape(config)}</pre></details>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>posttrain · {html.escape(str(res['study']))}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+
+
+def write_report(run: str | Path) -> Path:
+    run = Path(run)
+    out = run / "report.html"
+    atomic_write_text(out, build_report(run))
+    return out

@@ -1,0 +1,127 @@
+"""Matplotlib figures shared by `posttrain diff` and the HTML report (rendered off-screen)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+PALETTE = {"base": "#7f7f7f", "sft": "#d62728", "grpo": "#1f77b4", "ppo": "#2ca02c", "rloo": "#9467bd",
+           "ei": "#ff7f0e", "self_sft": "#8c564b"}
+
+
+def color(name: str, i: int = 0) -> str:
+    return PALETTE.get(name, plt.cm.tab10(i % 10))
+
+
+def to_png(fig, path: str | Path | None = None) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    data = buf.getvalue()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def update_heatmaps(summaries: dict[str, dict], title: str = "relative update ||dW|| / ||W_base|| by layer x module"):
+    """One heatmap per model (rows = module types, columns = layers), on a shared colour scale."""
+    names = list(summaries)
+    modules = [m for m in dict.fromkeys(m for s in summaries.values() for m in s["rel_update_by_layer_module"])]
+    n_layers = max((len(v) for s in summaries.values() for v in s["rel_update_by_layer_module"].values()), default=0)
+    vmax = max((x for s in summaries.values() for v in s["rel_update_by_layer_module"].values()
+                for x in v if x is not None and not math.isnan(x)), default=1.0) or 1.0
+    fig, axes = plt.subplots(1, len(names), figsize=(1.2 + 0.55 * max(n_layers, 4) * len(names), 0.42 * len(modules) + 1.6),
+                             squeeze=False)
+    im = None
+    for ax, name in zip(axes[0], names):
+        cells = summaries[name]["rel_update_by_layer_module"]
+        grid = np.full((len(modules), n_layers), np.nan)
+        for i, m in enumerate(modules):
+            for j, x in enumerate(cells.get(m, [])):
+                if x is not None:
+                    grid[i, j] = x
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_title(name)
+        ax.set_xticks(range(n_layers))
+        ax.set_xlabel("layer")
+        ax.set_yticks(range(len(modules)))
+        ax.set_yticklabels(modules if ax is axes[0][0] else [])
+        for i in range(len(modules)):
+            for j in range(n_layers):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=6,
+                            color="white" if grid[i, j] < 0.6 * vmax else "black")
+    if im is not None:
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def module_bars(summaries: dict[str, dict]):
+    """Relative update per module type, one bar group per module, one bar per model."""
+    names = list(summaries)
+    modules = [m for m in dict.fromkeys(m for s in summaries.values() for m in s["rel_update_by_module"])]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(modules)), 3.2))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        vals = [summaries[name]["rel_update_by_module"].get(m, np.nan) for m in modules]
+        ax.bar(np.arange(len(modules)) + i * width, vals, width, label=name, color=color(name, i))
+    ax.set_xticks(np.arange(len(modules)) + width * (len(names) - 1) / 2)
+    ax.set_xticklabels(modules, rotation=30, ha="right")
+    ax.set_ylabel("||dW|| / ||W_base||")
+    ax.set_title("relative update by module type")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def training_curves(curves: dict[str, list[dict]], keys: list[tuple[str, str]]):
+    """One panel per (metric key, label); one line per method. Rows without the key are skipped."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], keys):
+        for i, (name, rows) in enumerate(curves.items()):
+            pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None and not _nan(r[key])]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=name, color=color(name, i))
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_bars(models: dict[str, dict]):
+    """ID, OOD and mean retention accuracy per model."""
+    names = list(models)
+    groups = ["id_acc", "ood_acc", "retention"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        m = models[name]
+        ret = m.get("retention") or {}
+        vals = [m.get("id_acc", np.nan), m.get("ood_acc", np.nan), float(np.mean(list(ret.values()))) if ret else np.nan]
+        ax.bar(np.arange(3) + i * width, vals, width, label=name, color=color(name, i))
+    ax.set_xticks(np.arange(3) + width * (len(names) - 1) / 2)
+    ax.set_xticklabels(["in-domain", "out-of-domain", "retention (mean)"])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (greedy)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _nan(x) -> bool:
+    return isinstance(x, float) and math.isnan(x)

@@ -1,0 +1,61 @@
+"""Assemble `results.json` (the contract in DESIGN.md) from a study's stage outputs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from posttrain.config import StudyConfig
+
+
+def model_entry(cfg: StudyConfig, scores: dict[str, dict]) -> dict[str, Any]:
+    """The per-model record: accuracies, retention per probe, format shares of the in-domain task."""
+    id_s, ood_s = scores[cfg.id_task.key], scores[cfg.ood_task.key]
+    retention = {r.task if sum(x.task == r.task for x in cfg.retention) == 1 else r.key: scores[r.key]["acc"]
+                 for r in cfg.retention}
+    return {
+        "id_acc": id_s["acc"],
+        "ood_acc": ood_s["acc"],
+        "retention": retention,
+        "format_share": {k: v for k, v in id_s["format_share"].items()},
+        "id_malformed": id_s["malformed"],
+        "ood_malformed": ood_s["malformed"],
+        "id_sampled_acc": id_s.get("sampled_acc"),
+        "ood_sampled_acc": ood_s.get("sampled_acc"),
+        "id_pass_at_k": id_s.get("pass_at_k", {}),
+        "ood_pass_at_k": ood_s.get("pass_at_k", {}),
+    }
+
+
+def forgetting(base: dict[str, Any], model: dict[str, Any]) -> float:
+    """Mean drop of retention accuracy versus the base (positive = forgot)."""
+    drops = [base["retention"][k] - model["retention"][k] for k in base["retention"]]
+    return sum(drops) / len(drops) if drops else 0.0
+
+
+def training_summary(run, name: str) -> dict[str, Any]:
+    path = run.method(name) / "train.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def assemble_results(cfg: StudyConfig, evals: dict[str, dict], diagnostics: dict[str, dict], run,
+                     wall_seconds: float) -> dict[str, Any]:
+    models = {name: model_entry(cfg, scores) for name, scores in evals.items()}
+    return {
+        "study": cfg.name,
+        "seed": cfg.seed,
+        "wall_seconds": round(wall_seconds, 2),
+        "id_task": cfg.id_task.key,
+        "ood_task": cfg.ood_task.key,
+        "retention_tasks": [r.key for r in cfg.retention],
+        "models": models,
+        "forgetting": {n: forgetting(models["base"], m) for n, m in models.items() if n != "base"},
+        "diagnostics": {
+            name: {k: d[k] for k in ("rel_update_total", "rel_update_by_module", "rel_update_by_layer",
+                                     "rel_update_by_layer_module") if k in d}
+            for name, d in diagnostics.items()
+        },
+        "training": {name: training_summary(run, name) for name in cfg.methods},
+        "repairs": {},
+        "findings": [],
+    }

@@ -1,0 +1,248 @@
+"""A study: pretrain (or load) a base, post-train it with each method, evaluate, diff, report.
+
+Each stage writes its outputs under the run directory plus a stamp holding the hash of everything
+the stage depends on; a resumed study skips a stage whose stamp matches, so `make demo` twice costs
+one run, and a crash resumes from the last finished stage.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from posttrain.config import StudyConfig, config_hash, dump_yaml
+from posttrain.errors import UserError
+from posttrain.evaluation.evaluate import eval_problems, evaluate_model
+from posttrain.io import atomic_write_json, atomic_write_text, read_json, versions
+from posttrain.tasks import Problem, Task, build_task
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+class Run:
+    """Paths of a run directory (see DESIGN.md, "Run directory")."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    base = property(lambda self: self.root / "base")
+    pretrain = property(lambda self: self.root / "pretrain")
+    results = property(lambda self: self.root / "results.json")
+    report = property(lambda self: self.root / "report.html")
+
+    def method(self, name: str) -> Path:
+        return self.root / "methods" / name
+
+    def model(self, name: str) -> Path:
+        return self.base if name == "base" else self.method(name) / "model"
+
+    def eval(self, name: str) -> Path:
+        return self.root / "eval" / f"{name}.json"
+
+    def diagnostics(self, a: str, b: str) -> Path:
+        return self.root / "diagnostics" / f"{a}__{b}.json"
+
+    def stamp(self, stage: str) -> Path:
+        return self.root / ".stages" / f"{stage}.json"
+
+
+class Stages:
+    """Skip-if-done bookkeeping keyed by a content hash of each stage's inputs."""
+
+    def __init__(self, run: Run, resume: bool) -> None:
+        self.run, self.resume = run, resume
+
+    def done(self, stage: str, key: str, outputs: list[Path]) -> bool:
+        stamp = self.run.stamp(stage)
+        if not (self.resume and stamp.is_file() and all(p.exists() for p in outputs)):
+            return False
+        return read_json(stamp).get("key") == key
+
+    def finish(self, stage: str, key: str, info: dict[str, Any] | None = None) -> None:
+        atomic_write_json(self.run.stamp(stage), {"key": key, "finished": time.time(), **(info or {})})
+
+
+def build_tasks(cfg: StudyConfig) -> dict[str, Task]:
+    names = {cfg.id_task.task, cfg.ood_task.task, *(r.task for r in cfg.retention),
+             *(r.task for r in cfg.pretrain.mixture), *(m.task for m in cfg.methods.values())}
+    return {n: build_task(n, cfg.world.get(n, {})) for n in sorted(names)}
+
+
+def method_order(cfg: StudyConfig) -> list[str]:
+    """Methods sorted so that a method initialised from another runs after it."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise UserError(f"methods form an init cycle through {name!r}")
+        visiting.add(name)
+        init = cfg.methods[name].init
+        if init in cfg.methods:
+            visit(init)
+        order.append(name)
+
+    for name in cfg.methods:
+        visit(name)
+    return order
+
+
+def least_used_format(task: Task, shares: dict[str, float]) -> str:
+    """The task format the base model writes least often (ties: the task's format order)."""
+    return min(task.formats, key=lambda f: (shares.get(f, 0.0), task.formats.index(f)))
+
+
+def base_format_shares(cfg: StudyConfig, task: Task, split: str, model_dir: Path, device: str = "auto") -> dict[str, float]:
+    """Sampled format shares of a checkpoint on a task split (used to pick the expert format)."""
+    from posttrain.evaluation.evaluate import evaluate_split
+    from posttrain.models.loading import load_model
+
+    model, tok = load_model(model_dir, device=device)
+    problems = eval_problems(task, split, cfg.eval.n_per_split, cfg.seed)
+    return evaluate_split(model, tok, task, problems, cfg.eval, cfg.seed)["format_share"]
+
+
+def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: str = "auto",
+              log: Callable[[str], None] | None = None) -> dict:
+    """Run every stage of the study into `out`; return the results dict (also `results.json`)."""
+    t0 = time.time()
+    say = log or (lambda msg: console.print(f"[bold cyan]posttrain[/] {msg}"))
+    run = Run(out)
+    if run.root.exists() and any(run.root.iterdir()) and not resume:
+        raise UserError(f"{run.root} exists and is not empty; pass --resume to continue it or choose another --out")
+    run.root.mkdir(parents=True, exist_ok=True)
+    stages = Stages(run, resume)
+    atomic_write_text(run.root / "config.yaml", dump_yaml(cfg))
+    atomic_write_json(run.root / "versions.json", versions())
+    tasks = build_tasks(cfg)
+
+    # ---- base model -------------------------------------------------------------------------
+    base_key = config_hash({"model": cfg.model.model_dump(), "pretrain": cfg.pretrain.model_dump(mode="json"),
+                            "world": cfg.world, "seed": cfg.seed, "base_model": cfg.base_model})
+    if cfg.base_model is not None:
+        base_dir = Path(cfg.base_model)
+        if not (base_dir / "config.json").is_file():
+            raise UserError(f"base_model {cfg.base_model!r} is not a local Hugging Face checkpoint directory")
+    else:
+        base_dir = run.base
+        if stages.done("pretrain", base_key, [run.base / "config.json"]):
+            say("pretrain: cached")
+        else:
+            from posttrain.train.pretrain import pretrain
+
+            say(f"pretrain: {cfg.pretrain.steps} steps on the task mixture")
+            pretrain(cfg.model, cfg.pretrain, tasks, run.pretrain, run.base, cfg.seed, device=device,
+                     on_step=_progress_logger(say, "pretrain", cfg.pretrain.steps))
+            stages.finish("pretrain", base_key)
+
+    # ---- evaluation sets --------------------------------------------------------------------
+    refs = {cfg.id_task.key: cfg.id_task, cfg.ood_task.key: cfg.ood_task}
+    for r in cfg.retention:
+        refs.setdefault(r.key, r)
+    problem_sets = {k: eval_problems(tasks[r.task], r.split, cfg.eval.n_per_split, cfg.seed) for k, r in refs.items()}
+    eval_key = config_hash({"eval": cfg.eval.model_dump(), "refs": sorted(refs), "world": cfg.world, "seed": cfg.seed})
+
+    def evaluate(name: str, model_dir: Path, upstream: str) -> dict:
+        key = config_hash({"upstream": upstream, "eval": eval_key})
+        if stages.done(f"eval-{name}", key, [run.eval(name)]):
+            say(f"eval {name}: cached")
+            return read_json(run.eval(name))
+        from posttrain.models.loading import load_model
+
+        say(f"eval {name}")
+        model, tok = load_model(model_dir, device=device)
+        scores = evaluate_model(model, tok, tasks, problem_sets, cfg.eval, cfg.seed)
+        atomic_write_json(run.eval(name), scores)
+        stages.finish(f"eval-{name}", key)
+        return scores
+
+    evals = {"base": evaluate("base", base_dir, base_key)}
+    model_dirs = {"base": base_dir}
+    keys = {"base": base_key}
+
+    # ---- post-training methods --------------------------------------------------------------
+    curve_n = min(64, cfg.eval.n_per_split)
+    curve_problems: dict[str, list[Problem]] = {
+        cfg.id_task.key: problem_sets[cfg.id_task.key][:curve_n],
+        cfg.ood_task.key: problem_sets[cfg.ood_task.key][:curve_n],
+    }
+    for name in method_order(cfg):
+        m = cfg.methods[name]
+        task = tasks[m.task]
+        expert_format = m.expert_format
+        if expert_format is None:
+            base_eval = evals["base"].get(f"{m.task}/{m.split}")
+            shares = base_eval["format_share"] if base_eval else {}
+            expert_format = least_used_format(task, shares)
+        init_dir = model_dirs[m.init] if m.init in model_dirs else Path(m.init) if m.init != "base" else base_dir
+        upstream = keys.get(m.init, config_hash({"path": str(init_dir)}))
+        key = config_hash({"method": m.model_dump(mode="json"), "init": upstream, "base": base_key,
+                           "expert_format": expert_format, "seed": cfg.seed, "world": cfg.world})
+        out_dir = run.method(name)
+        if stages.done(f"train-{name}", key, [out_dir / "model" / "config.json"]):
+            say(f"train {name}: cached")
+        else:
+            from posttrain.train.loop import train
+
+            data = m.data or ("on_policy" if m.objective != "sft" else "expert")
+            fmt_note = f", expert format {expert_format!r}" if data == "expert" else ""
+            say(f"train {name}: {m.objective} on {m.task}/{m.split}, {m.steps} steps{fmt_note}")
+            train(m, init_dir=init_dir, ref_dir=base_dir, out_dir=out_dir, task=task, expert_format=expert_format,
+                  seed=cfg.seed if m.seed is None else m.seed, curve_tasks=tasks, curve_problems=curve_problems,
+                  curve_every=max(1, m.steps // 10), device=device, on_step=_progress_logger(say, f"train {name}", m.steps))
+            stages.finish(f"train-{name}", key)
+        model_dirs[name] = out_dir / "model"
+        keys[name] = key
+        evals[name] = evaluate(name, model_dirs[name], key)
+
+    # ---- weight diagnostics -----------------------------------------------------------------
+    diagnostics = {}
+    for name in cfg.methods:
+        path = run.diagnostics("base", name)
+        key = config_hash({"a": base_key, "b": keys[name]})
+        if stages.done(f"diff-{name}", key, [path]):
+            diagnostics[name] = read_json(path)
+            continue
+        from posttrain.analysis.diff import diff
+
+        say(f"diff base vs {name}")
+        res = diff(base_dir, {name: model_dirs[name]}, show_progress=False)
+        diagnostics[name] = res.summaries[name].to_json()
+        atomic_write_json(path, diagnostics[name])
+        stages.finish(f"diff-{name}", key)
+
+    # ---- results and report -----------------------------------------------------------------
+    from posttrain.report.findings import evaluate_findings
+    from posttrain.results import assemble_results
+
+    results = assemble_results(cfg, evals, diagnostics, run, wall_seconds=time.time() - t0)
+    results["findings"] = evaluate_findings(results, cfg)
+    atomic_write_json(run.results, results)
+    from posttrain.report.html import write_report
+
+    write_report(run.root)
+    say(f"done in {time.time() - t0:.0f}s: {run.results} and {run.report}")
+    return results
+
+
+def _progress_logger(say: Callable[[str], None], what: str, total: int) -> Callable[[int, dict], None]:
+    """Log a line about every tenth of a stage (progress that also reads well in CI logs)."""
+    t0 = time.time()
+    last = [0]
+
+    def cb(step: int, row: dict) -> None:
+        tenth = step * 10 // max(total, 1)
+        if step == 0 or (tenth <= last[0] and step != total):
+            return
+        last[0] = tenth
+        parts = [f"{k}={row[k]:.3g}" for k in ("loss", "rollout/reward", "kl_ref") if isinstance(row.get(k), float)]
+        acc = [f"{k.split('/')[1]}/{k.split('/')[2]}={v:.2f}" for k, v in row.items() if k.startswith("eval/")]
+        eta = (time.time() - t0) / step * (total - step)
+        say(f"  {what} {step}/{total} " + " ".join(parts + acc) + f"  eta {eta:.0f}s")
+
+    return cb

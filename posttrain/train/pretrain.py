@@ -1,0 +1,93 @@
+"""From-scratch pretraining of a tiny model on a weighted mixture of task splits and formats.
+
+Every sequence is ``<bos> prompt completion <eos>`` with the loss on all tokens, as in ordinary
+language-model pretraining; the formats a task is written in during pretraining are the repertoire
+that post-training can later amplify or overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from posttrain.config import ModelConfig, PretrainConfig, TaskRef
+from posttrain.io import atomic_write_json
+from posttrain.models.loading import save_checkpoint
+from posttrain.models.tiny import build_char_tokenizer, build_tiny_model
+from posttrain.tasks import Task
+from posttrain.train.data_sources import step_seed
+from posttrain.train.loop import make_accelerator, make_optimizer, make_scheduler, seed_everything
+from posttrain.train.sequences import encode_completions, encode_prompts, pack
+
+
+def mixture_texts(tasks: dict[str, Task], mixture: list[TaskRef], rng: random.Random, n: int) -> tuple[list[str], list[str]]:
+    """Draw `n` (prompt, completion) pairs from the mixture."""
+    weights = [ref.weight for ref in mixture]
+    prompts, completions = [], []
+    for ref in rng.choices(mixture, weights=weights, k=n):
+        task = tasks[ref.task]
+        problem = task.sample(rng, ref.split, "train")
+        fmts = list(ref.formats) or list(task.formats)
+        fw = [ref.formats[f] for f in fmts] if ref.formats else None
+        fmt = rng.choices(fmts, weights=fw, k=1)[0]
+        prompts.append(problem.prompt)
+        completions.append(task.solve(problem, fmt, rng))
+    return prompts, completions
+
+
+def pretrain(
+    model_cfg: ModelConfig,
+    cfg: PretrainConfig,
+    tasks: dict[str, Task],
+    out_dir: str | Path,
+    model_dir: str | Path,
+    seed: int,
+    device: str = "auto",
+    on_step: Callable[[int, dict], None] | None = None,
+) -> Path:
+    """Pretrain and save the base checkpoint to `model_dir`; metrics and stats go to `out_dir`."""
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+    tok = build_char_tokenizer()
+    model = build_tiny_model(model_cfg, len(tok), seed)
+    accelerator = make_accelerator(device)
+    optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    with (out_dir / "metrics.jsonl").open("w") as log:
+        for step in range(cfg.steps):
+            rng = random.Random(step_seed(seed, step, "pretrain"))
+            prompts, completions = mixture_texts(tasks, cfg.mixture, rng, cfg.batch_size)
+            batch = pack(encode_prompts(tok, prompts), encode_completions(tok, completions), tok.pad_token_id,
+                         model_cfg.max_length).to(accelerator.device)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+            mask = batch.attention_mask[:, 1:].float()
+            loss_tok = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), batch.input_ids[:, 1:].reshape(-1), reduction="none"
+            ).view_as(mask)
+            loss = (loss_tok * mask).sum() / mask.sum()
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                row = {"step": step + 1, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": float(grad_norm)}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                if on_step:
+                    on_step(step + 1, row)
+    model_dir = save_checkpoint(accelerator.unwrap_model(model), tok, model_dir)
+    atomic_write_json(out_dir / "pretrain.json", {"steps": cfg.steps, "n_params": n_params,
+                                                  "wall_seconds": time.time() - t0})
+    return model_dir

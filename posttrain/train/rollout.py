@@ -1,0 +1,120 @@
+"""Batched sampling with a KV cache, for rollouts and evaluation.
+
+Each distinct prompt is encoded (prefilled) once; for group sampling its cache is then expanded
+`n` times, so a GRPO group of 8 costs one prefill, not eight. Prompts are left-padded with explicit
+position ids, and rows that have emitted EOS are dropped from the batch (cache rows included) so
+the tail of a batch does not pay for finished sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from posttrain.train.sequences import encode_prompts
+
+
+@dataclass
+class Rollouts:
+    """Completions for a list of prompts, `n` per prompt, in prompt-major order."""
+
+    prompt_ids: list[list[int]]  # per completion (repeated n times per prompt)
+    completion_ids: list[list[int]]  # sampled tokens, EOS included when finished
+    texts: list[str]  # decoded completion without EOS
+    finished: list[bool]  # False when max_new_tokens was hit before EOS
+    n: int
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tok,
+    prompts: list[str],
+    n: int = 1,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    batch_size: int = 256,
+) -> Rollouts:
+    """Sample `n` completions per prompt (greedy decoding when `greedy`); batches of at most
+    `batch_size` completions, each batch holding whole prompt groups."""
+    prompt_ids = encode_prompts(tok, prompts)
+    per_batch = max(1, batch_size // n)
+    out_completions: list[list[int]] = []
+    out_finished: list[bool] = []
+    for start in range(0, len(prompts), per_batch):
+        comp, fin = _generate_batch(
+            model, tok, prompt_ids[start : start + per_batch], n, max_new_tokens, temperature, greedy, generator
+        )
+        out_completions += comp
+        out_finished += fin
+    eos = tok.eos_token_id
+    texts = tok.batch_decode([[t for t in c if t != eos] for c in out_completions], skip_special_tokens=False)
+    expanded = [p for p in prompt_ids for _ in range(n)]
+    return Rollouts(expanded, out_completions, texts, out_finished, n)
+
+
+def _generate_batch(model, tok, prompt_ids, n, max_new_tokens, temperature, greedy, generator):
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id
+    eos = tok.eos_token_id
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        input_ids[i, width - len(p) :] = torch.tensor(p)
+        attention[i, width - len(p) :] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+
+    cache = DynamicCache()
+    out = model(
+        input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+        use_cache=True, logits_to_keep=1,
+    )
+    logits = out.logits[:, -1].float()
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, 0)
+        attention = attention.repeat_interleave(n, 0)
+        positions = positions.repeat_interleave(n, 0)
+    total = logits.shape[0]
+    next_pos = positions[:, -1:] + 1
+
+    tokens = torch.full((total, max_new_tokens), pad, dtype=torch.long)
+    lengths = torch.zeros(total, dtype=torch.long)
+    finished = torch.zeros(total, dtype=torch.bool)
+    alive = torch.arange(total)  # original row of each row still in the batch
+    for step in range(max_new_tokens):
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+        nxt_cpu = nxt.cpu()
+        tokens[alive, step] = nxt_cpu
+        lengths[alive] = step + 1
+        done = nxt_cpu == eos
+        finished[alive[done]] = True
+        if step == max_new_tokens - 1:
+            break
+        keep = ~done
+        if not keep.any():
+            break
+        if not keep.all():
+            idx = keep.nonzero().squeeze(-1)
+            cache.batch_select_indices(idx.to(device))
+            alive, nxt = alive[idx], nxt[idx.to(device)]
+            attention, next_pos = attention[idx.to(device)], next_pos[idx.to(device)]
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        out = model(
+            input_ids=nxt.unsqueeze(-1), attention_mask=attention, position_ids=next_pos,
+            past_key_values=cache, use_cache=True,
+        )
+        logits = out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    completions = [tokens[i, : lengths[i]].tolist() for i in range(total)]
+    return completions, finished.tolist()

@@ -1,0 +1,90 @@
+"""The CLI: exit codes and one-line errors, and the quick demo end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=None):
+    env = {**os.environ, "POSTTRAIN_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, "-m", "posttrain.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=900)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["diff", "/nonexistent/a", "/nonexistent/b", "--out", "/tmp/x"], "checkpoint not found"),
+    (["demo", "--preset", "huge"], "unknown preset"),
+    (["demo", "--set", "pretrain.steps=-1"], "pretrain.steps"),
+    (["study", "/nonexistent.yaml"], "config file not found"),
+    (["report", "/nonexistent"], "run directory not found"),
+    (["eval", "/nonexistent", "--tasks", "points24/id"], "cannot load model|not a Hugging Face"),
+])
+def test_bad_input_exits_2_with_one_line(args, match):
+    r = cli(*args)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    import re
+
+    assert re.search(match, lines[0])
+
+
+def test_usage_error_exits_2():
+    assert cli("diff").returncode == 2
+
+
+def test_diff_cli_on_checkpoints(tiny_checkpoint, tmp_path):
+    r = cli("diff", tiny_checkpoint, tiny_checkpoint, "--out", tmp_path / "d")
+    assert r.returncode == 0, r.stderr
+    js = json.loads((tmp_path / "d" / "diff.json").read_text())
+    (name,) = js["models"]
+    assert js["models"][name]["rel_update_total"] == 0.0
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = cli("demo", "--preset", "quick", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["models"]) == {"base", "sft", "grpo"}
+    for m in res["models"].values():
+        assert 0 <= m["id_acc"] <= 1 and 0 <= m["ood_acc"] <= 1
+        assert set(m["retention"]) == {"facts", "strings", "arith"}
+        assert abs(sum(m["format_share"].values()) - 1) < 1e-6
+    assert set(res["forgetting"]) == {"sft", "grpo"}
+    for name in ("sft", "grpo"):
+        d = res["diagnostics"][name]
+        assert {"q_proj", "k_proj", "down_proj"} <= set(d["rel_update_by_module"])
+        assert len(d["rel_update_by_layer"]) == 2
+    assert {f["id"] for f in res["findings"]} >= {"sft_forgets_more", "rl_gains_id", "qk_change_most"}
+    for f in res["findings"]:
+        assert f["holds"] in (True, False, None) and f["evidence"]
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4 and "Findings" in html and "http" not in html.split("<body>")[1][:200]
+    for rel in ("config.yaml", "versions.json", "base/config.json", "methods/sft/model/model.safetensors",
+                "methods/grpo/metrics.jsonl", "eval/base.json", "diagnostics/base__sft.json"):
+        assert (out / rel).exists(), rel
+    # a second run reuses every stage and gives identical metrics (determinism + caching)
+    r2 = cli("demo", "--preset", "quick", "--out", out)
+    assert r2.returncode == 0 and "cached" in r2.stderr
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["models"] == res["models"]
+
+
+@pytest.mark.slow
+def test_quick_demo_is_deterministic_across_fresh_runs(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        r = cli("demo", "--preset", "quick", "--out", out, "--set", "methods.grpo.steps=2", "--set", "methods.sft.steps=2")
+        assert r.returncode == 0, r.stderr[-2000:]
+    ra, rb = (json.loads((p / "results.json").read_text()) for p in (a, b))
+    assert ra["models"] == rb["models"] and ra["diagnostics"] == rb["diagnostics"]
+    assert (a / "methods/grpo/metrics.jsonl").read_text().splitlines()[-1].split('"step_seconds"')[0] == \
+        (b / "methods/grpo/metrics.jsonl").read_text().splitlines()[-1].split('"step_seconds"')[0]

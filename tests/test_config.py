@@ -1,0 +1,55 @@
+import pytest
+
+from posttrain.config import build_study_config, load_study_config, preset_path
+from posttrain.errors import UserError
+
+
+def test_presets_load_and_are_complete():
+    for name in ("quick", "default"):
+        cfg = load_study_config(preset_path(name))
+        assert cfg.name == name and {"sft", "grpo"} <= set(cfg.methods)
+        # identical step budget, prompt batch and group size across methods: only the method differs
+        budgets = {(m.steps, m.prompts_per_step, m.samples_per_prompt, m.task, m.split, m.schedule) for m in cfg.methods.values()}
+        assert len(budgets) == 1
+
+
+def test_override_changes_one_field_keeps_defaults():
+    cfg = build_study_config({}, ["world.points24.n_cards=3", "pretrain.steps=7", "methods.sft.lr=0.01"])
+    assert cfg.world["points24"] == {"n_cards": 3}
+    assert cfg.pretrain.steps == 7 and cfg.methods["sft"].lr == 0.01
+    assert cfg.methods["grpo"].objective == "grpo"  # untouched defaults survive
+
+
+@pytest.mark.parametrize("data,overrides,match", [
+    ({"pretrain": {"steps": 0}}, [], "pretrain.steps"),
+    ({"model": {"hidden_size": 30, "num_heads": 4}}, [], "divisible"),
+    ({"methods": {"x": {"objective": "dpo"}}}, [], "unknown objective"),
+    ({"id_task": {"task": "points24", "split": "test"}}, [], "no split"),
+    ({"retention": [{"task": "nope"}]}, [], "unknown task"),
+    ({"bogus": 1}, [], "bogus"),
+    ({}, ["eval.pass_k=[16]"], "pass_k"),
+    ({}, ["pretrain.steps"], "key.path=value"),
+    ({"methods": {"a": {"init": "b"}, "b": {"init": "a"}}}, [], None),
+    ({"world": {"points24": {"n_cards": 12}}}, [], "n_cards"),
+])
+def test_bad_configs_are_one_line_user_errors(data, overrides, match):
+    if match is None:  # cycles are caught when the study orders methods
+        from posttrain.study import method_order
+
+        with pytest.raises(UserError, match="cycle"):
+            method_order(build_study_config(data, overrides))
+        return
+    with pytest.raises(UserError, match=match) as e:
+        build_study_config(data, overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_and_broken_yaml(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_study_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_study_config(bad)
+    with pytest.raises(UserError, match="unknown preset"):
+        preset_path("huge")

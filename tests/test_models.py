@@ -1,0 +1,86 @@
+import torch
+
+from posttrain.config import ModelConfig
+from posttrain.models.loading import load_model, save_checkpoint
+from posttrain.models.tiny import build_char_tokenizer, build_tiny_model
+from posttrain.train.rollout import generate
+from posttrain.train.sequences import encode_completions, encode_prompts, pack, token_logprobs
+
+
+def test_char_tokenizer_round_trip():
+    tok = build_char_tokenizer()
+    text = "pts K 3 10 J JQK=11,12,13 t24:(10-4)*(2+2)=24"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)  # one token per character
+    assert tok.decode(ids) == text
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+
+
+def test_save_reload_round_trip(tmp_path):
+    for arch in ("llama", "qwen2"):
+        tok = build_char_tokenizer()
+        model = build_tiny_model(ModelConfig(arch=arch, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2),
+                                 len(tok), seed=3).eval()
+        save_checkpoint(model, tok, tmp_path / arch)
+        assert (tmp_path / arch / "model.safetensors").is_file()
+        model2, tok2 = load_model(tmp_path / arch)
+        assert type(model2) is type(model)
+        for (n1, p1), (n2, p2) in zip(model.state_dict().items(), model2.state_dict().items()):
+            assert n1 == n2 and torch.equal(p1, p2)
+        x = torch.tensor([tok("fact color of zubo:")["input_ids"]])
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, model2(x).logits)
+        assert tok2.decode(tok2("a+b=c")["input_ids"]) == "a+b=c"
+
+
+def test_save_is_atomic_over_existing_dir(tmp_path, tiny_checkpoint):
+    model, tok = load_model(tiny_checkpoint)
+    target = tmp_path / "ck"
+    save_checkpoint(model, tok, target)
+    (target / "marker").write_text("old")
+    save_checkpoint(model, tok, target)  # replaces the whole directory
+    assert not (target / "marker").exists() and (target / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_sampler_matches_hf_generate_greedy(tiny_checkpoint):
+    model, tok = load_model(tiny_checkpoint)
+    prompts = ["pts K 3 5 2 JQK=10 t24:", "fact color of zubo:", "arith 1+2:"]  # different lengths: left padding
+    ro = generate(model, tok, prompts, n=2, max_new_tokens=12, greedy=True)
+    assert ro.completion_ids[0] == ro.completion_ids[1]  # greedy copies agree
+    for i, p in enumerate(encode_prompts(tok, prompts)):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        assert ro.completion_ids[2 * i] == ref[: len(ro.completion_ids[2 * i])]
+
+
+def test_sampling_is_seeded_and_groups_expand(tiny_checkpoint):
+    model, tok = load_model(tiny_checkpoint)
+    a = generate(model, tok, ["arith 1+2:", "str rev ab:"], n=4, max_new_tokens=8, generator=torch.Generator().manual_seed(5))
+    b = generate(model, tok, ["arith 1+2:", "str rev ab:"], n=4, max_new_tokens=8, generator=torch.Generator().manual_seed(5))
+    assert a.texts == b.texts and len(a.texts) == 8
+    assert a.prompt_ids[0] == a.prompt_ids[3] != a.prompt_ids[4]
+
+
+def test_sampler_logprobs_match_training_forward(tiny_checkpoint):
+    """Completions sampled with the KV cache (left padding) score the same in the right-padded
+    training forward: the two code paths agree on the model's distribution."""
+    model, tok = load_model(tiny_checkpoint)
+    ro = generate(model, tok, ["arith 1+2:", "pts K 3 5 2 JQK=10 t24:"], n=1, max_new_tokens=6, greedy=True)
+    batch = pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id)
+    with torch.no_grad():
+        logp = token_logprobs(model, batch)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    # greedy tokens are the argmax of the training-forward logits at every completion position
+    m = batch.target_mask.bool()
+    assert torch.equal(logits.argmax(-1)[m], batch.input_ids[:, 1:][m])
+    assert torch.all(logp[m] <= 0)
+
+
+def test_pack_marks_completion_targets():
+    batch = pack([[1, 5, 6]], [[7, 8, 2]], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 5, 6, 7, 8, 2]]
+    # targets are tokens 3..5 (7, 8, eos), predicted at positions 2..4
+    assert batch.target_mask.tolist() == [[0, 0, 1, 1, 1]]
+    tok = build_char_tokenizer()
+    assert encode_completions(tok, ["ab"]) == [[tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b"), 2]]

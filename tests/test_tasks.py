@@ -1,0 +1,175 @@
+import random
+
+import pytest
+
+from posttrain.errors import UserError
+from posttrain.tasks import build_task
+from posttrain.tasks.exprs import ParseError, parse_expression, render
+from posttrain.tasks.points24 import solutions
+
+
+# ---- the expression parser -------------------------------------------------------------------
+
+def test_parser_precedence_and_exact_division():
+    p = parse_expression("(10-4)*(2+2)")
+    assert p.value == 24 and p.numbers == [10, 4, 2, 2]
+    assert parse_expression("8/3*3").value == 8  # exact rationals, no float error
+    assert parse_expression("2+3*4").value == 14
+
+
+@pytest.mark.parametrize("bad", ["", "2+", "(2+3", "2++3", "-2+3", "02+3", "2 + 3", "2+3)", "2/0", "2x3", "()"])
+def test_parser_rejects_malformed(bad):
+    with pytest.raises(ParseError):
+        parse_expression(bad)
+
+
+def test_render_uses_fewest_parentheses():
+    assert render(("*", ("-", 10, 4), ("+", 2, 2))) == "(10-4)*(2+2)"
+    assert render(("-", 10, ("-", 4, 2))) == "10-(4-2)"
+    assert render(("+", ("*", 3, 4), 2)) == "3*4+2"
+    assert render(("/", 12, ("*", 2, 3))) == "12/(2*3)"
+
+
+# ---- points24 --------------------------------------------------------------------------------
+
+def P(cards, rule="ten", target=24):
+    from posttrain.tasks import Problem
+
+    return Problem("points24", "id" if rule == "ten" else "ood", "", {"cards": cards, "rule": rule, "target": target})
+
+
+def test_points24_correct_wrong_malformed():
+    t = build_task("points24")
+    prob = P(["K", "4", "2", "2"])  # K = 10 under the training rule
+    assert t.verify(prob, "(10-4)*(2+2)=24").correct
+    assert t.verify(prob, "10-4=6,2+2=4,6*4=24").correct
+    v = t.verify(prob, "(10-4)*2*2=24")  # well formed, evaluates to 24, uses the right cards
+    assert v.correct and v.format == "eq"
+    wrong = t.verify(prob, "10+4+2+2=24")  # well formed, value 18
+    assert not wrong.correct and not wrong.malformed
+    assert not t.verify(prob, "(13-4)*2+2=24").correct  # K is 10 here, not 13
+    assert not t.verify(prob, "(10-4)*(2+2)=25").correct
+    bad_step = t.verify(prob, "10-4=7,2+2=4,7*4=28")
+    assert not bad_step.correct and not bad_step.malformed and bad_step.format == "steps"
+    for text in ["", "24", "(10-4)*(2+2)", "(10-4)*(2+2)=24.", "(10-4)x(2+2)=24", "10-4=6,,6*4=24", "answer: 24",
+                 "(10-4)*(2+2)=24=24", "10-4=6,2+2=4"]:
+        v = t.verify(prob, text)
+        assert v.malformed and not v.correct, text
+
+
+def test_points24_ood_rule_changes_face_values():
+    t = build_task("points24")
+    prob = P(["K", "Q", "J", "A"], rule="seq")  # 13, 12, 11, 1
+    assert t.verify(prob, "13+12-11*1=14").malformed is False
+    ok = t.verify(prob, "(13-11)*12*1=24")
+    assert ok.correct
+    assert not t.verify(prob, "(10-10)*10+1=24").correct
+
+
+def test_points24_solver_demos_always_verify():
+    rng = random.Random(0)
+    for params in ({}, {"n_cards": 3, "target": 12}):
+        t = build_task("points24", params)
+        for split in t.splits:
+            for _ in range(100):
+                prob = t.sample(rng, split)
+                if split == "ood":
+                    assert any(c in "JQK" for c in prob.data["cards"])
+                for fmt in t.formats:
+                    text = t.solve(prob, fmt, rng)
+                    v = t.verify(prob, text)
+                    assert v.correct and v.format == fmt, (prob, text)
+
+
+def test_points24_solutions_enumerates_known_hand():
+    sols = solutions((1, 2, 3, 4), 24)
+    assert sols and all(s[-1][3] == 24 for s in sols)
+    assert solutions((1, 1, 1, 1), 24) == ()
+
+
+def test_points24_holdout_separates_train_and_test_hands():
+    t = build_task("points24", {"holdout": 0.3})
+    rng = random.Random(1)
+    train = {tuple(sorted(t._values(t.sample(rng, "id", "train")))) for _ in range(300)}
+    test = {tuple(sorted(t._values(t.sample(rng, "id", "test")))) for _ in range(100)}
+    assert train and test and not train & test
+
+
+def test_points24_bad_params():
+    with pytest.raises(UserError, match="n_cards"):
+        build_task("points24", {"n_cards": 9})
+    with pytest.raises(UserError, match="no parameter.*cards"):
+        build_task("points24", {"cards": 3})
+
+
+# ---- arith -----------------------------------------------------------------------------------
+
+def A(nums, ops):
+    from posttrain.tasks import Problem
+
+    value = nums[0]
+    for o, n in zip(ops, nums[1:]):
+        value = value + n if o == "+" else value - n
+    return Problem("arith", "id", "", {"nums": nums, "ops": ops, "answer": value})
+
+
+def test_arith_formats_correct_wrong_malformed():
+    t = build_task("arith")
+    prob = A([23, 45, 12], ["+", "-"])  # 56
+    assert t.verify(prob, "56").correct and t.verify(prob, "56").format == "direct"
+    assert t.verify(prob, "23+45=68,68-12=56").correct
+    assert t.verify(prob, "x=23;x+=45;x-=12;print(x)").correct
+    assert t.verify(prob, "x=56;print(x)").correct  # a program is judged by what it prints
+    assert not t.verify(prob, "57").correct and not t.verify(prob, "57").malformed
+    wrong_step = t.verify(prob, "23+45=67,67-12=55")
+    assert not wrong_step.correct and not wrong_step.malformed
+    # right final number reached through the wrong question is still wrong
+    assert not t.verify(prob, "23+45=68,68-12=56,56+0=56").correct
+    assert not t.verify(prob, "x=23;x+=45;x-=11;print(x)").correct
+    for text in ["", "056", "56 ", "-56", "23+45=68;68-12=56", "x=23;x+=45;x-=12", "x=23;y+=45;print(x)",
+                 "x=23;x*=2;print(x)", "the answer is 56", "23+45=68,"]:
+        v = t.verify(prob, text)
+        assert v.malformed and not v.correct, text
+
+
+def test_arith_solver_demos_always_verify_and_ood_is_longer():
+    t = build_task("arith")
+    rng = random.Random(0)
+    for split, n_ops in (("id", t.n_ops), ("ood", t.n_ops_ood)):
+        for _ in range(100):
+            prob = t.sample(rng, split)
+            assert len(prob.data["ops"]) == n_ops
+            for fmt in t.formats:
+                v = t.verify(prob, t.solve(prob, fmt, rng))
+                assert v.correct and v.format == fmt
+
+
+# ---- facts and strings -----------------------------------------------------------------------
+
+def test_facts_kb_is_deterministic_and_verified_strictly():
+    a, b = build_task("facts", {"kb_seed": 7}), build_task("facts", {"kb_seed": 7})
+    assert a.kb == b.kb and len(a.all_problems()) == a.n_entities * len(a.relations)
+    prob = a.all_problems()[0]
+    answer = prob.data["answer"]
+    assert a.verify(prob, answer).correct
+    other = next(v for v in ("red", "blue") if v != answer) if prob.data["relation"] == "color" else \
+        next(v for v in ("oslo", "lima") if v != answer)
+    assert not a.verify(prob, other).correct and not a.verify(prob, other).malformed
+    assert a.verify(prob, answer + " ").malformed and a.verify(prob, "zebra").malformed
+
+
+def test_strings_verify():
+    t = build_task("strings")
+    rng = random.Random(3)
+    prob = t.sample(rng, "id")
+    assert t.verify(prob, prob.data["answer"]).correct
+    assert t.verify(prob, "A").malformed and t.verify(prob, "").malformed
+    long = t.sample(rng, "ood")
+    assert len(long.prompt.split()[2].rstrip(":")) > t.max_len
+
+
+def test_unknown_task_and_split():
+    with pytest.raises(UserError, match="unknown task"):
+        build_task("nope")
+    with pytest.raises(UserError, match="no split"):
+        build_task("facts").sample(random.Random(0), "ood")
