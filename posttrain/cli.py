@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from posttrain.errors import UserError
+from posttrain.errors import TrainingDiverged, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Study and steer how post-training changes a language model.")
@@ -82,10 +82,11 @@ def train(
     base: Path = typer.Option(..., help="Checkpoint to start from (and the KL reference)."),
     out: Path = typer.Option(..., help="Output directory (model/, metrics.jsonl, checkpoints/)."),
     expert_format: Optional[str] = typer.Option(None, help="Solution format of expert demos (overrides the method's)."),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out (bitwise identical result)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
-    """Post-train one model with one method of a config (SFT, GRPO, ...)."""
+    """Post-train one model with one method of a config: sft, grpo, ppo, rloo, ei, self_sft, ..."""
     from posttrain.study import build_tasks
     from posttrain.train.loop import train as run_train
 
@@ -96,7 +97,9 @@ def train(
     if not (base / "config.json").is_file():
         raise UserError(f"--base {base}: not a Hugging Face checkpoint directory")
     if (out / "model").exists():
-        raise UserError(f"{out / 'model'} exists; choose another --out")
+        raise UserError(f"{out / 'model'} exists: that run is finished; choose another --out")
+    if not resume and (out / "checkpoints").exists():
+        raise UserError(f"{out} holds checkpoints of an unfinished run; pass --resume to continue it")
     task = build_tasks(cfg)[m.task]
     fmt = expert_format or m.expert_format
     if fmt is None and (m.data or "expert") == "expert" and m.objective == "sft":
@@ -105,8 +108,17 @@ def train(
         fmt = least_used_format(task, base_format_shares(cfg, task, m.split, base, device))
         typer.echo(f"expert format: {fmt} (the one the base writes least)", err=True)
     res = run_train(m, init_dir=base, ref_dir=base, out_dir=out, task=task, expert_format=fmt,
-                    seed=cfg.seed if m.seed is None else m.seed, device=device)
+                    seed=cfg.seed if m.seed is None else m.seed, device=device, resume=resume,
+                    on_step=_train_progress(m.steps))
+    typer.echo(f"trained {res.trainable_params:,} of {res.total_params:,} parameters in {res.wall_seconds:.0f}s",
+               err=True)
     typer.echo(str(res.model_dir))
+
+
+def _train_progress(total: int):
+    from posttrain.study import progress_logger
+
+    return progress_logger(lambda msg: typer.echo(f"posttrain {msg}", err=True), "train", total)
 
 
 @app.command("eval")
@@ -183,6 +195,9 @@ def main() -> None:
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except TrainingDiverged as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

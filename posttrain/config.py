@@ -54,9 +54,11 @@ class TaskRef(Strict):
 
 
 def _default_mixture() -> list[TaskRef]:
+    # The fine-tuning task (points24 under the training rule) is one skill among several, written
+    # mostly as one expression ("eq") and sometimes step by step ("steps"): the base knows both.
     return [
-        TaskRef(task="points24", split="id", weight=3.0, formats={"eq": 0.85, "steps": 0.15}),
-        TaskRef(task="points24", split="ood", weight=2.0, formats={"eq": 0.85, "steps": 0.15}),
+        TaskRef(task="points24", split="id", weight=2.0, formats={"eq": 0.65, "steps": 0.35}),
+        TaskRef(task="points24", split="ood", weight=2.0, formats={"eq": 0.65, "steps": 0.35}),
         TaskRef(task="arith", split="id", weight=2.0, formats={"direct": 0.2, "cot": 0.5, "code": 0.3}),
         TaskRef(task="facts", split="id", weight=2.0),
         TaskRef(task="strings", split="id", weight=1.0),
@@ -78,33 +80,59 @@ class PretrainConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """One post-training method: an objective fed by a data source, in the shared loop."""
+    """One post-training method: an objective fed by a data source, in the shared loop.
+
+    Methods of the literature are settings of these knobs (see `METHOD_RECIPES`): SFT = sft on
+    expert data; GRPO / RLOO / PPO = that objective on on-policy data; Expert Iteration = sft on
+    filtered self-samples over several rounds; Self-SFT = one such round from the base.
+    """
 
     objective: str = "sft"
-    data: Literal["expert", "on_policy"] | None = None  # None: the objective's natural source
+    data: Literal["expert", "on_policy", "filtered"] | None = None  # None: the objective's natural source
     task: str = "points24"
     split: str = "id"
     expert_format: str | None = None  # None: the task's format the base uses least (see study)
+    # the expert writes one canonical solution per problem (a consistent teacher) or a random one
+    expert_solutions: Literal["canonical", "random"] = "canonical"
     init: str = "base"  # "base", another method's name, or a checkpoint directory
-    steps: int = Field(60, ge=1)
+    steps: int = Field(150, ge=1)
     prompts_per_step: int = Field(16, ge=1)
-    samples_per_prompt: int = Field(8, ge=1)  # GRPO group size; expert demos per prompt for SFT
-    lr: float = Field(3e-4, gt=0)
+    samples_per_prompt: int = Field(8, ge=1)  # group size (RL); demos or kept samples per prompt (SFT)
+    lr: float = Field(1e-4, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(32, ge=1)
+    # policy-gradient knobs
     clip_eps_low: float = Field(0.2, ge=0)
     clip_eps_high: float = Field(0.2, ge=0)
+    num_iterations: int = Field(1, ge=1)  # mu: updates per batch (ratio != 1 from the second on)
+    minibatches: int = Field(1, ge=1)  # each update's batch split in this many optimizer steps
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    adv_norm_std: bool = True  # False: Dr. GRPO
+    adv_eps: float = Field(1e-6, gt=0)
+    # KL to the base model: always measured; penalised when kl_coef > 0, as a loss term or in the reward
     kl_coef: float = Field(0.0, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    adv_norm_std: bool = True
-    adv_eps: float = Field(1e-6, gt=0)
-    checkpoint_every: int = Field(0, ge=0)  # 0: only the final checkpoint
+    kl_mode: Literal["loss", "reward"] = "loss"
+    # PPO (critic + GAE)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    vf_coef: float = Field(0.1, ge=0)
+    value_clip: float | None = Field(0.2, gt=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    # filtered self-samples (Expert Iteration / Self-SFT)
+    rounds: int = Field(1, ge=1)
+    restart_from_base: bool = False  # each round trains from the init weights (Echo Chamber / ReST-EM)
+    filter_samples: int | None = Field(None, ge=1)  # k samples per prompt to filter; None: samples_per_prompt
+    # which parameters train: globs (or "re:REGEX"), optionally "@A-B" for layers A..B inclusive
+    freeze: list[str] = Field(default_factory=list)
+    train_only: list[str] = Field(default_factory=list)
+    checkpoint_every: int = Field(0, ge=0)  # 0: only the final model
     log_every: int = Field(1, ge=1)
+    trackers: list[str] = Field(default_factory=lambda: ["auto"])  # accelerate trackers; "auto": tensorboard if installed
     seed: int | None = None  # None: the study seed
 
     @field_validator("objective")
@@ -116,9 +144,43 @@ class TrainConfig(Strict):
             raise ValueError(f"unknown objective {v!r} (known: {', '.join(sorted(OBJECTIVES))})")
         return v
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        from posttrain.train.objectives import OBJECTIVES
+
+        obj = OBJECTIVES[self.objective]
+        if obj.needs_rewards and self.data in ("expert", "filtered"):
+            raise ValueError(f"objective {self.objective!r} learns from rewards; it needs on_policy data, not {self.data!r}")
+        if self.objective in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            raise ValueError(f"{self.objective} needs samples_per_prompt >= 2 (a group)")
+        if self.rounds > self.steps:
+            raise ValueError(f"rounds ({self.rounds}) cannot exceed steps ({self.steps})")
+        if self.minibatches > self.prompts_per_step * self.samples_per_prompt:
+            raise ValueError("minibatches cannot exceed the number of sequences per step")
+        return self
+
+    @property
+    def data_source(self) -> str:
+        from posttrain.train.objectives import OBJECTIVES
+
+        return self.data or OBJECTIVES[self.objective].default_data
+
+
+# Named recipes: `{method: ei}` in a study expands to these settings (explicit fields win).
+METHOD_RECIPES: dict[str, dict[str, Any]] = {
+    "sft": {"objective": "sft", "data": "expert"},
+    "grpo": {"objective": "grpo", "data": "on_policy"},
+    "dr_grpo": {"objective": "grpo", "data": "on_policy", "adv_norm_std": False, "loss_agg": "seq-mean-token-sum-norm"},
+    "rloo": {"objective": "rloo", "data": "on_policy"},
+    "ppo": {"objective": "ppo", "data": "on_policy"},
+    "ei": {"objective": "sft", "data": "filtered", "rounds": 3},
+    "ei_restart": {"objective": "sft", "data": "filtered", "rounds": 3, "restart_from_base": True},
+    "self_sft": {"objective": "sft", "data": "filtered", "rounds": 1},
+}
+
 
 class EvalConfig(Strict):
-    n_per_split: int = Field(200, ge=1)  # greedy accuracy on this many problems per task split
+    n_per_split: int = Field(400, ge=1)  # greedy accuracy on this many problems per task split
     pass_k: list[int] = Field(default_factory=lambda: [1, 4])
     n_samples: int = Field(8, ge=1)  # samples per problem for pass@k (k <= n_samples)
     n_sampled_problems: int = Field(64, ge=0)  # problems evaluated with sampling (0: skip)
@@ -150,6 +212,22 @@ class StudyConfig(Strict):
     methods: dict[str, TrainConfig] = Field(
         default_factory=lambda: {"sft": TrainConfig(objective="sft"), "grpo": TrainConfig(objective="grpo")}
     )
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _expand_recipes(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for name, m in v.items():
+            if isinstance(m, dict) and "method" in m:
+                m = dict(m)
+                recipe = m.pop("method")
+                if recipe not in METHOD_RECIPES:
+                    raise ValueError(f"methods.{name}: unknown method recipe {recipe!r} (known: {', '.join(METHOD_RECIPES)})")
+                m = {**METHOD_RECIPES[recipe], **m}
+            out[name] = m
+        return out
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")

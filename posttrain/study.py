@@ -137,7 +137,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
 
             say(f"pretrain: {cfg.pretrain.steps} steps on the task mixture")
             pretrain(cfg.model, cfg.pretrain, tasks, run.pretrain, run.base, cfg.seed, device=device,
-                     on_step=_progress_logger(say, "pretrain", cfg.pretrain.steps))
+                     on_step=progress_logger(say, "pretrain", cfg.pretrain.steps))
             stages.finish("pretrain", base_key)
 
     # ---- evaluation sets --------------------------------------------------------------------
@@ -187,14 +187,22 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         if stages.done(f"train-{name}", key, [out_dir / "model" / "config.json"]):
             say(f"train {name}: cached")
         else:
+            import shutil
+
             from posttrain.train.loop import train
 
-            data = m.data or ("on_policy" if m.objective != "sft" else "expert")
-            fmt_note = f", expert format {expert_format!r}" if data == "expert" else ""
+            # checkpoints left by an interrupted run are resumed only if they belong to this config
+            key_file = out_dir / "stage_key"
+            if out_dir.exists() and not (key_file.is_file() and key_file.read_text() == key):
+                shutil.rmtree(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            key_file.write_text(key)
+            data = m.data_source
+            fmt_note = f", expert format {expert_format!r}" if data == "expert" else f", {data} data"
             say(f"train {name}: {m.objective} on {m.task}/{m.split}, {m.steps} steps{fmt_note}")
             train(m, init_dir=init_dir, ref_dir=base_dir, out_dir=out_dir, task=task, expert_format=expert_format,
                   seed=cfg.seed if m.seed is None else m.seed, curve_tasks=tasks, curve_problems=curve_problems,
-                  curve_every=max(1, m.steps // 10), device=device, on_step=_progress_logger(say, f"train {name}", m.steps))
+                  curve_every=max(1, m.steps // 10), device=device, resume=resume, on_step=progress_logger(say, f"train {name}", m.steps))
             stages.finish(f"train-{name}", key)
         model_dirs[name] = out_dir / "model"
         keys[name] = key
@@ -230,7 +238,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     return results
 
 
-def _progress_logger(say: Callable[[str], None], what: str, total: int) -> Callable[[int, dict], None]:
+def progress_logger(say: Callable[[str], None], what: str, total: int) -> Callable[[int, dict], None]:
     """Log a line about every tenth of a stage (progress that also reads well in CI logs)."""
     t0 = time.time()
     last = [0]

@@ -32,7 +32,7 @@ class Arith(Task):
     formats = ("direct", "cot", "code")
     splits = ("id", "ood")
 
-    def __init__(self, n_ops: int = 2, n_ops_ood: int = 3, max_operand: int = 30) -> None:
+    def __init__(self, n_ops: int = 2, n_ops_ood: int = 3, max_operand: int = 12) -> None:
         if not 1 <= n_ops <= 8 or not 1 <= n_ops_ood <= 8:
             raise UserError(f"arith: n_ops and n_ops_ood must be in 1..8, got {n_ops}, {n_ops_ood}")
         if not 2 <= max_operand <= 10_000:
@@ -57,7 +57,7 @@ class Arith(Task):
                 expr = str(nums[0]) + "".join(f"{op}{n}" for op, n in zip(ops, nums[1:]))
                 return Problem(self.name, split, f"arith {expr}:", {"nums": nums, "ops": ops, "answer": value})
 
-    def solve(self, problem: Problem, fmt: str, rng: random.Random) -> str:
+    def solve(self, problem: Problem, fmt: str, rng: random.Random | None = None) -> str:
         self.check_format(fmt)
         nums, ops = problem.data["nums"], problem.data["ops"]
         if fmt == "direct":

@@ -62,8 +62,9 @@ class Task:
         """Draw one problem of `split`. `partition` is "train", "test" or "any" (see `held_out`)."""
         raise NotImplementedError
 
-    def solve(self, problem: Problem, fmt: str, rng: random.Random) -> str:
-        """An expert completion for `problem` in solution format `fmt`."""
+    def solve(self, problem: Problem, fmt: str, rng: random.Random | None = None) -> str:
+        """An expert completion for `problem` in solution format `fmt`: a random one of the valid
+        solutions when `rng` is given, else the canonical (deterministic) one."""
         raise NotImplementedError
 
     def verify(self, problem: Problem, completion: str) -> Verdict:

@@ -58,7 +58,7 @@ class Facts(Task):
         """Every fact once: the retention probe evaluates the whole knowledge base."""
         return [Problem(self.name, "id", f"fact {rel} of {e}:", {"answer": v, "relation": rel}) for e, rel, v in self.kb]
 
-    def solve(self, problem: Problem, fmt: str, rng: random.Random) -> str:
+    def solve(self, problem: Problem, fmt: str, rng: random.Random | None = None) -> str:
         self.check_format(fmt)
         return problem.data["answer"]
 

@@ -34,7 +34,7 @@ class Strings(Task):
         op = rng.choice(sorted(OPS))
         return Problem(self.name, split, f"str {op} {s}:", {"answer": OPS[op](s)})
 
-    def solve(self, problem: Problem, fmt: str, rng: random.Random) -> str:
+    def solve(self, problem: Problem, fmt: str, rng: random.Random | None = None) -> str:
         self.check_format(fmt)
         return problem.data["answer"]
 

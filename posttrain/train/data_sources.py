@@ -1,7 +1,11 @@
 """Where training sequences come from, orthogonal to the objective that consumes them.
 
 * ``expert``     demonstrations written by the task's solver (off-policy), in one fixed format;
-* ``on_policy``  completions sampled from the current policy, scored by the task's verifier.
+* ``on_policy``  completions sampled from the current policy, scored by the task's verifier;
+* ``filtered``   the policy's own samples that the verifier accepts (rejection sampling), drawn
+                 once per round for all the round's prompts: with SFT this is Expert Iteration
+                 (R rounds, optionally restarting from the base each round) and, with one round
+                 from the base, Self-SFT.
 
 All sources read the same prompt schedule: step t of every method sees the same prompts, so
 methods differ only in what they do with them.
@@ -9,9 +13,12 @@ methods differ only in what they do with them.
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -41,6 +48,24 @@ class Batch:
     rewards: torch.Tensor | None = None  # [N] when scored
     verdicts: list[Verdict] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    advantages: torch.Tensor | None = None  # set by the objective's prepare()
+    returns: torch.Tensor | None = None
+
+    def select(self, idx: list[int]) -> "Batch":
+        """The rows `idx` of the batch (for minibatches); group structure is not kept."""
+        t = torch.tensor(idx, dtype=torch.long)
+        p = self.packed
+        sub = PackedBatch(p.input_ids[t], p.attention_mask[t], p.target_mask[t])
+        width = int(sub.attention_mask.sum(-1).max())
+        sub = PackedBatch(sub.input_ids[:, :width], sub.attention_mask[:, :width], sub.target_mask[:, : width - 1])
+        pick = lambda x: None if x is None else x[t.to(x.device)]  # noqa: E731
+        out = Batch(sub, self.group_size, [self.problems[i] for i in idx], [self.texts[i] for i in idx],
+                    pick(self.rewards), None if self.verdicts is None else [self.verdicts[i] for i in idx])
+        adv = pick(self.advantages)
+        out.advantages = adv[:, : width - 1] if adv is not None and adv.dim() == 2 else adv
+        if self.returns is not None:
+            out.returns = self.returns[t.to(self.returns.device)][:, : width - 1]
+        return out
 
 
 def score(task: Task, problems: list[Problem], texts: list[str], finished: list[bool]) -> list[Verdict]:
@@ -61,24 +86,38 @@ def verdict_metrics(verdicts: list[Verdict], prefix: str = "") -> dict[str, floa
     return out
 
 
-class ExpertSource:
-    """`samples_per_prompt` solver demonstrations per prompt, in format `fmt`."""
+class DataSource:
+    """Makes the batch of step `t` from that step's prompts."""
 
     on_policy = False
 
-    def __init__(self, task: Task, fmt: str, seed: int, max_length: int | None) -> None:
+    def batch(self, step: int, problems: list[Problem], n: int, model, tok, cfg) -> Batch | None:
+        raise NotImplementedError
+
+    def round_start(self, step: int) -> bool:
+        """True when `step` opens a new data round whose first act is to reset the policy."""
+        return False
+
+
+class ExpertSource(DataSource):
+    """`samples_per_prompt` solver demonstrations per prompt, in format `fmt` (canonical: the same
+    solution each time, as a consistent teacher writes; otherwise random valid solutions)."""
+
+    on_policy = False
+
+    def __init__(self, task: Task, fmt: str, seed: int, max_length: int | None, canonical: bool = True) -> None:
         task.check_format(fmt)
-        self.task, self.fmt, self.seed, self.max_length = task, fmt, seed, max_length
+        self.task, self.fmt, self.seed, self.max_length, self.canonical = task, fmt, seed, max_length, canonical
 
     def batch(self, step: int, problems: list[Problem], n: int, model, tok, cfg) -> Batch:
-        rng = random.Random(step_seed(self.seed, step, "expert"))
+        rng = None if self.canonical else random.Random(step_seed(self.seed, step, "expert"))
         rows = [p for p in problems for _ in range(n)]
         texts = [self.task.solve(p, self.fmt, rng) for p in rows]
         packed = pack(encode_prompts(tok, [p.prompt for p in rows]), encode_completions(tok, texts), tok.pad_token_id, self.max_length)
         return Batch(packed, n, rows, texts)
 
 
-class OnPolicySource:
+class OnPolicySource(DataSource):
     """`samples_per_prompt` samples per prompt from the current policy, scored by the verifier."""
 
     on_policy = True
@@ -102,4 +141,78 @@ class OnPolicySource:
         return Batch(packed, n, rows, ro.texts, rewards, verdicts, metrics)
 
 
-DATA_SOURCES: dict[str, Callable[..., object]] = {"expert": ExpertSource, "on_policy": OnPolicySource}
+class FilteredSource(DataSource):
+    """Verified-correct samples of the policy, generated once per round for the round's prompts.
+
+    Each prompt gets `k` samples; those the verifier accepts (at most `n` per prompt, duplicates
+    kept since a policy's repeated answer is part of its distribution) are the step's batch. A
+    step whose prompts yielded nothing correct returns None (no update, the schedule still moves).
+    Round data is written to `out_dir/rounds/` so a resumed run trains on exactly the same data.
+    """
+
+    def __init__(self, task: Task, seed: int, max_length: int | None, schedule: list[list[Problem]], rounds: int,
+                 k: int, restart: bool, out_dir: Path | None) -> None:
+        self.task, self.seed, self.max_length, self.schedule = task, seed, max_length, schedule
+        self.rounds, self.k, self.restart, self.out_dir = rounds, k, restart, out_dir
+        self.per_round = math.ceil(len(schedule) / rounds)
+        self.data: dict[int, list[tuple[int, str]]] = {}  # step -> [(prompt index, completion text)]
+        self.stats: dict[int, dict[str, float]] = {}
+
+    def round_of(self, step: int) -> int:
+        return step // self.per_round
+
+    def round_start(self, step: int) -> bool:
+        return self.restart and step > 0 and step % self.per_round == 0
+
+    def _path(self, r: int) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / "rounds" / f"round-{r}.json"
+
+    def _generate_round(self, r: int, model, tok, cfg) -> None:
+        from posttrain.io import atomic_write_json
+
+        path = self._path(r)
+        if path is not None and path.is_file():
+            saved = json.loads(path.read_text())
+            self.data.update({int(k): [tuple(x) for x in v] for k, v in saved["data"].items()})
+            self.stats[r] = saved["stats"]
+            return
+        steps = range(r * self.per_round, min((r + 1) * self.per_round, len(self.schedule)))
+        flat = [(t, i, p) for t in steps for i, p in enumerate(self.schedule[t])]
+        gen = torch.Generator().manual_seed(step_seed(self.seed, r, "filtered"))
+        was_training = model.training
+        model.eval()
+        ro = generate(model, tok, [p.prompt for _, _, p in flat], n=self.k, max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, generator=gen)
+        model.train(was_training)
+        rows = [x for x in flat for _ in range(self.k)]
+        verdicts = score(self.task, [p for _, _, p in rows], ro.texts, ro.finished)
+        kept = 0
+        per_prompt: Counter = Counter()
+        for (t, i, _), text, v in zip(rows, ro.texts, verdicts):
+            self.data.setdefault(t, [])
+            if v.correct and per_prompt[(t, i)] < cfg.samples_per_prompt:
+                self.data[t].append((i, text))
+                per_prompt[(t, i)] += 1
+                kept += 1
+        self.stats[r] = {"filtered/sample_acc": sum(v.correct for v in verdicts) / max(len(verdicts), 1),
+                         "filtered/prompts_solved": len(per_prompt) / max(len(flat), 1),
+                         "filtered/kept": float(kept)}
+        if path is not None:
+            atomic_write_json(path, {"data": {str(t): self.data.get(t, []) for t in steps}, "stats": self.stats[r]})
+
+    def batch(self, step: int, problems: list[Problem], n: int, model, tok, cfg) -> Batch | None:
+        r = self.round_of(step)
+        if r not in self.stats:
+            self._generate_round(r, model, tok, cfg)
+        items = self.data.get(step, [])
+        if not items:
+            return None
+        rows = [problems[i] for i, _ in items]
+        texts = [text for _, text in items]
+        packed = pack(encode_prompts(tok, [p.prompt for p in rows]), encode_completions(tok, texts),
+                      tok.pad_token_id, self.max_length)
+        return Batch(packed, 1, rows, texts, metrics={**self.stats[r], "filtered/batch": float(len(items))})
+
+
+DATA_SOURCES: dict[str, Callable[..., DataSource]] = {"expert": ExpertSource, "on_policy": OnPolicySource,
+                                                      "filtered": FilteredSource}

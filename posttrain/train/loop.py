@@ -1,15 +1,25 @@
 """The one training loop every post-training method runs through.
 
 A method = an objective (`train.objectives`) fed by a data source (`train.data_sources`). The
-optimizer, schedule, prompt order, step budget and checkpoint format are shared, so two methods
-differ only in the knobs their configs set.
+optimizer, schedule, prompt order, step budget, freezing rules and checkpoint format are shared, so
+two methods differ only in the knobs their configs set. Per step:
+
+    batch  <- data source (expert demos | on-policy rollouts | filtered self-samples)
+    old    <- policy outputs before any update (log-probs, values); ref <- base log-probs
+    prepare: advantages / returns from rewards (and KL-in-reward when asked)
+    num_iterations x minibatches updates of the objective's loss
+
+Checkpoints every `checkpoint_every` steps resume bit for bit (see `train.checkpointing`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,18 +29,31 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from posttrain.config import TrainConfig
-from posttrain.errors import UserError
+from posttrain.errors import TrainingDiverged, UserError
 from posttrain.io import atomic_write_json
 from posttrain.models.loading import load_model, save_checkpoint
 from posttrain.tasks import Problem, Task
-from posttrain.train.data_sources import ExpertSource, OnPolicySource, prompt_schedule, score, verdict_metrics
-from posttrain.train.objectives import OBJECTIVES
+from posttrain.train.checkpointing import (
+    latest_checkpoint,
+    load_training_state,
+    load_weights_into,
+    save_training_checkpoint,
+)
+from posttrain.train.data_sources import (
+    Batch,
+    DataSource,
+    ExpertSource,
+    FilteredSource,
+    OnPolicySource,
+    prompt_schedule,
+    score,
+    step_seed,
+    verdict_metrics,
+)
+from posttrain.train.freezing import apply_freezing
+from posttrain.train.objectives import OBJECTIVES, PolicyOutputs
+from posttrain.train.policy import ValueHead, policy_forward
 from posttrain.train.rollout import generate
-from posttrain.train.sequences import token_logprobs
-
-
-class TrainingDiverged(RuntimeError):
-    """Raised when a loss or reward becomes NaN/inf; the last good checkpoint is kept."""
 
 
 def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -43,14 +66,27 @@ def make_scheduler(optimizer, schedule: str, warmup: int, steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
-def make_accelerator(device: str = "auto") -> Accelerator:
+def resolve_trackers(trackers: list[str]) -> list[str]:
+    out = []
+    for t in trackers:
+        if t == "auto":
+            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+                out.append("tensorboard")
+        elif t not in ("none", ""):
+            out.append(t)
+    return out
+
+
+def make_accelerator(device: str = "auto", trackers: list[str] = (), project_dir: Path | None = None) -> Accelerator:
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    return Accelerator(cpu=cpu)
+    log_with = resolve_trackers(list(trackers))
+    try:
+        return Accelerator(cpu=cpu, log_with=log_with or None, project_dir=str(project_dir) if project_dir else None)
+    except (ValueError, ImportError) as e:
+        raise UserError(f"cannot set up trackers {log_with}: {str(e).splitlines()[0]}") from None
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
     import numpy as np
 
     random.seed(seed)
@@ -64,6 +100,8 @@ class TrainResult:
     metrics_path: Path
     steps: int
     wall_seconds: float
+    trainable_params: int
+    total_params: int
 
 
 @torch.no_grad()
@@ -75,10 +113,34 @@ def quick_eval(model, tok, tasks: dict[str, Task], problems: dict[str, list[Prob
     for key, probs in problems.items():
         task = tasks[key.split("/")[0]]
         ro = generate(model, tok, [p.prompt for p in probs], n=1, max_new_tokens=max_new_tokens, greedy=True)
-        verdicts = score(task, probs, ro.texts, ro.finished)
-        out[f"eval/{key}/acc"] = verdict_metrics(verdicts)["reward"]
+        out[f"eval/{key}/acc"] = verdict_metrics(score(task, probs, ro.texts, ro.finished))["reward"]
     model.train(was_training)
     return out
+
+
+def make_source(cfg: TrainConfig, task: Task, expert_format: str | None, seed: int, max_length: int | None,
+                schedule: list[list[Problem]], out_dir: Path) -> DataSource:
+    data = cfg.data_source
+    if data == "expert":
+        if expert_format is None:
+            raise UserError("expert data needs an expert_format")
+        return ExpertSource(task, expert_format, seed, max_length, canonical=cfg.expert_solutions == "canonical")
+    if data == "on_policy":
+        return OnPolicySource(task, seed, max_length)
+    return FilteredSource(task, seed, max_length, schedule, cfg.rounds, cfg.filter_samples or cfg.samples_per_prompt,
+                          cfg.restart_from_base, out_dir)
+
+
+def _slice(o: PolicyOutputs, idx: torch.Tensor, width: int) -> PolicyOutputs:
+    cut = lambda x: None if x is None else x[idx.to(x.device)][:, : width - 1]  # noqa: E731
+    return PolicyOutputs(cut(o.logp), cut(o.entropy), cut(o.values))
+
+
+def _check_finite(value: float, what: str, step: int, out_dir: Path) -> None:
+    if not math.isfinite(value):
+        last = latest_checkpoint(out_dir)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written (set checkpoint_every)"
+        raise TrainingDiverged(f"non-finite {what} at step {step + 1}; training stopped, {where}")
 
 
 def train(
@@ -94,89 +156,165 @@ def train(
     curve_problems: dict[str, list[Problem]] | None = None,
     curve_every: int = 0,
     device: str = "auto",
+    resume: bool = False,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> TrainResult:
     """Train one method from `init_dir`; write `out_dir/model` (final HF checkpoint),
-    `out_dir/checkpoints/step-N` every `cfg.checkpoint_every` steps and `out_dir/metrics.jsonl`."""
+    `out_dir/checkpoints/step-N` every `cfg.checkpoint_every` steps and `out_dir/metrics.jsonl`.
+    With `resume`, continue from the latest checkpoint under `out_dir` when there is one."""
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
-    accelerator = make_accelerator(device)
+    objective = OBJECTIVES[cfg.objective]()
     model, tok = load_model(init_dir, device="cpu")
+    frz = apply_freezing(model, cfg.freeze, cfg.train_only)
     ref = None
     if ref_dir is not None:
         ref, _ = load_model(ref_dir, device="cpu")
         ref.requires_grad_(False)
-    objective = OBJECTIVES[cfg.objective]()
-    data = cfg.data or objective.default_data
-    if objective.needs_rewards and data == "expert":
-        raise UserError(f"objective {cfg.objective!r} needs rewards; it cannot run on expert data")
+    value_head = ValueHead(model.config.hidden_size) if objective.needs_values else None
     max_length = getattr(model.config, "max_position_embeddings", None)
-    if data == "expert":
-        if expert_format is None:
-            raise UserError("expert data needs an expert_format")
-        source = ExpertSource(task, expert_format, seed, max_length)
-    else:
-        source = OnPolicySource(task, seed, max_length)
+    schedule = prompt_schedule(task, cfg.split, seed, cfg.steps, cfg.prompts_per_step)
+    source = make_source(cfg, task, expert_format, seed, max_length, schedule, out_dir)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if value_head is not None:
+        params += list(value_head.parameters())
     optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps)
+    updates_per_step = cfg.num_iterations * cfg.minibatches
+    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps * updates_per_step, cfg.steps * updates_per_step)
+    accelerator = make_accelerator(device, cfg.trackers, out_dir / "logs")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    dev = accelerator.device
     if ref is not None:
-        ref = ref.to(accelerator.device)
-    schedule = prompt_schedule(task, cfg.split, seed, cfg.steps, cfg.prompts_per_step)
+        ref = ref.to(dev)
+    if value_head is not None:
+        value_head.to(dev)
+    policy = accelerator.unwrap_model(model)
 
+    start = 0
     metrics_path = out_dir / "metrics.jsonl"
-    log = metrics_path.open("w")
+    ck = latest_checkpoint(out_dir) if resume else None
+    if ck is not None:
+        load_weights_into(policy, ck)
+        state = load_training_state(ck)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if value_head is not None:
+            value_head.load(ck / "value_head.safetensors")
+        start = int(state["step"])
+        kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.is_file() else [])
+                if line.strip() and json.loads(line)["step"] <= start]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    elif resume and (out_dir / "model" / "config.json").is_file() and (out_dir / "train.json").is_file():
+        raise UserError(f"{out_dir} already holds a finished run (model/); nothing to resume")
+    log = metrics_path.open("a" if ck is not None else "w")
+    hparams = {k: v for k, v in cfg.model_dump(mode="json").items() if isinstance(v, (int, float, str, bool))}
+    accelerator.init_trackers("posttrain", config=hparams)
     curve_tasks = curve_tasks or {}
 
     def log_line(row: dict) -> None:
         log.write(json.dumps(row) + "\n")
         log.flush()
+        accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
         if on_step:
             on_step(row["step"], row)
 
-    if curve_every and curve_problems:
-        log_line({"step": 0, **quick_eval(model, tok, curve_tasks, curve_problems, cfg.max_new_tokens)})
+    if start == 0:
+        first = {"step": 0, "trainable_params": frz.trainable, "total_params": frz.total}
+        if curve_every and curve_problems:
+            first.update(quick_eval(policy, tok, curve_tasks, curve_problems, cfg.max_new_tokens))
+        log_line(first)
 
     model.train()
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         ts = time.time()
-        batch = source.batch(step, schedule[step], cfg.samples_per_prompt, accelerator.unwrap_model(model), tok, cfg)
-        packed = batch.packed.to(accelerator.device)
-        batch.packed = packed
-        ref_logp = None
-        if ref is not None:
-            with torch.no_grad():
-                ref_logp = token_logprobs(ref, packed, cfg.temperature)
-        logp = token_logprobs(model, packed, cfg.temperature)
-        # a single update per batch: the behaviour policy is the current one, so the ratio is 1
-        old_logp = logp.detach()
-        out = objective.compute(logp, old_logp, ref_logp, batch, cfg)
-        if not math.isfinite(float(out.loss.detach())):
-            log.close()
-            raise TrainingDiverged(f"non-finite loss at step {step}; last good weights are in {init_dir}")
-        accelerator.backward(out.loss)
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        row = {"step": step + 1, "loss": float(out.loss.detach()), "lr": scheduler.get_last_lr()[0],
-               "grad_norm": float(grad_norm), **out.metrics, **batch.metrics, "step_seconds": time.time() - ts}
+        batch = source.batch(step, schedule[step], cfg.samples_per_prompt, policy, tok, cfg)
+        if source.round_start(step):
+            # Echo Chamber / ReST-EM: the round's data came from the latest policy, training restarts from init
+            load_weights_into(policy, Path(init_dir))
+            getattr(optimizer, "optimizer", optimizer).state.clear()
+        row: dict = {"step": step + 1}
+        if batch is None:
+            with warnings.catch_warnings():
+                # the schedule advances over a step with no data so every method sees the same lr at step t
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(updates_per_step):
+                    scheduler.step()
+            row.update({"skipped": 1, "lr": scheduler.get_last_lr()[0]})
+        else:
+            row.update(_update(cfg, objective, model, ref, value_head, batch, optimizer, scheduler, accelerator,
+                               params, step, seed, out_dir))
+        row["step_seconds"] = time.time() - ts
         if curve_every and curve_problems and ((step + 1) % curve_every == 0 or step + 1 == cfg.steps):
-            row.update(quick_eval(accelerator.unwrap_model(model), tok, curve_tasks, curve_problems, cfg.max_new_tokens))
+            row.update(quick_eval(policy, tok, curve_tasks, curve_problems, cfg.max_new_tokens))
         log_line(row)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(accelerator.unwrap_model(model), tok, out_dir / "checkpoints" / f"step-{step + 1}")
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            save_training_checkpoint(out_dir / "checkpoints" / f"step-{step + 1}", policy, tok, optimizer, scheduler,
+                                     step + 1, value_head)
     log.close()
-    final = accelerator.unwrap_model(model)
-    model_dir = save_checkpoint(final, tok, out_dir / "model")
-    if cfg.checkpoint_every:
-        save_checkpoint(final, tok, out_dir / "checkpoints" / f"step-{cfg.steps}")
-    result = TrainResult(model_dir, metrics_path, cfg.steps, time.time() - t0)
-    atomic_write_json(out_dir / "train.json", {"steps": cfg.steps, "wall_seconds": result.wall_seconds,
-                                               "objective": cfg.objective, "data": data,
-                                               "expert_format": expert_format if data == "expert" else None})
+    accelerator.end_training()
+    model_dir = save_checkpoint(policy, tok, out_dir / "model")
+    if value_head is not None:
+        value_head.save(out_dir / "value_head.safetensors")
+    result = TrainResult(model_dir, metrics_path, cfg.steps, time.time() - t0, frz.trainable, frz.total)
+    atomic_write_json(out_dir / "train.json", {
+        "steps": cfg.steps, "wall_seconds": result.wall_seconds, "objective": cfg.objective, "data": cfg.data_source,
+        "expert_format": expert_format if cfg.data_source == "expert" else None, "resumed_from_step": start or None,
+        "trainable_params": frz.trainable, "total_params": frz.total,
+    })
     return result
+
+
+def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, optimizer, scheduler, accelerator,
+            params, step: int, seed: int, out_dir: Path) -> dict:
+    """All optimizer updates of one step on one batch; returns the step's metrics."""
+    dev = accelerator.device
+    batch.packed = batch.packed.to(dev)
+    if batch.rewards is not None:
+        _check_finite(float(batch.rewards.sum()), "reward", step, out_dir)
+    ref_logp = None
+    if ref is not None:
+        with torch.no_grad():
+            ref_logp = policy_forward(ref, batch.packed, cfg.temperature).logp
+    single = cfg.num_iterations == 1 and cfg.minibatches == 1
+    if single:
+        # one update: the behaviour policy is the current one, so old = current (ratio exactly 1)
+        new = policy_forward(model, batch.packed, cfg.temperature, objective.needs_entropy, value_head)
+        old = PolicyOutputs(new.logp.detach(), None, None if new.values is None else new.values.detach())
+    else:
+        with torch.no_grad():
+            old = policy_forward(model, batch.packed, cfg.temperature, False, value_head)
+    metrics = objective.prepare(batch, old, ref_logp, cfg)
+    n = batch.packed.input_ids.shape[0]
+    losses = []
+    out = None
+    for it in range(cfg.num_iterations):
+        order = list(range(n))
+        if cfg.minibatches > 1:
+            random.Random(step_seed(seed, step * 1000 + it, "minibatch")).shuffle(order)
+        for k in range(cfg.minibatches):
+            idx = sorted(order[k * n // cfg.minibatches : (k + 1) * n // cfg.minibatches])
+            if single:
+                sub, sub_old, sub_ref = batch, old, ref_logp
+            else:
+                sub = batch.select(idx)
+                width = sub.packed.input_ids.shape[1]
+                t = torch.tensor(idx)
+                sub.packed = sub.packed.to(dev)
+                sub_old = _slice(old, t, width)
+                sub_ref = None if ref_logp is None else ref_logp[t.to(dev)][:, : width - 1]
+                new = policy_forward(model, sub.packed, cfg.temperature, objective.needs_entropy, value_head)
+            out = objective.compute(new, sub_old, sub_ref, sub, cfg)
+            loss_value = float(out.loss.detach())
+            _check_finite(loss_value, "loss", step, out_dir)
+            accelerator.backward(out.loss)
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss_value)
+    return {"loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            **metrics, **(out.metrics if out else {}), **batch.metrics}

@@ -94,6 +94,47 @@ def clipped_policy_loss(
 # objectives: how the loop turns a batch into a loss
 
 
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float | None = 0.2, mode: str = "token-mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss of PPO (as in the OpenAI baselines / verl implementations):
+
+        V_clip = V_old + clip(V - V_old, -c, c)
+        L_t    = 1/2 max( (V - R)^2, (V_clip - R)^2 )        (1/2 (V - R)^2 when clip is None)
+
+    Returns (agg(L), fraction of tokens where the clipped branch was larger).
+    """
+    unclipped = (values - returns).pow(2)
+    if clip is None:
+        return 0.5 * aggregate(unclipped, mask, mode), values.new_zeros(())
+    v_clip = old_values + (values - old_values).clamp(-clip, clip)
+    clipped = (v_clip - returns).pow(2)
+    m = mask.float()
+    frac = ((clipped > unclipped).float() * m).sum() / m.sum().clamp(min=1.0)
+    return 0.5 * aggregate(torch.maximum(unclipped, clipped), mask, mode), frac
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / (std + eps) over the masked entries; masked-out entries become 0."""
+    m = mask.float()
+    n = m.sum().clamp(min=1.0)
+    mean = (x * m).sum() / n
+    var = ((x - mean).pow(2) * m).sum() / n
+    return (x - mean) / (var.sqrt() + eps) * m
+
+
+# ----------------------------------------------------------------------------------------------
+# objectives: how the loop turns a batch into a loss
+
+
+@dataclass
+class PolicyOutputs:
+    """What one forward pass of the policy gives an objective, all [B, T] over target positions."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor
@@ -101,13 +142,23 @@ class LossOutput:
 
 
 class Objective:
-    """An objective turns policy (and optionally reference) log-probs of a batch into a loss."""
+    """Turns policy outputs on a batch into a loss.
+
+    `prepare` runs once per batch, before any update, with the behaviour policy's outputs (`old`)
+    and the reference log-probs: advantages and returns are computed there and kept on the batch.
+    `compute` then runs for each of the `num_iterations` x `minibatches` updates.
+    """
 
     name: ClassVar[str] = ""
     default_data: ClassVar[str] = "expert"
     needs_rewards: ClassVar[bool] = False
+    needs_values: ClassVar[bool] = False
+    needs_entropy: ClassVar[bool] = False
 
-    def compute(self, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+    def prepare(self, batch: "Batch", old: PolicyOutputs, ref_logp: torch.Tensor | None, cfg: "TrainConfig") -> dict[str, float]:
+        return {}
+
+    def compute(self, new: PolicyOutputs, old: PolicyOutputs, ref_logp: torch.Tensor | None,
                 batch: "Batch", cfg: "TrainConfig") -> LossOutput:
         raise NotImplementedError
 
@@ -126,53 +177,132 @@ def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]
     return deco
 
 
-def _kl_term(logp, ref_logp, mask, cfg) -> tuple[torch.Tensor, float]:
-    """The KL-to-reference loss term (0 when kl_coef is 0) and the measured k1 KL, for logging."""
+def measured_kl(logp: torch.Tensor, ref_logp: torch.Tensor | None, mask: torch.Tensor) -> float:
+    """Mean k1 estimate of KL(pi || pi_ref) per token on the batch: always logged, whatever kl_coef."""
     if ref_logp is None:
-        return logp.new_zeros(()), float("nan")
+        return float("nan")
     m = mask.float()
-    measured = float(((logp.detach() - ref_logp) * m).sum() / m.sum().clamp(min=1.0))
-    if cfg.kl_coef == 0.0:
-        return logp.new_zeros(()), measured
-    return cfg.kl_coef * aggregate(kl_penalty(logp, ref_logp, cfg.kl_estimator), mask, cfg.loss_agg), measured
+    return float(((logp.detach() - ref_logp) * m).sum() / m.sum().clamp(min=1.0))
+
+
+def kl_loss_term(logp: torch.Tensor, ref_logp: torch.Tensor | None, mask: torch.Tensor, cfg) -> torch.Tensor:
+    """kl_coef * agg(k(log pi, log pi_ref)) when the KL is a loss term; 0 otherwise."""
+    if ref_logp is None or cfg.kl_coef == 0.0 or cfg.kl_mode != "loss":
+        return logp.new_zeros(())
+    return cfg.kl_coef * aggregate(kl_penalty(logp, ref_logp, cfg.kl_estimator), mask, cfg.loss_agg)
+
+
+def sequence_rewards(batch: "Batch", old: PolicyOutputs, ref_logp: torch.Tensor | None, cfg) -> torch.Tensor:
+    """Verifier rewards, minus kl_coef * sum_t k(y_t) per sequence when the KL goes in the reward."""
+    r = batch.rewards.to(old.logp.device)
+    if ref_logp is not None and cfg.kl_coef and cfg.kl_mode == "reward":
+        m = batch.packed.target_mask
+        r = r - cfg.kl_coef * (kl_penalty(old.logp, ref_logp, cfg.kl_estimator) * m).sum(-1)
+    return r
 
 
 @register_objective("sft")
 class SFT(Objective):
-    """Supervised fine-tuning: completion-only NLL, plus an optional KL-to-base anchor."""
+    """Supervised fine-tuning: completion-only NLL, plus an optional KL-to-base anchor (loss term)."""
 
     default_data = "expert"
 
-    def compute(self, logp, old_logp, ref_logp, batch, cfg):
+    def compute(self, new, old, ref_logp, batch, cfg):
         mask = batch.packed.target_mask
-        nll = nll_loss(logp, mask, cfg.loss_agg)
-        kl, measured = _kl_term(logp, ref_logp, mask, cfg)
-        return LossOutput(nll + kl, {"nll": float(nll.detach()), "kl_ref": measured})
+        nll = nll_loss(new.logp, mask, cfg.loss_agg)
+        kl = kl_loss_term(new.logp, ref_logp, mask, cfg)
+        return LossOutput(nll + kl, {"nll": float(nll.detach()), "kl_ref": measured_kl(new.logp, ref_logp, mask)})
 
 
-@register_objective("grpo")
-class GRPO(Objective):
-    """GRPO: group-normalised outcome advantages in the clipped surrogate, optional KL loss term."""
+class _ClippedPG(Objective):
+    """Shared part of the critic-free policy-gradient objectives (GRPO, RLOO)."""
 
     default_data = "on_policy"
     needs_rewards = True
 
-    def compute(self, logp, old_logp, ref_logp, batch, cfg):
+    def advantages(self, rewards: torch.Tensor, batch: "Batch", cfg) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, batch, old, ref_logp, cfg):
+        batch.advantages = self.advantages(sequence_rewards(batch, old, ref_logp, cfg), batch, cfg)
+        return {"adv_abs_mean": float(batch.advantages.abs().mean())}
+
+    def compute(self, new, old, ref_logp, batch, cfg):
+        mask = batch.packed.target_mask
+        pg, clipfrac = clipped_policy_loss(new.logp, old.logp, batch.advantages, mask, cfg.clip_eps_low,
+                                           cfg.clip_eps_high, cfg.loss_agg)
+        kl = kl_loss_term(new.logp, ref_logp, mask, cfg)
+        ratio = torch.exp(new.logp.detach() - old.logp)
+        m = mask.float()
+        return LossOutput(pg + kl, {
+            "pg_loss": float(pg.detach()),
+            "clipfrac": float(clipfrac),
+            "ratio_mean": float((ratio * m).sum() / m.sum().clamp(min=1.0)),
+            "kl_ref": measured_kl(new.logp, ref_logp, mask),
+        })
+
+
+@register_objective("grpo")
+class GRPO(_ClippedPG):
+    """GRPO: group-normalised outcome advantages in the clipped surrogate (std switchable: Dr. GRPO)."""
+
+    def advantages(self, rewards, batch, cfg):
         from posttrain.train.advantages import grpo_advantages
 
+        return grpo_advantages(rewards, batch.group_size, cfg.adv_norm_std, cfg.adv_eps)
+
+
+@register_objective("rloo")
+class RLOO(_ClippedPG):
+    """REINFORCE with a leave-one-out baseline; with num_iterations=1 the clip is inactive and this
+    is plain REINFORCE on A_i = r_i - mean_{j != i} r_j."""
+
+    def advantages(self, rewards, batch, cfg):
+        from posttrain.train.advantages import rloo_advantages
+
+        return rloo_advantages(rewards, batch.group_size)
+
+
+@register_objective("ppo")
+class PPO(Objective):
+    """PPO with a learned critic (a value head on the policy's last hidden state) and GAE.
+
+    Token rewards: the verifier's reward on the last completion token, minus kl_coef * k(y_t) on
+    every token when kl_mode is "reward" (the classic RLHF shaping). Advantages are whitened over
+    the batch; the loss is clipped surrogate + vf_coef * clipped value loss - entropy_coef * H.
+    """
+
+    default_data = "on_policy"
+    needs_rewards = True
+    needs_values = True
+    needs_entropy = True
+
+    def prepare(self, batch, old, ref_logp, cfg):
+        from posttrain.train.advantages import gae
+
         mask = batch.packed.target_mask
-        adv = grpo_advantages(batch.rewards, batch.group_size, cfg.adv_norm_std, cfg.adv_eps).to(logp.device)
-        pg, clipfrac = clipped_policy_loss(logp, old_logp, adv, mask, cfg.clip_eps_low, cfg.clip_eps_high, cfg.loss_agg)
-        kl, measured = _kl_term(logp, ref_logp, mask, cfg)
-        ratio = torch.exp(logp.detach() - old_logp)
+        token_r = torch.zeros_like(old.logp)
+        last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # last completion token
+        token_r[last] = batch.rewards.to(token_r.device)[last.any(-1)]
+        if ref_logp is not None and cfg.kl_coef and cfg.kl_mode == "reward":
+            token_r = token_r - cfg.kl_coef * kl_penalty(old.logp, ref_logp, cfg.kl_estimator) * mask
+        adv, returns = gae(token_r, old.values, mask, cfg.gamma, cfg.lam)
+        batch.advantages = masked_whiten(adv, mask)
+        batch.returns = returns
         m = mask.float()
-        return LossOutput(
-            pg + kl,
-            {
-                "pg_loss": float(pg.detach()),
-                "clipfrac": float(clipfrac),
-                "ratio_mean": float((ratio * m).sum() / m.sum().clamp(min=1.0)),
-                "kl_ref": measured,
-                "adv_abs_mean": float(adv.abs().mean()),
-            },
-        )
+        return {"value_mean": float((old.values * m).sum() / m.sum().clamp(min=1.0)),
+                "return_mean": float((returns * m).sum() / m.sum().clamp(min=1.0))}
+
+    def compute(self, new, old, ref_logp, batch, cfg):
+        mask = batch.packed.target_mask
+        pg, clipfrac = clipped_policy_loss(new.logp, old.logp, batch.advantages, mask, cfg.clip_eps_low,
+                                           cfg.clip_eps_high, cfg.loss_agg)
+        vl, vclip = value_loss(new.values, old.values, batch.returns, mask, cfg.value_clip, cfg.loss_agg)
+        ent = aggregate(new.entropy, mask, cfg.loss_agg)
+        kl = kl_loss_term(new.logp, ref_logp, mask, cfg)
+        loss = pg + cfg.vf_coef * vl - cfg.entropy_coef * ent + kl
+        return LossOutput(loss, {
+            "pg_loss": float(pg.detach()), "value_loss": float(vl.detach()), "entropy": float(ent.detach()),
+            "clipfrac": float(clipfrac), "value_clipfrac": float(vclip),
+            "kl_ref": measured_kl(new.logp, ref_logp, mask),
+        })

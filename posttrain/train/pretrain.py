@@ -1,7 +1,8 @@
 """From-scratch pretraining of a tiny model on a weighted mixture of task splits and formats.
 
-Every sequence is ``<bos> prompt completion <eos>`` with the loss on all tokens, as in ordinary
-language-model pretraining; the formats a task is written in during pretraining are the repertoire
+Every document is ``<bos> prompt completion <eos>`` with the loss on all tokens, as in ordinary
+language-model pretraining, packed several to a row with document-local attention (no compute is
+spent on padding); the formats a task is written in during pretraining are the repertoire
 that post-training can later amplify or overwrite.
 """
 
@@ -22,7 +23,7 @@ from posttrain.models.tiny import build_char_tokenizer, build_tiny_model
 from posttrain.tasks import Task
 from posttrain.train.data_sources import step_seed
 from posttrain.train.loop import make_accelerator, make_optimizer, make_scheduler, seed_everything
-from posttrain.train.sequences import encode_completions, encode_prompts, pack
+from posttrain.train.sequences import encode_completions, encode_prompts, pack_documents
 
 
 def mixture_texts(tasks: dict[str, Task], mixture: list[TaskRef], rng: random.Random, n: int) -> tuple[list[str], list[str]]:
@@ -67,12 +68,14 @@ def pretrain(
         for step in range(cfg.steps):
             rng = random.Random(step_seed(seed, step, "pretrain"))
             prompts, completions = mixture_texts(tasks, cfg.mixture, rng, cfg.batch_size)
-            batch = pack(encode_prompts(tok, prompts), encode_completions(tok, completions), tok.pad_token_id,
-                         model_cfg.max_length).to(accelerator.device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-            mask = batch.attention_mask[:, 1:].float()
+            docs = [p + c for p, c in zip(encode_prompts(tok, prompts), encode_completions(tok, completions))]
+            batch = pack_documents(docs, model_cfg.max_length, tok.pad_token_id)
+            dev = accelerator.device
+            logits = model(input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev),
+                           attention_mask=batch.attention_mask.to(dev)).logits[:, :-1]
+            mask = batch.target_mask.to(dev)
             loss_tok = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), batch.input_ids[:, 1:].reshape(-1), reduction="none"
+                logits.reshape(-1, logits.shape[-1]).float(), batch.input_ids[:, 1:].to(dev).reshape(-1), reduction="none"
             ).view_as(mask)
             loss = (loss_tok * mask).sum() / mask.sum()
             accelerator.backward(loss)

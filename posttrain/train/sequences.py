@@ -72,3 +72,56 @@ def token_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torch
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class PackedDocs:
+    """Several documents per row: block-diagonal causal attention, positions restart per document."""
+
+    input_ids: torch.Tensor  # [R, L]
+    position_ids: torch.Tensor  # [R, L]
+    attention_mask: torch.Tensor  # [R, 1, L, L] bool, True = may attend
+    target_mask: torch.Tensor  # [R, L-1] float, 1 where token t+1 is a real token of the same document
+
+
+def pack_documents(docs: list[list[int]], row_len: int, pad_id: int) -> PackedDocs:
+    """First-fit-decreasing packing of whole documents into rows of `row_len` tokens.
+
+    Each document attends only to itself (the 4-D mask is block-diagonal and causal) and its
+    positions start at 0, so a packed document computes exactly what it would alone, without
+    paying for the padding of a [batch, longest] layout.
+    """
+    docs = [d[:row_len] for d in docs]
+    rows: list[list[list[int]]] = []
+    space: list[int] = []
+    for doc in sorted(docs, key=len, reverse=True):
+        for i, free in enumerate(space):
+            if len(doc) <= free:
+                rows[i].append(doc)
+                space[i] -= len(doc)
+                break
+        else:
+            rows.append([doc])
+            space.append(row_len - len(doc))
+    width = max(row_len - min(space), 1) if rows else 1
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    doc_id = torch.full((n, width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        pos = 0
+        for k, doc in enumerate(row):
+            input_ids[r, pos : pos + len(doc)] = torch.tensor(doc)
+            position_ids[r, pos : pos + len(doc)] = torch.arange(len(doc))
+            doc_id[r, pos : pos + len(doc)] = k
+            pos += len(doc)
+        # padding continues the positions of the row so that they stay in range
+        position_ids[r, pos:] = torch.arange(width - pos)
+    same = doc_id.unsqueeze(2) == doc_id.unsqueeze(1)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    valid = (doc_id >= 0).unsqueeze(2)
+    # a padding query attends to itself only, which keeps every softmax row non-empty
+    eye = torch.eye(width, dtype=torch.bool).unsqueeze(0)
+    mask = ((same & causal & valid) | eye).unsqueeze(1)
+    target = ((doc_id[:, 1:] == doc_id[:, :-1]) & (doc_id[:, 1:] >= 0)).float()
+    return PackedDocs(input_ids, position_ids, mask, target)

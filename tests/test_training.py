@@ -1,0 +1,171 @@
+"""The shared training loop: every method runs, ratio is 1 at mu=1, freezing, resume, divergence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.config import TrainConfig
+from posttrain.errors import TrainingDiverged, UserError
+from posttrain.tasks import build_task
+from posttrain.train.checkpointing import latest_checkpoint
+from posttrain.train.loop import train
+from posttrain.train.objectives import OBJECTIVES, SFT, register_objective
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cfg(**kw):
+    base = dict(task="coin", steps=3, prompts_per_step=2, samples_per_prompt=4, max_new_tokens=4, lr=1e-3, trackers=["none"])
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def weights(path):
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(objective="sft", data="expert"),
+    dict(objective="grpo"),
+    dict(objective="grpo", kl_coef=0.1, kl_estimator="k2"),
+    dict(objective="grpo", kl_coef=0.1, kl_mode="reward", adv_norm_std=False, loss_agg="seq-mean-token-sum-norm"),
+    dict(objective="rloo", loss_agg="seq-mean-token-mean"),
+    dict(objective="ppo", entropy_coef=0.01, kl_coef=0.05, kl_mode="reward"),
+    dict(objective="ppo", num_iterations=2, minibatches=2),
+    dict(objective="sft", data="filtered", rounds=2),
+    dict(objective="sft", data="filtered", rounds=1, kl_coef=0.1),
+])
+def test_every_method_runs_and_changes_weights(tiny_checkpoint, tmp_path, kw):
+    res = train(cfg(**kw), init_dir=tiny_checkpoint, ref_dir=tiny_checkpoint, out_dir=tmp_path, task=build_task("coin"),
+                expert_format="default", seed=0, device="cpu")
+    log = rows(res.metrics_path)
+    assert log[0]["step"] == 0 and log[0]["trainable_params"] == log[0]["total_params"] > 0
+    assert [r["step"] for r in log] == [0, 1, 2, 3]
+    trained = [r for r in log[1:] if "loss" in r]
+    assert trained, "no update happened"
+    for r in trained:
+        assert "kl_ref" in r  # the KL to the base is measured even when its coefficient is 0
+    a, b = weights(tiny_checkpoint), weights(res.model_dir)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    if kw.get("objective") == "ppo":
+        assert (tmp_path / "value_head.safetensors").is_file()
+    if kw.get("data") == "filtered":
+        assert (tmp_path / "rounds" / "round-0.json").is_file()
+
+
+def test_grpo_ratio_is_exactly_one_at_mu_1_and_not_after(tiny_checkpoint, tmp_path):
+    res = train(cfg(objective="grpo", steps=2), init_dir=tiny_checkpoint, ref_dir=tiny_checkpoint, out_dir=tmp_path / "a",
+                task=build_task("coin"), expert_format=None, seed=0, device="cpu")
+    trained = [r for r in rows(res.metrics_path)[1:] if "ratio_mean" in r]
+    assert trained and all(r["ratio_mean"] == 1.0 and r["clipfrac"] == 0.0 for r in trained)
+    res = train(cfg(objective="grpo", steps=2, num_iterations=3, lr=3e-3), init_dir=tiny_checkpoint, ref_dir=tiny_checkpoint,
+                out_dir=tmp_path / "b", task=build_task("coin"), expert_format=None, seed=0, device="cpu")
+    # the metrics of the last (third) update: the policy has moved away from the behaviour policy
+    assert any(r.get("ratio_mean", 1.0) != 1.0 for r in rows(res.metrics_path)[1:])
+
+
+def test_freezing_keeps_frozen_bitwise_and_counts(tiny_checkpoint, tmp_path):
+    c = cfg(objective="sft", data="expert", freeze=["*.mlp.*@1"], train_only=["re:layers\\.[01]\\."])
+    res = train(c, init_dir=tiny_checkpoint, ref_dir=None, out_dir=tmp_path, task=build_task("coin"),
+                expert_format="default", seed=0, device="cpu")
+    a, b = weights(tiny_checkpoint), weights(res.model_dir)
+    trainable = [k for k in a if ".layers." in k and not (".layers.1.mlp." in k)]
+    frozen = [k for k in a if k not in trainable]
+    assert all(torch.equal(a[k], b[k]) for k in frozen)
+    assert all(not torch.equal(a[k], b[k]) for k in trainable if "norm" not in k or True)
+    assert res.trainable_params == sum(a[k].numel() for k in trainable)
+    assert res.total_params == sum(a[k].numel() for k in a) + (0 if "lm_head.weight" in a else 0)
+
+
+@pytest.mark.parametrize("rule,match", [("*.nothing.*", "matches no parameter"), ("*.mlp.*@7-9", "matches no parameter"),
+                                        ("*@3-1", "empty layer range"), ("re:(", "bad regular expression"),
+                                        ("*.mlp.*@x", "layer range")])
+def test_bad_freeze_rules(tiny_checkpoint, tmp_path, rule, match):
+    with pytest.raises(UserError, match=match):
+        train(cfg(freeze=[rule]), init_dir=tiny_checkpoint, ref_dir=None, out_dir=tmp_path, task=build_task("coin"),
+              expert_format="default", seed=0, device="cpu")
+
+
+def test_restart_from_base_resets_weights_each_round(tiny_checkpoint, tmp_path):
+    # round 0 (step 1) has data and trains; round 1 (step 2) restarts from the base and has no data
+    task = build_task("coin", {"accept_first": 2})
+    res = train(cfg(objective="sft", data="filtered", rounds=2, steps=2, restart_from_base=True, checkpoint_every=1),
+                init_dir=tiny_checkpoint, ref_dir=None, out_dir=tmp_path, task=task, expert_format=None, seed=0, device="cpu")
+    log = rows(res.metrics_path)
+    assert "loss" in log[1] and log[2].get("skipped") == 1
+    base, step1, final = weights(tiny_checkpoint), weights(tmp_path / "checkpoints" / "step-1"), weights(res.model_dir)
+    assert any(not torch.equal(base[k], step1[k]) for k in base)
+    assert all(torch.equal(base[k], final[k]) for k in base)
+
+
+def test_divergence_stops_and_keeps_last_checkpoint(tiny_checkpoint, tmp_path):
+    if "nan_after_1" not in OBJECTIVES:
+        @register_objective("nan_after_1")
+        class NanAfter1(SFT):
+            calls = 0
+
+            def compute(self, new, old, ref_logp, batch, c):
+                out = super().compute(new, old, ref_logp, batch, c)
+                type(self).calls += 1
+                if type(self).calls > 1:
+                    out.loss = out.loss * float("nan")
+                return out
+    OBJECTIVES["nan_after_1"].calls = 0
+    with pytest.raises(TrainingDiverged, match="non-finite loss at step 2.*step-1"):
+        train(cfg(objective="nan_after_1", data="expert", checkpoint_every=1), init_dir=tiny_checkpoint, ref_dir=None,
+              out_dir=tmp_path, task=build_task("coin"), expert_format="default", seed=0, device="cpu")
+    assert latest_checkpoint(tmp_path).name == "step-1"
+    assert not (tmp_path / "model").exists()
+
+
+def _train_cmd(config: Path, base: Path, out: Path, method: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "posttrain.cli", "train", str(config), "--method", method, "--base", str(base),
+            "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_sigkill_then_resume_is_bitwise_identical(tiny_checkpoint, tmp_path, method):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"""
+world: {{points24: {{n_cards: 3, target: 12}}}}
+methods:
+  m: {{method: {method}, steps: 8, prompts_per_step: 2, samples_per_prompt: 4, max_new_tokens: 8, lr: 1.0e-3,
+       checkpoint_every: 2, trackers: [none], num_iterations: 2}}
+""")
+    env = {**os.environ, "POSTTRAIN_NO_PROGRESS": "1"}
+    full = tmp_path / "full"
+    subprocess.run(_train_cmd(config, tiny_checkpoint, full, "m"), check=True, env=env, capture_output=True, cwd=ROOT)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(config, tiny_checkpoint, killed, "m"), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-4" / "trainer_state.pt").exists():
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists()
+    r = subprocess.run(_train_cmd(config, tiny_checkpoint, killed, "m"), env=env, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "--resume" in r.stderr  # refuses to clobber an unfinished run
+    subprocess.run(_train_cmd(config, tiny_checkpoint, killed, "m", "--resume"), check=True, env=env, capture_output=True, cwd=ROOT)
+    a, b = weights(full / "model"), weights(killed / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda p: [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows(p)]  # noqa: E731
+    assert strip(full / "metrics.jsonl") == strip(killed / "metrics.jsonl")
+    if method == "ppo":
+        assert load_file(str(full / "value_head.safetensors"))["proj.weight"].equal(
+            load_file(str(killed / "value_head.safetensors"))["proj.weight"])
