@@ -187,6 +187,139 @@ def report(run_dir: Path = typer.Argument(..., help="A study's run directory."))
     typer.echo(str(write_report(run_dir)))
 
 
+# ------------------------------------------------------------------------------------------------
+# posttrain repair ...
+
+repair_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                         help="Cheap repairs of fine-tuning damage; each writes a complete HF checkpoint.")
+app.add_typer(repair_app, name="repair")
+
+_BASE = typer.Option(..., "--base", help="The model to restore from (usually the pre-fine-tuning base).")
+_TARGET = typer.Option(..., "--target",
+                       help="The fine-tuned (damaged) checkpoint; its config, tokenizer and sharding are kept.")
+_OUT = typer.Option(..., "--out", help="Output checkpoint directory (must not exist unless --overwrite).")
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace --out if it is an earlier repair output.")
+_LAYERS_HELP = "Only these decoder layers, e.g. 0:6, 3 or 0:2,5 (half-open ranges)."
+_MODULES_HELP = ("Only these module types, comma-separated "
+                 "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,embed,lm_head,norm,...).")
+
+
+def _run_repair(method: str, base: Path, targets: list[Path], out: Path, overwrite: bool, device: str,
+                params: dict) -> None:
+    import torch
+
+    from posttrain.repair import get_repair, write_repair
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"unknown device {device!r} (cpu, cuda or auto)")
+    repair = get_repair(method, **{k: v for k, v in params.items() if v is not None})
+    rec = write_repair(repair, base, targets, out, overwrite=overwrite, device=device)
+    n = rec["n_tensors"]
+    typer.echo(f"{method}: repaired {n['repaired']} of {n['repaired'] + n['copied']} tensors "
+               f"({rec['selection']['description']})", err=True)
+    typer.echo(str(out))
+
+
+def _selection(layers, first_frac, last_frac, embeddings, head, modules, include, exclude) -> dict:
+    return {"layers": layers, "first_frac": first_frac, "last_frac": last_frac, "embeddings": embeddings or None,
+            "head": head or None, "modules": modules, "include": list(include) or None,
+            "exclude": list(exclude) or None}
+
+
+@repair_app.command("uv-merge")
+def repair_uv_merge(
+    base: Path = _BASE,
+    target: Path = _TARGET,
+    top: float = typer.Option(..., help="Fraction of the spectrum (of min(m, n) triplets) taken from the base "
+                              "at the top; counts round half up."),
+    bottom: float = typer.Option(0.0, help="Fraction taken from the base at the bottom of the spectrum."),
+    direction_only: bool = typer.Option(False, "--direction-only",
+                                        help="Base singular vectors, target singular values."),
+    magnitude_only: bool = typer.Option(False, "--magnitude-only",
+                                        help="Target singular vectors, base singular values."),
+    svd_dtype: str = typer.Option("auto", help="auto (float64, float32 for huge matrices), float64 or float32."),
+    layers: Optional[str] = typer.Option(None, help=_LAYERS_HELP),
+    first_frac: Optional[float] = typer.Option(None, help="Only the first fraction of the layers."),
+    last_frac: Optional[float] = typer.Option(None, help="Only the last fraction of the layers."),
+    embeddings: bool = typer.Option(False, "--embeddings",
+                                    help="With a layer restriction: also the embeddings."),
+    head: bool = typer.Option(False, "--head",
+                              help="With a layer restriction: also lm_head and the final norm."),
+    modules: Optional[str] = typer.Option(None, help=_MODULES_HELP),
+    include: List[str] = typer.Option([], help="Only tensors whose name matches this glob (repeatable)."),
+    exclude: List[str] = typer.Option([], help="Skip tensors whose name matches this glob (repeatable)."),
+    out: Path = _OUT,
+    overwrite: bool = _OVERWRITE,
+    device: str = typer.Option("cpu", help="Where the SVDs run: cpu, cuda or auto."),
+) -> None:
+    """Restore the base's singular triplets (or only directions / only magnitudes) for the top and bottom
+    of the spectrum of every selected 2-D weight; norms and biases stay the target's."""
+    if direction_only and magnitude_only:
+        raise UserError("--direction-only and --magnitude-only exclude each other")
+    mode = "direction" if direction_only else "magnitude" if magnitude_only else "full"
+    _run_repair("uv_merge", base, [target], out, overwrite, device,
+                {"top": top, "bottom": bottom, "mode": mode, "svd_dtype": svd_dtype,
+                 **_selection(layers, first_frac, last_frac, embeddings, head, modules, include, exclude)})
+
+
+@repair_app.command("reset-layers")
+def repair_reset_layers(
+    base: Path = _BASE,
+    target: Path = _TARGET,
+    layers: Optional[str] = typer.Option(None, help="Layers to reset, e.g. 0:6, 3 or 0:2,5 (half-open ranges)."),
+    first_frac: Optional[float] = typer.Option(None, help="Reset the first fraction of the layers, e.g. 0.25."),
+    last_frac: Optional[float] = typer.Option(None, help="Reset the last fraction of the layers."),
+    embeddings: bool = typer.Option(False, "--embeddings", help="Also reset the token/position embeddings."),
+    head: bool = typer.Option(False, "--head", help="Also reset lm_head and the final norm."),
+    modules: Optional[str] = typer.Option(None, help="Within those layers, only these module types. " + _MODULES_HELP),
+    include: List[str] = typer.Option([], help="Only tensors whose name matches this glob (repeatable)."),
+    exclude: List[str] = typer.Option([], help="Skip tensors whose name matches this glob (repeatable)."),
+    out: Path = _OUT,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Copy the base's weights (norms included) into the named layers; everything else is the target's."""
+    _run_repair("reset_layers", base, [target], out, overwrite, "cpu",
+                _selection(layers, first_frac, last_frac, embeddings, head, modules, include, exclude))
+
+
+@repair_app.command("interpolate")
+def repair_interpolate(
+    base: Path = _BASE,
+    target: Path = _TARGET,
+    alpha: float = typer.Option(..., help="Weight of the target: W = (1 - alpha) W_base + alpha W_target, "
+                                "in [0, 1]."),
+    layers: Optional[str] = typer.Option(None, help=_LAYERS_HELP),
+    modules: Optional[str] = typer.Option(None, help=_MODULES_HELP),
+    include: List[str] = typer.Option([], help="Only tensors whose name matches this glob (repeatable)."),
+    exclude: List[str] = typer.Option([], help="Skip tensors whose name matches this glob (repeatable)."),
+    out: Path = _OUT,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """WiSE-FT weight interpolation between base and target (every floating-point tensor)."""
+    _run_repair("interpolate", base, [target], out, overwrite, "cpu",
+                {"alpha": alpha, **_selection(layers, None, None, False, False, modules, include, exclude)})
+
+
+@repair_app.command("task-arithmetic")
+def repair_task_arithmetic(
+    base: Path = _BASE,
+    target: List[Path] = typer.Option(..., "--target", help="A fine-tuned checkpoint of the base (repeatable)."),
+    lambda_: List[float] = typer.Option(..., "--lambda", help="Scale of each target's task vector, one per --target "
+                                        "in order, or one for all (repeatable; any finite number)."),
+    layers: Optional[str] = typer.Option(None, help=_LAYERS_HELP),
+    modules: Optional[str] = typer.Option(None, help=_MODULES_HELP),
+    out: Path = _OUT,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Task arithmetic: W = W_base + sum_i lambda_i (W_i - W_base); config and tokenizer of the first target."""
+    _run_repair("task_arithmetic", base, list(target), out, overwrite, "cpu",
+                {"lambdas": list(lambda_), **_selection(layers, None, None, False, False, modules, [], [])})
+
+
 def main() -> None:
     try:
         rv = app(standalone_mode=False)
@@ -204,12 +337,11 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        # usage errors come from click, or from the copy of click that recent typer vendors
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             typer.echo("aborted", err=True)
             sys.exit(1)
         if os.environ.get("POSTTRAIN_DEBUG"):

@@ -22,39 +22,19 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-# ---- a task a random tiny model can score on: mechanics of the training loop without learning --
+# a task a random tiny model can score on (tests/coin_task.py), registered for every test
+import coin_task  # noqa: E402,F401
 
-import random as _random  # noqa: E402
 
-from posttrain.tasks import TASKS, Problem, Task, Verdict, register_task  # noqa: E402
-from posttrain.tasks.base import MALFORMED  # noqa: E402
+@pytest.fixture(scope="session")
+def coin_checkpoint(tmp_path_factory):
+    """A tiny model pretrained for a few steps on `coin` demos: it answers with one random letter and
+    EOS, so on-policy samples finish and earn mixed rewards (about half correct)."""
+    from posttrain.config import ModelConfig, PretrainConfig, TaskRef
+    from posttrain.tasks import build_task
+    from posttrain.train.pretrain import pretrain
 
-if "coin" not in TASKS:
-
-    @register_task("coin")
-    class Coin(Task):
-        """Reward 1 when the completion's first character is in the first half of the alphabet
-        (random models hit it about half the time). With `accept_first` > 0, only the first
-        `accept_first` sampled problems accept anything; later ones accept nothing."""
-
-        formats = ("default",)
-        splits = ("id", "ood")
-
-        def __init__(self, accept_first: int = 0) -> None:
-            self.accept_first = accept_first
-            self.count = 0
-
-        def sample(self, rng, split, partition="any"):
-            self.count += 1
-            ok = self.accept_first == 0 or self.count <= self.accept_first
-            return Problem(self.name, split, f"coin {rng.randint(0, 9)}:", {"ok": ok})
-
-        def solve(self, problem, fmt, rng=None):
-            return "a"
-
-        def verify(self, problem, completion):
-            if not completion:
-                return MALFORMED
-            if self.accept_first:
-                return Verdict(problem.data["ok"], False, "default")
-            return Verdict(completion[0] in "abcdefghijklm", False, "default")
+    root = tmp_path_factory.mktemp("coin")
+    cfg = PretrainConfig(steps=40, batch_size=32, lr=1e-2, warmup_steps=2, mixture=[TaskRef(task="coin")], log_every=40)
+    model_cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_length=96)
+    return pretrain(model_cfg, cfg, {"coin": build_task("coin")}, root / "pretrain", root / "model", seed=0, device="cpu")

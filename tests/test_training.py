@@ -47,7 +47,8 @@ def weights(path):
     dict(objective="sft", data="filtered", rounds=2),
     dict(objective="sft", data="filtered", rounds=1, kl_coef=0.1),
 ])
-def test_every_method_runs_and_changes_weights(tiny_checkpoint, tmp_path, kw):
+def test_every_method_runs_and_changes_weights(coin_checkpoint, tmp_path, kw):
+    tiny_checkpoint = coin_checkpoint
     res = train(cfg(**kw), init_dir=tiny_checkpoint, ref_dir=tiny_checkpoint, out_dir=tmp_path, task=build_task("coin"),
                 expert_format="default", seed=0, device="cpu")
     log = rows(res.metrics_path)
@@ -65,7 +66,8 @@ def test_every_method_runs_and_changes_weights(tiny_checkpoint, tmp_path, kw):
         assert (tmp_path / "rounds" / "round-0.json").is_file()
 
 
-def test_grpo_ratio_is_exactly_one_at_mu_1_and_not_after(tiny_checkpoint, tmp_path):
+def test_grpo_ratio_is_exactly_one_at_mu_1_and_not_after(coin_checkpoint, tmp_path):
+    tiny_checkpoint = coin_checkpoint
     res = train(cfg(objective="grpo", steps=2), init_dir=tiny_checkpoint, ref_dir=tiny_checkpoint, out_dir=tmp_path / "a",
                 task=build_task("coin"), expert_format=None, seed=0, device="cpu")
     trained = [r for r in rows(res.metrics_path)[1:] if "ratio_mean" in r]
@@ -98,7 +100,8 @@ def test_bad_freeze_rules(tiny_checkpoint, tmp_path, rule, match):
               expert_format="default", seed=0, device="cpu")
 
 
-def test_restart_from_base_resets_weights_each_round(tiny_checkpoint, tmp_path):
+def test_restart_from_base_resets_weights_each_round(coin_checkpoint, tmp_path):
+    tiny_checkpoint = coin_checkpoint
     # round 0 (step 1) has data and trains; round 1 (step 2) restarts from the base and has no data
     task = build_task("coin", {"accept_first": 2})
     res = train(cfg(objective="sft", data="filtered", rounds=2, steps=2, restart_from_base=True, checkpoint_every=1),
@@ -131,18 +134,18 @@ def test_divergence_stops_and_keeps_last_checkpoint(tiny_checkpoint, tmp_path):
 
 
 def _train_cmd(config: Path, base: Path, out: Path, method: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "posttrain.cli", "train", str(config), "--method", method, "--base", str(base),
+    return [sys.executable, str(ROOT / "tests" / "run_cli.py"), "train", str(config), "--method", method, "--base", str(base),
             "--out", str(out), *extra]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
-def test_sigkill_then_resume_is_bitwise_identical(tiny_checkpoint, tmp_path, method):
+def test_sigkill_then_resume_is_bitwise_identical(coin_checkpoint, tmp_path, method):
+    tiny_checkpoint = coin_checkpoint
     config = tmp_path / "c.yaml"
     config.write_text(f"""
-world: {{points24: {{n_cards: 3, target: 12}}}}
 methods:
-  m: {{method: {method}, steps: 8, prompts_per_step: 2, samples_per_prompt: 4, max_new_tokens: 8, lr: 1.0e-3,
+  m: {{method: {method}, task: coin, steps: 8, prompts_per_step: 2, samples_per_prompt: 4, max_new_tokens: 8, lr: 1.0e-3,
        checkpoint_every: 2, trackers: [none], num_iterations: 2}}
 """)
     env = {**os.environ, "POSTTRAIN_NO_PROGRESS": "1"}
@@ -164,6 +167,8 @@ methods:
     subprocess.run(_train_cmd(config, tiny_checkpoint, killed, "m", "--resume"), check=True, env=env, capture_output=True, cwd=ROOT)
     a, b = weights(full / "model"), weights(killed / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    base = weights(tiny_checkpoint)
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # training did move the weights
     strip = lambda p: [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows(p)]  # noqa: E731
     assert strip(full / "metrics.jsonl") == strip(killed / "metrics.jsonl")
     if method == "ppo":

@@ -125,3 +125,42 @@ def accuracy_bars(models: dict[str, dict]):
 
 def _nan(x) -> bool:
     return isinstance(x, float) and math.isnan(x)
+
+
+def recovery_curves(repairs: dict[str, dict]):
+    """Repair sweeps: OOD gap recovered (left) and in-domain gain kept (right) against the swept parameter.
+
+    One line per series of `run_repair_sweep`'s ``repairs`` mapping (entries sharing ``series``),
+    with x = the entry's ``x`` (k for uv_merge, the layer fraction for reset_layers, alpha for
+    interpolate). Entries without a numeric x or with a None fraction are left out of that panel.
+    """
+    series: dict[str, list[dict]] = {}
+    for name, e in repairs.items():
+        x = e.get("x")
+        if isinstance(x, (int, float)) and not isinstance(x, bool) and not _nan(x):
+            series.setdefault(f"{e.get('series', e.get('method', name))}  (x = {e.get('axis', 'x')})", []).append(e)
+    panels = [("ood_recovered_frac", "OOD gap recovered"), ("id_kept_frac", "in-domain gain kept")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for i, (label, entries) in enumerate(series.items()):
+            pts = sorted((e["x"], e[key]) for e in entries if e.get(key) is not None and not _nan(e[key]))
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", ms=4, label=label, color=plt.cm.tab10(i % 10))
+        for level in (0.0, 1.0):
+            ax.axhline(level, color="#999999", lw=0.8, ls="--")
+        ax.set_xlabel("swept parameter (k, layer fraction or alpha)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    if not series:
+        axes[0][0].text(0.5, 0.5, "no repairs with a numeric swept parameter", ha="center", va="center",
+                        transform=axes[0][0].transAxes)
+    else:
+        handles: dict[str, object] = {}
+        for ax in axes[0]:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(lab, h)
+        fig.legend(list(handles.values()), list(handles), loc="lower center", fontsize=7,
+                   ncol=min(2, len(series)), bbox_to_anchor=(0.5, -0.02 - 0.045 * ((len(series) + 1) // 2)))
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,159 @@
+"""UV-merge: restore the base model's singular directions (and/or magnitudes) at the ends of the spectrum.
+
+Jin et al., "RL Is Neither a Panacea Nor a Mirage" (arXiv:2508.16546) and "RL Fine-Tuning Heals OOD
+Forgetting in SFT" (arXiv:2509.12235) find that SFT's OOD damage lives mostly in the rotation of the
+singular vectors belonging to the largest and smallest singular values, and that restoring the base
+model's directions for the top ~20% of the spectrum recovers much of the lost OOD accuracy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.errors import UserError
+from posttrain.repair.base import Param, Repair, TensorInfo, register_repair, round_half_up
+
+MODES = ("full", "direction", "magnitude")
+
+# Above this many elements a float64 SVD of two matrices would need several GiB (the vocabulary
+# embeddings of real models); "auto" then computes in float32, which is still far more precise
+# than the bf16/fp16 the weights are usually stored in.
+AUTO_FLOAT64_MAX_ELEMENTS = 64 * 1024 * 1024
+
+
+def spectrum_counts(r: int, top: float, bottom: float) -> tuple[int, int]:
+    """(k_top, k_bottom) = (round_half_up(top * r), round_half_up(bottom * r)) for r = min(m, n) triplets."""
+    return round_half_up(top * r), round_half_up(bottom * r)
+
+
+def base_mask(r: int, top: float, bottom: float) -> torch.Tensor:
+    """Boolean mask over the r singular indices (descending order) whose triplets come from the base."""
+    k_top, k_bot = spectrum_counts(r, top, bottom)
+    mask = torch.zeros(r, dtype=torch.bool)
+    mask[:k_top] = True
+    if k_bot:
+        mask[r - k_bot:] = True
+    return mask
+
+
+def _merge_basis(base_cols: torch.Tensor, a_target: torch.Tensor, from_base: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns: the base's columns where `from_base`, the target's elsewhere, made orthogonal
+    to them by Gram-Schmidt (QR) in the order base columns, then target columns by decreasing σ.
+
+    The base columns come out unchanged (they are already orthonormal), so the restored directions
+    are exactly the base's; each target column is replaced by its component orthogonal to the
+    restored directions and to the larger target columns before it. Signs are fixed so every column
+    keeps a positive projection on the column it came from, which keeps u_i and v_i paired.
+    """
+    idx_b = torch.nonzero(from_base).flatten()
+    idx_t = torch.nonzero(~from_base).flatten()
+    order = torch.cat([idx_b, idx_t])
+    cols = torch.cat([base_cols, a_target[:, idx_t]], dim=1)
+    q, r = torch.linalg.qr(cols, mode="reduced")
+    sign = torch.sign(torch.diagonal(r))
+    sign[sign == 0] = 1
+    q = q * sign
+    out = torch.empty_like(cols)
+    out[:, order] = q
+    return out
+
+
+def uv_merge_matrix(W_base: torch.Tensor, W_target: torch.Tensor, top: float, bottom: float = 0.0,
+                    mode: str = "full", svd_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Merge two weight matrices of equal shape (m, n) in the singular bases.
+
+    With W_base = U_b diag(s_b) V_bᵀ and W_target = U_t diag(s_t) V_tᵀ (singular values descending,
+    r = min(m, n)), let B be the first k_top = round_half_up(top·r) and last k_bottom =
+    round_half_up(bottom·r) indices (the union when they overlap) and R the rest. Then
+
+        W = Ũ diag(s) Ṽᵀ,  with
+
+        mode "full":       Ũ, Ṽ = merge(U_b, U_t), merge(V_b, V_t);  s_i = s_b,i (i ∈ B), s_t,i (i ∈ R)
+        mode "direction":  Ũ, Ṽ = merge(U_b, U_t), merge(V_b, V_t);  s = s_t
+        mode "magnitude":  Ũ, Ṽ = U_t, V_t;                          s_i = s_b,i (i ∈ B), s_t,i (i ∈ R)
+
+    where merge(A_b, A_t) takes columns B from A_b and columns R from A_t and re-orthonormalises
+    them with the base columns held fixed (see `_merge_basis`). Without that step the mixed U would
+    not be orthogonal and the result's singular values would not be the chosen s; with it,
+    "direction" keeps the target's spectrum exactly and W v_b,i = s_t,i u_b,i for every i ∈ B.
+
+    B empty returns W_target, and B = everything in "full" mode returns W_base, as exact copies (the
+    SVD round trip would only add rounding error). The SVD runs in `svd_dtype`; the result is cast
+    to W_target's dtype.
+    """
+    if W_base.ndim != 2 or W_base.shape != W_target.shape:
+        raise UserError(f"uv_merge needs two matrices of equal shape, "
+                        f"got {list(W_base.shape)} and {list(W_target.shape)}")
+    for key, v in (("top", top), ("bottom", bottom)):
+        if not 0.0 <= v <= 1.0:
+            raise UserError(f"uv_merge: {key} must be in [0, 1], got {v!r}")
+    if mode not in MODES:
+        raise UserError(f"uv_merge: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    out_dtype = W_target.dtype
+    r = min(W_base.shape)
+    from_base = base_mask(r, top, bottom)
+    if not from_base.any():
+        return W_target.clone()
+    if mode == "full" and from_base.all():
+        return W_base.to(out_dtype, copy=True)
+    device = W_target.device
+    from_base = from_base.to(device)
+    w_b = W_base.to(device=device, dtype=svd_dtype)
+    if mode == "magnitude":
+        s_b = torch.linalg.svdvals(w_b)
+    else:
+        # of the base's factors only the restored columns are kept, so at most one full set of
+        # factors plus |B| base columns is alive at once
+        u_b, s_b, vh_b = torch.linalg.svd(w_b, full_matrices=False)
+        ub_cols, vb_cols = u_b[:, from_base].clone(), vh_b[from_base].T.clone()
+        del u_b, vh_b
+    del w_b
+    u_t, s_t, vh_t = torch.linalg.svd(W_target.to(svd_dtype), full_matrices=False)
+    s = s_t if mode == "direction" else torch.where(from_base, s_b, s_t)
+    if mode == "magnitude":
+        return ((u_t * s) @ vh_t).to(out_dtype)
+    u = _merge_basis(ub_cols, u_t, from_base)
+    del u_t
+    v = _merge_basis(vb_cols, vh_t.T, from_base)
+    del vh_t
+    return ((u * s) @ v.T).to(out_dtype)
+
+
+def svd_dtype_for(shape: tuple[int, ...], choice: str) -> torch.dtype:
+    if choice == "float64":
+        return torch.float64
+    if choice == "float32":
+        return torch.float32
+    n = 1
+    for d in shape:
+        n *= d
+    return torch.float64 if n <= AUTO_FLOAT64_MAX_ELEMENTS else torch.float32
+
+
+@register_repair("uv_merge")
+class UVMerge(Repair):
+    """`uv_merge_matrix` on every selected 2-D floating-point weight.
+
+    1-D tensors (norm gains, biases) and other non-matrices are kept from the target: a vector has
+    a single singular triplet, so "top k% of the spectrum" has no meaning for it, and the method
+    as published concerns weight matrices. (Use reset_layers or interpolate to move those too.)
+    """
+
+    axis = "top"
+    PARAMS = {
+        "top": Param("frac", required=True),
+        "bottom": Param("frac", 0.0),
+        "mode": Param("choice", "full", choices=MODES),
+        "svd_dtype": Param("choice", "auto", choices=("auto", "float64", "float32")),
+    }
+
+    def eligible(self, t: TensorInfo) -> bool:
+        return len(t.shape) == 2 and t.is_float
+
+    def apply(self, name: str, base: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+        p = self.params
+        for which, w in (("base", base), ("target", targets[0])):
+            if not torch.isfinite(w).all():
+                raise UserError(f"uv_merge: {name} has non-finite values in the {which}; its SVD is undefined")
+        return uv_merge_matrix(base, targets[0], p["top"], p["bottom"], p["mode"],
+                               svd_dtype_for(tuple(base.shape), p["svd_dtype"]))
