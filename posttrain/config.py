@@ -196,6 +196,38 @@ class EvalConfig(Strict):
         return self
 
 
+def _default_repair_grid() -> list[dict[str, Any]]:
+    return [
+        {"method": "uv_merge", "mode": "direction", "top": [0.05, 0.1, 0.2, 0.5, 1.0]},
+        {"method": "uv_merge", "mode": "direction", "top": 0.2, "bottom": 0.05},
+        {"method": "uv_merge", "mode": "magnitude", "top": 1.0},
+        {"method": "reset_layers", "first_frac": [0.25, 0.5]},
+        {"name": "wise", "method": "interpolate", "alpha": [0.25, 0.5, 0.75]},
+    ]
+
+
+class RepairConfig(Strict):
+    """A recovery sweep: repair the `damaged` method's model towards the base, score each repair.
+
+    Grid format: see `posttrain.repair.sweep` (one entry per method, list values are swept).
+    """
+
+    damaged: str | None = "sft"  # the method whose model is repaired; None: no sweep
+    reference: str = "base"  # the model whose OOD accuracy counts as fully recovered
+    grid: list[dict[str, Any]] = Field(default_factory=_default_repair_grid)
+
+    @field_validator("grid")
+    @classmethod
+    def _valid_grid(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from posttrain.repair.sweep import validate_grid
+
+        try:
+            validate_grid(v)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+
 class StudyConfig(Strict):
     name: str = "default"
     seed: int = 0
@@ -228,7 +260,9 @@ class StudyConfig(Strict):
                 m = {**METHOD_RECIPES[recipe], **m}
             out[name] = m
         return out
+
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    repair: RepairConfig = Field(default_factory=RepairConfig)
 
     @model_validator(mode="after")
     def _check_refs(self) -> "StudyConfig":
@@ -248,6 +282,12 @@ class StudyConfig(Strict):
                 raise ValueError(f"methods.{name}.init: {m.init!r} is neither 'base', a method, nor a directory")
             if m.init == name:
                 raise ValueError(f"methods.{name}.init refers to itself")
+        rep = self.repair
+        if rep.damaged is not None and rep.damaged not in self.methods:
+            raise ValueError(f"repair.damaged: {rep.damaged!r} is not a method of this study "
+                             "(set repair.damaged: null to skip the recovery sweep)")
+        if rep.reference not in ("base", *self.methods):
+            raise ValueError(f"repair.reference: {rep.reference!r} is neither 'base' nor a method of this study")
         return self
 
 

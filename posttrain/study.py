@@ -224,11 +224,17 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         atomic_write_json(path, diagnostics[name])
         stages.finish(f"diff-{name}", key)
 
+    # ---- recovery sweep ---------------------------------------------------------------------
+    repairs: dict = {}
+    if cfg.repair.damaged is not None and cfg.repair.grid:
+        repairs = repair_sweep(cfg, run, tasks, problem_sets, evals, model_dirs, keys, eval_key, device, say)
+
     # ---- results and report -----------------------------------------------------------------
     from posttrain.report.findings import evaluate_findings
     from posttrain.results import assemble_results
 
     results = assemble_results(cfg, evals, diagnostics, run, wall_seconds=time.time() - t0)
+    results["repairs"] = repairs
     results["findings"] = evaluate_findings(results, cfg)
     atomic_write_json(run.results, results)
     from posttrain.report.html import write_report
@@ -236,6 +242,42 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     write_report(run.root)
     say(f"done in {time.time() - t0:.0f}s: {run.results} and {run.report}")
     return results
+
+
+def repair_sweep(cfg: StudyConfig, run: Run, tasks: dict[str, Task], problem_sets: dict[str, list[Problem]],
+                 evals: dict[str, dict], model_dirs: dict[str, Path], keys: dict[str, str], eval_key: str,
+                 device: str, say: Callable[[str], None]) -> dict:
+    """Repair the damaged method's model with every grid point; greedy-evaluate each on the
+    in-domain, OOD and retention sets (sampling is skipped: the curves need accuracies only)."""
+    from posttrain.evaluation.evaluate import evaluate_model
+    from posttrain.models.loading import load_model
+    from posttrain.repair.sweep import expand_grid, run_repair_sweep
+
+    rep = cfg.repair
+    greedy = cfg.eval.model_copy(update={"n_sampled_problems": 0})
+    retention_keys = [r.key for r in cfg.retention]
+
+    def summary(scores: dict) -> dict:
+        ret = {k: scores[k]["acc"] for k in retention_keys}
+        return {"id_acc": scores[cfg.id_task.key]["acc"], "ood_acc": scores[cfg.ood_task.key]["acc"],
+                "retention": ret, "retention_mean": sum(ret.values()) / max(len(ret), 1)}
+
+    def evaluate_fn(model_dir: Path) -> dict:
+        model, tok = load_model(model_dir, device=device)
+        return summary(evaluate_model(model, tok, tasks, problem_sets, greedy, cfg.seed))
+
+    anchors = {"base": summary(evals["base"]), "damaged": summary(evals[rep.damaged]),
+               "reference": summary(evals[rep.reference])}
+    say(f"repair sweep: {len(expand_grid(rep.grid))} repairs of {rep.damaged} towards base (reference {rep.reference})")
+    key = config_hash({"eval": eval_key, "damaged": keys[rep.damaged], "reference": keys.get(rep.reference)})
+    out = run_repair_sweep(model_dirs["base"], model_dirs[rep.damaged], model_dirs[rep.reference],
+                           run.root / "repair", rep.grid, evaluate_fn, anchors=anchors, eval_key=key,
+                           device="cpu", log=lambda msg: say(f"  {msg}"))
+    for entry in out.values():  # paths relative to the run directory, so a moved run stays readable
+        path = Path(entry["path"])
+        if path.is_relative_to(run.root):
+            entry["path"] = str(path.relative_to(run.root))
+    return out
 
 
 def progress_logger(say: Callable[[str], None], what: str, total: int) -> Callable[[int, dict], None]:

@@ -100,12 +100,14 @@ def evaluate_findings(results: dict, cfg: StudyConfig) -> list[dict[str, Any]]:
     qk = []
     for name in (n for n in (sft, rl) if n is not None and n in diag):
         by_mod = {m: v for m, v in diag[name].get("rel_update_by_module", {}).items() if m in LINEAR}
-        if by_mod:
+        if by_mod and max(by_mod.values()) > 0:  # a method that never updated has no "top" module
             ranked = sorted(by_mod, key=by_mod.get, reverse=True)
             qk.append((name, ranked[0] in ("q_proj", "k_proj"), ", ".join(f"{m} {by_mod[m]:.2e}" for m in ranked[:3])))
     out.append(_claim("qk_change_most", "Attention query/key weights change most (top linear module is q_proj or k_proj, for every method).",
                       all(h for _, h, _ in qk) if qk else None,
                       "; ".join(f"{n}: top {ev}" for n, _, ev in qk) or "no diagnostics"))
+
+    out += repair_findings(results.get("repairs", {}))
 
     if rl is None:
         out.append(_claim("rl_format_collapse", "RL collapses outputs onto one format (top format share >= 0.9 and above the base's).",
@@ -116,4 +118,48 @@ def evaluate_findings(results: dict, cfg: StudyConfig) -> list[dict[str, Any]]:
         out.append(_claim("rl_format_collapse", "RL collapses outputs onto one format (top format share >= 0.9 and above the base's).",
                           sr >= 0.9 and sr > sb,
                           f"sampled format shares: base top {fb} {sb:.2f}; {rl} top {fr} {sr:.2f}"))
+    return out
+
+
+def _repair_pick(repairs: dict, method: str, **params) -> tuple[str, dict] | None:
+    for name, r in repairs.items():
+        if r["method"] == method and all(r["params"].get(k) == v for k, v in params.items()):
+            return name, r
+    return None
+
+
+def _rec(r: dict) -> str:
+    f = r.get("ood_recovered_frac")
+    return "n/a" if f is None else f"{100 * f:.0f}%"
+
+
+def repair_findings(repairs: dict) -> list[dict[str, Any]]:
+    """Claims of the spectral-repair literature, checked on the recovery sweep's numbers."""
+    out = []
+    specs = [
+        ("uv_top20_recovers_ood", "Restoring the base's top-20% singular directions recovers >= 70% of SFT's lost OOD accuracy.",
+         ("uv_merge", {"mode": "direction", "top": 0.2, "bottom": 0.0})),
+        ("reset_first_quarter_recovers_ood", "Resetting the first 25% of layers to the base recovers >= 70% of SFT's lost OOD accuracy.",
+         ("reset_layers", {"first_frac": 0.25})),
+    ]
+    for cid, claim, (method, params) in specs:
+        hit = _repair_pick(repairs, method, **params)
+        if hit is None:
+            out.append(_claim(cid, claim, None, "no such repair in this run's sweep"))
+            continue
+        name, r = hit
+        f = r.get("ood_recovered_frac")
+        kept = r.get("id_kept_frac")
+        kept_s = "n/a" if kept is None else f"{100 * kept:.0f}%"
+        ev = (f"{name}: OOD {r['ood_acc']:.3f} (gap to recover {r['ood_gap']:+.3f}), recovered {_rec(r)}, "
+              f"in-domain gain kept {kept_s}")
+        out.append(_claim(cid, claim, None if f is None else f >= 0.7, ev))
+    d = _repair_pick(repairs, "uv_merge", mode="direction", top=1.0)
+    m = _repair_pick(repairs, "uv_merge", mode="magnitude", top=1.0)
+    claim = "SFT's damage is a rotation of singular vectors, not a change of singular values: restoring all base directions recovers more OOD accuracy than restoring all base singular values."
+    if d is None or m is None or d[1].get("ood_recovered_frac") is None or m[1].get("ood_recovered_frac") is None:
+        out.append(_claim("sft_damage_is_rotation", claim, None, "needs uv_merge direction and magnitude repairs at top=1.0"))
+    else:
+        out.append(_claim("sft_damage_is_rotation", claim, d[1]["ood_recovered_frac"] > m[1]["ood_recovered_frac"],
+                          f"directions restored: {_rec(d[1])} recovered; singular values restored: {_rec(m[1])} recovered"))
     return out

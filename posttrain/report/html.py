@@ -79,6 +79,28 @@ def examples_block(run: Path, res: dict) -> str:
     return "".join(parts)
 
 
+def repair_section(res: dict) -> str:
+    reps = res["repairs"]
+    damaged = next(iter(reps.values()))
+    rows = []
+    for name, r in reps.items():
+        kept, rec = r.get("id_kept_frac"), r.get("ood_recovered_frac")
+        ret = (r.get("eval") or {}).get("retention_mean")
+        rows.append(f'<tr><td class="l">{html.escape(name)}</td><td>{_pct(r["id_acc"])}</td><td>{_pct(r["ood_acc"])}</td>'
+                    f'<td>{_pct(ret)}</td><td>{_pct(rec)}</td><td>{_pct(kept)}</td></tr>')
+    gap = damaged.get("ood_gap")
+    note = ("" if gap is None or abs(gap) >= 0.05 else
+            f'<p class="meta">The OOD gap to recover is only {100 * gap:+.1f} points: recovered fractions are noisy.</p>')
+    return ("<h2>Repairing SFT's damage</h2><p>Each repair starts from the SFT model and restores part of the base: "
+            "UV-merge swaps in the base's singular directions (direction) or singular values (magnitude) for the top-k "
+            "fraction of every weight's spectrum; reset-layers copies the first layers from the base; wise interpolates "
+            "the weights. OOD recovered = (ood(repaired) − ood(SFT)) / (ood(base) − ood(SFT)); in-domain gain kept = "
+            "(id(repaired) − id(base)) / (id(SFT) − id(base)).</p>" + note
+            + _img(P.recovery_curves(reps), "recovery curves")
+            + '<table><tr><th class="l">repair</th><th>in-domain</th><th>OOD</th><th>retention (mean)</th>'
+            + "<th>OOD recovered</th><th>ID gain kept</th></tr>" + "".join(rows) + "</table>")
+
+
 def build_report(run: Path) -> str:
     res_path = run / "results.json"
     if not res_path.is_file():
@@ -123,6 +145,8 @@ def build_report(run: Path) -> str:
                     "concatenated weight), streamed tensor by tensor from the safetensors files.</p>")
         body.append(_img(P.update_heatmaps(diag), "relative update heatmaps"))
         body.append(_img(P.module_bars(diag), "relative update by module"))
+    if res.get("repairs"):
+        body.append(repair_section(res))
     body.append("<h2>Example completions (in-domain)</h2>")
     body.append(examples_block(run, res))
     body.append(f"<h2>Configuration</h2><details><summary>resolved config.yaml</summary><pre>{html.escape(config)}</pre></details>")
