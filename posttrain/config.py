@@ -77,6 +77,7 @@ class PretrainConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     mixture: list[TaskRef] = Field(default_factory=_default_mixture)
     log_every: int = Field(25, ge=1)
+    checkpoint_every: int = Field(300, ge=0)  # resumable checkpoints under pretrain/checkpoints (0: none)
 
 
 class TrainConfig(Strict):

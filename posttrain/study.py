@@ -7,6 +7,7 @@ one run, and a crash resumes from the last finished stage.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -136,8 +137,12 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
             from posttrain.train.pretrain import pretrain
 
             say(f"pretrain: {cfg.pretrain.steps} steps on the task mixture")
+            if not (resume and (run.pretrain / "stage_key").is_file() and (run.pretrain / "stage_key").read_text() == base_key):
+                shutil.rmtree(run.pretrain, ignore_errors=True)  # checkpoints of another config must not be resumed
+            run.pretrain.mkdir(parents=True, exist_ok=True)
+            (run.pretrain / "stage_key").write_text(base_key)
             pretrain(cfg.model, cfg.pretrain, tasks, run.pretrain, run.base, cfg.seed, device=device,
-                     on_step=progress_logger(say, "pretrain", cfg.pretrain.steps))
+                     on_step=progress_logger(say, "pretrain", cfg.pretrain.steps), resume=resume)
             stages.finish("pretrain", base_key)
 
     # ---- evaluation sets --------------------------------------------------------------------
@@ -187,8 +192,6 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         if stages.done(f"train-{name}", key, [out_dir / "model" / "config.json"]):
             say(f"train {name}: cached")
         else:
-            import shutil
-
             from posttrain.train.loop import train
 
             # checkpoints left by an interrupted run are resumed only if they belong to this config

@@ -165,6 +165,7 @@ methods:
     r = subprocess.run(_train_cmd(config, tiny_checkpoint, killed, "m"), env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "--resume" in r.stderr  # refuses to clobber an unfinished run
     subprocess.run(_train_cmd(config, tiny_checkpoint, killed, "m", "--resume"), check=True, env=env, capture_output=True, cwd=ROOT)
+    assert json.loads((killed / "train.json").read_text())["resumed_from_step"] >= 4  # it did resume, not restart
     a, b = weights(full / "model"), weights(killed / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     base = weights(tiny_checkpoint)
@@ -174,3 +175,26 @@ methods:
     if method == "ppo":
         assert load_file(str(full / "value_head.safetensors"))["proj.weight"].equal(
             load_file(str(killed / "value_head.safetensors"))["proj.weight"])
+
+
+def test_pretraining_resumes_bitwise(tmp_path):
+    """A pretraining run cut after its step-4 checkpoint and resumed ends bit-identical."""
+    import shutil
+
+    from posttrain.config import ModelConfig, PretrainConfig, TaskRef
+    from posttrain.train.pretrain import pretrain
+
+    mc = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_length=96)
+    pc = PretrainConfig(steps=6, batch_size=8, checkpoint_every=2, log_every=1, mixture=[TaskRef(task="coin")])
+    tasks = {"coin": build_task("coin")}
+    full = pretrain(mc, pc, tasks, tmp_path / "a", tmp_path / "a_model", seed=1, device="cpu")
+    cut = tmp_path / "b" / "checkpoints"
+    cut.mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-4", cut / "step-4")  # the state a crash at step 5 leaves
+    (tmp_path / "b" / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[:5]))
+    resumed = pretrain(mc, pc, tasks, tmp_path / "b", tmp_path / "b_model", seed=1, device="cpu", resume=True)
+    assert json.loads((tmp_path / "b" / "pretrain.json").read_text())["resumed_from_step"] == 4
+    a, b = weights(full), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert rows(tmp_path / "a" / "metrics.jsonl") == rows(tmp_path / "b" / "metrics.jsonl")

@@ -21,14 +21,19 @@ from posttrain.errors import UserError
 
 
 class Checkpoint:
-    """A read-only view of the tensors of a checkpoint directory (or a single .safetensors file)."""
+    """A read-only view of the tensors of a checkpoint directory (or a single .safetensors file).
+
+    Files are opened per read and closed again: safetensors memory-maps them, and a mapping kept
+    open accumulates every page read into the process's resident memory, which for a diff of two
+    large models would grow to the size of both models.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise UserError(f"checkpoint not found: {self.path}")
         self._where: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
         if self.path.is_file():
             files = [self.path]
         else:
@@ -36,7 +41,9 @@ class Checkpoint:
             if index.is_file():
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    if not isinstance(weight_map, dict):
+                        raise TypeError
+                except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                     raise UserError(f"{index}: corrupt index (no weight_map)") from None
                 for name, fname in weight_map.items():
                     self._where[name] = self.path / fname
@@ -44,21 +51,43 @@ class Checkpoint:
                 if missing:
                     raise UserError(f"{self.path}: shard files listed in the index are missing: {', '.join(missing)}")
                 files = []
+            elif (self.path / "model.safetensors").is_file():
+                # other .safetensors beside it (a PPO value head, adapters) are not the model's weights
+                files = [self.path / "model.safetensors"]
             else:
                 files = sorted(self.path.glob("*.safetensors"))
                 if not files:
                     raise UserError(f"{self.path}: no safetensors weights found (only safetensors checkpoints are read)")
         for f in files:
-            for name in self._open(f).keys():
-                self._where[name] = f
+            with self._open(f) as h:
+                for name in h.keys():
+                    self._where[name] = f
 
     def _open(self, f: Path):
-        if f not in self._handles:
-            try:
-                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise UserError(f"{f}: corrupt or truncated safetensors file ({str(e).splitlines()[0]})") from None
-        return self._handles[f]
+        try:
+            return safe_open(str(f), framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{f}: corrupt or truncated safetensors file ({_first_line(e)})") from None
+
+    def _file(self, name: str) -> Path:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise UserError(f"{self.path}: no tensor named {name}") from None
+
+    def _load_meta(self, name: str) -> tuple[tuple[int, ...], str]:
+        if name not in self._meta:
+            f = self._file(name)
+            with self._open(f) as h:
+                try:
+                    for n in h.keys():  # one header parse serves every tensor of the file
+                        sl = h.get_slice(n)
+                        self._meta[n] = (tuple(sl.get_shape()), sl.get_dtype())
+                except (SafetensorError, OSError, ValueError) as e:
+                    raise UserError(f"{f}: cannot read the header of {name} ({_first_line(e)})") from None
+            if name not in self._meta:
+                raise UserError(f"{self.path}: the index puts {name} in {f.name}, which lacks it")
+        return self._meta[name]
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -67,16 +96,29 @@ class Checkpoint:
         return name in self._where
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self._where[name]).get_slice(name).get_shape())
+        return self._load_meta(name)[0]
 
     def dtype(self, name: str) -> str:
-        return self._open(self._where[name]).get_slice(name).get_dtype()
+        """The safetensors dtype string ("BF16", "F16", "F32", ...)."""
+        return self._load_meta(name)[1]
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._open(self._where[name]).get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{self._where[name]}: cannot read tensor {name} ({str(e).splitlines()[0]})") from None
+        f = self._file(name)
+        with self._open(f) as h:
+            try:
+                return h.get_tensor(name)
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise UserError(f"{f}: cannot read tensor {name} ({_first_line(e)})") from None
+
+    def get_block(self, name: str, start: int, stop: int, dim: int = 0) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) start:stop of a tensor, read without loading the rest."""
+        f = self._file(name)
+        with self._open(f) as h:
+            try:
+                sl = h.get_slice(name)
+                return sl[start:stop] if dim == 0 else sl[:, start:stop]
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise UserError(f"{f}: cannot read tensor {name} ({_first_line(e)})") from None
 
     def shards(self) -> dict[str, list[str]]:
         """File name -> tensor names, in file order (used to write outputs sharded like the input)."""
@@ -88,6 +130,11 @@ class Checkpoint:
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._where:
             yield name, self.get(name)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def check_compatible(base: Checkpoint, other: Checkpoint) -> list[str]:

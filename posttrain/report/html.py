@@ -136,7 +136,7 @@ def build_report(run: Path) -> str:
         body.append(_img(P.training_curves(curves, keys), "training curves"))
     pre = _read_metrics(run / "pretrain" / "metrics.jsonl")
     if pre:
-        body.append(_img(P.training_curves({"pretrain": pre}, [("loss", "pretraining loss")]), "pretraining loss"))
+        body.append(_img(P.training_curves({"pretrain": pre}, [("loss", "pretraining loss (all tokens)")]), "pretraining loss"))
 
     diag = res.get("diagnostics", {})
     if diag:

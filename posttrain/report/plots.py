@@ -86,10 +86,13 @@ def module_bars(summaries: dict[str, dict]):
     return fig
 
 
-def training_curves(curves: dict[str, list[dict]], keys: list[tuple[str, str]]):
-    """One panel per (metric key, label); one line per method. Rows without the key are skipped."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
-    for ax, (key, label) in zip(axes[0], keys):
+def training_curves(curves: dict[str, list[dict]], keys: list[tuple[str, str]], ncols: int = 3):
+    """One panel per (metric key, label), up to `ncols` per row; one line per method."""
+    ncols = max(1, min(ncols, len(keys)))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.1 * nrows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax, (key, label) in zip(flat, keys):
         for i, (name, rows) in enumerate(curves.items()):
             pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None and not _nan(r[key])]
             if pts:
@@ -98,7 +101,9 @@ def training_curves(curves: dict[str, list[dict]], keys: list[tuple[str, str]]):
         ax.set_xlabel("step")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    for ax in flat[len(keys):]:
+        ax.axis("off")
+    flat[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -28,9 +28,9 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from posttrain.config import TrainConfig
+from posttrain.config import TrainConfig, dump_yaml
 from posttrain.errors import TrainingDiverged, UserError
-from posttrain.io import atomic_write_json
+from posttrain.io import atomic_write_json, atomic_write_text, versions
 from posttrain.models.loading import load_model, save_checkpoint
 from posttrain.tasks import Problem, Task
 from posttrain.train.checkpointing import (
@@ -165,6 +165,8 @@ def train(
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
+    atomic_write_json(out_dir / "versions.json", versions())
     seed_everything(seed)
     objective = OBJECTIVES[cfg.objective]()
     model, tok = load_model(init_dir, device="cpu")

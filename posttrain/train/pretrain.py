@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 
 from posttrain.config import ModelConfig, PretrainConfig, TaskRef
-from posttrain.io import atomic_write_json
+from posttrain.io import atomic_write_json, atomic_write_text, versions
 from posttrain.models.loading import save_checkpoint
 from posttrain.models.tiny import build_char_tokenizer, build_tiny_model
 from posttrain.tasks import Task
+from posttrain.train.checkpointing import latest_checkpoint, load_training_state, load_weights_into, save_training_checkpoint
 from posttrain.train.data_sources import step_seed
 from posttrain.train.loop import make_accelerator, make_optimizer, make_scheduler, seed_everything
 from posttrain.train.sequences import encode_completions, encode_prompts, pack_documents
@@ -50,11 +52,16 @@ def pretrain(
     seed: int,
     device: str = "auto",
     on_step: Callable[[int, dict], None] | None = None,
+    resume: bool = False,
 ) -> Path:
-    """Pretrain and save the base checkpoint to `model_dir`; metrics and stats go to `out_dir`."""
+    """Pretrain and save the base checkpoint to `model_dir`; metrics, stats and the resumable
+    checkpoints (every `cfg.checkpoint_every` steps) go to `out_dir`."""
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump({"seed": seed, "model": model_cfg.model_dump(mode="json"),
+                                                               "pretrain": cfg.model_dump(mode="json")}, sort_keys=False))
+    atomic_write_json(out_dir / "versions.json", versions())
     seed_everything(seed)
     tok = build_char_tokenizer()
     model = build_tiny_model(model_cfg, len(tok), seed)
@@ -64,8 +71,20 @@ def pretrain(
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    with (out_dir / "metrics.jsonl").open("w") as log:
-        for step in range(cfg.steps):
+    start = 0
+    metrics = out_dir / "metrics.jsonl"
+    ck = latest_checkpoint(out_dir) if resume else None
+    if ck is not None:
+        load_weights_into(accelerator.unwrap_model(model), ck)
+        state = load_training_state(ck)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+        kept = [x for x in metrics.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= start] \
+            if metrics.is_file() else []
+        metrics.write_text("".join(x + "\n" for x in kept))
+    with metrics.open("a" if ck is not None else "w") as log:
+        for step in range(start, cfg.steps):
             rng = random.Random(step_seed(seed, step, "pretrain"))
             prompts, completions = mixture_texts(tasks, cfg.mixture, rng, cfg.batch_size)
             docs = [p + c for p, c in zip(encode_prompts(tok, prompts), encode_completions(tok, completions))]
@@ -90,7 +109,10 @@ def pretrain(
                 log.flush()
                 if on_step:
                     on_step(step + 1, row)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                save_training_checkpoint(out_dir / "checkpoints" / f"step-{step + 1}", accelerator.unwrap_model(model),
+                                         tok, optimizer, scheduler, step + 1)
     model_dir = save_checkpoint(accelerator.unwrap_model(model), tok, model_dir)
-    atomic_write_json(out_dir / "pretrain.json", {"steps": cfg.steps, "n_params": n_params,
+    atomic_write_json(out_dir / "pretrain.json", {"steps": cfg.steps, "n_params": n_params, "resumed_from_step": start or None,
                                                   "wall_seconds": time.time() - t0})
     return model_dir
