@@ -161,6 +161,10 @@ class TrainConfig(Strict):
         return self
 
     @property
+    def is_expert_sft(self) -> bool:
+        return self.objective == "sft" and self.data_source == "expert"
+
+    @property
     def data_source(self) -> str:
         from posttrain.train.objectives import OBJECTIVES
 
@@ -213,7 +217,9 @@ class RepairConfig(Strict):
     Grid format: see `posttrain.repair.sweep` (one entry per method, list values are swept).
     """
 
-    damaged: str | None = "sft"  # the method whose model is repaired; None: no sweep
+    # the method whose model is repaired: "auto" = the study's first SFT-on-expert-data method (no
+    # sweep when there is none); a method name; or None for no sweep
+    damaged: str | None = "auto"
     reference: str = "base"  # the model whose OOD accuracy counts as fully recovered
     grid: list[dict[str, Any]] = Field(default_factory=_default_repair_grid)
 
@@ -230,6 +236,8 @@ class RepairConfig(Strict):
 
 
 class StudyConfig(Strict):
+    """A whole study; see posttrain/presets/default.yaml for a commented example."""
+
     name: str = "default"
     seed: int = 0
     base_model: str | None = None  # a checkpoint dir or hub id; None: pretrain a tiny model
@@ -284,7 +292,7 @@ class StudyConfig(Strict):
             if m.init == name:
                 raise ValueError(f"methods.{name}.init refers to itself")
         rep = self.repair
-        if rep.damaged is not None and rep.damaged not in self.methods:
+        if rep.damaged not in (None, "auto") and rep.damaged not in self.methods:
             raise ValueError(f"repair.damaged: {rep.damaged!r} is not a method of this study "
                              "(set repair.damaged: null to skip the recovery sweep)")
         if rep.reference not in ("base", *self.methods):

@@ -65,6 +65,15 @@ class Stages:
     def finish(self, stage: str, key: str, info: dict[str, Any] | None = None) -> None:
         atomic_write_json(self.run.stamp(stage), {"key": key, "finished": time.time(), **(info or {})})
 
+    def claim(self, work_dir: Path, key: str) -> None:
+        """Prepare the working directory of an unfinished stage: its partial outputs (checkpoints to
+        resume from) are kept only when resuming the same stage key; anything else is cleared."""
+        key_file = work_dir / "stage_key"
+        if work_dir.exists() and not (self.resume and key_file.is_file() and key_file.read_text() == key):
+            shutil.rmtree(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(key)
+
 
 def build_tasks(cfg: StudyConfig) -> dict[str, Task]:
     names = {cfg.id_task.task, cfg.ood_task.task, *(r.task for r in cfg.retention),
@@ -137,10 +146,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
             from posttrain.train.pretrain import pretrain
 
             say(f"pretrain: {cfg.pretrain.steps} steps on the task mixture")
-            if not (resume and (run.pretrain / "stage_key").is_file() and (run.pretrain / "stage_key").read_text() == base_key):
-                shutil.rmtree(run.pretrain, ignore_errors=True)  # checkpoints of another config must not be resumed
-            run.pretrain.mkdir(parents=True, exist_ok=True)
-            (run.pretrain / "stage_key").write_text(base_key)
+            stages.claim(run.pretrain, base_key)
             pretrain(cfg.model, cfg.pretrain, tasks, run.pretrain, run.base, cfg.seed, device=device,
                      on_step=progress_logger(say, "pretrain", cfg.pretrain.steps), resume=resume)
             stages.finish("pretrain", base_key)
@@ -184,7 +190,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
             base_eval = evals["base"].get(f"{m.task}/{m.split}")
             shares = base_eval["format_share"] if base_eval else {}
             expert_format = least_used_format(task, shares)
-        init_dir = model_dirs[m.init] if m.init in model_dirs else Path(m.init) if m.init != "base" else base_dir
+        init_dir = model_dirs.get(m.init) or Path(m.init)  # "base", an earlier method, or a directory
         upstream = keys.get(m.init, config_hash({"path": str(init_dir)}))
         key = config_hash({"method": m.model_dump(mode="json"), "init": upstream, "base": base_key,
                            "expert_format": expert_format, "seed": cfg.seed, "world": cfg.world})
@@ -194,18 +200,14 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         else:
             from posttrain.train.loop import train
 
-            # checkpoints left by an interrupted run are resumed only if they belong to this config
-            key_file = out_dir / "stage_key"
-            if out_dir.exists() and not (key_file.is_file() and key_file.read_text() == key):
-                shutil.rmtree(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            key_file.write_text(key)
+            stages.claim(out_dir, key)
             data = m.data_source
             fmt_note = f", expert format {expert_format!r}" if data == "expert" else f", {data} data"
             say(f"train {name}: {m.objective} on {m.task}/{m.split}, {m.steps} steps{fmt_note}")
             train(m, init_dir=init_dir, ref_dir=base_dir, out_dir=out_dir, task=task, expert_format=expert_format,
                   seed=cfg.seed if m.seed is None else m.seed, curve_tasks=tasks, curve_problems=curve_problems,
-                  curve_every=max(1, m.steps // 10), device=device, resume=resume, on_step=progress_logger(say, f"train {name}", m.steps))
+                  curve_every=max(1, m.steps // 10), device=device, resume=resume,
+                  on_step=progress_logger(say, f"train {name}", m.steps))
             stages.finish(f"train-{name}", key)
         model_dirs[name] = out_dir / "model"
         keys[name] = key
@@ -229,8 +231,9 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
 
     # ---- recovery sweep ---------------------------------------------------------------------
     repairs: dict = {}
-    if cfg.repair.damaged is not None and cfg.repair.grid:
-        repairs = repair_sweep(cfg, run, tasks, problem_sets, evals, model_dirs, keys, eval_key, device, say)
+    damaged = damaged_method(cfg)
+    if damaged is not None and cfg.repair.grid:
+        repairs = repair_sweep(cfg, damaged, run, tasks, problem_sets, evals, model_dirs, keys, eval_key, device, say)
 
     # ---- results and report -----------------------------------------------------------------
     from posttrain.report.findings import evaluate_findings
@@ -247,7 +250,14 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     return results
 
 
-def repair_sweep(cfg: StudyConfig, run: Run, tasks: dict[str, Task], problem_sets: dict[str, list[Problem]],
+def damaged_method(cfg: StudyConfig) -> str | None:
+    """The method whose model the recovery sweep repairs (see RepairConfig.damaged)."""
+    if cfg.repair.damaged != "auto":
+        return cfg.repair.damaged
+    return next((name for name, m in cfg.methods.items() if m.is_expert_sft), None)
+
+
+def repair_sweep(cfg: StudyConfig, damaged: str, run: Run, tasks: dict[str, Task], problem_sets: dict[str, list[Problem]],
                  evals: dict[str, dict], model_dirs: dict[str, Path], keys: dict[str, str], eval_key: str,
                  device: str, say: Callable[[str], None]) -> dict:
     """Repair the damaged method's model with every grid point; greedy-evaluate each on the
@@ -269,11 +279,11 @@ def repair_sweep(cfg: StudyConfig, run: Run, tasks: dict[str, Task], problem_set
         model, tok = load_model(model_dir, device=device)
         return summary(evaluate_model(model, tok, tasks, problem_sets, greedy, cfg.seed))
 
-    anchors = {"base": summary(evals["base"]), "damaged": summary(evals[rep.damaged]),
+    anchors = {"base": summary(evals["base"]), "damaged": summary(evals[damaged]),
                "reference": summary(evals[rep.reference])}
-    say(f"repair sweep: {len(expand_grid(rep.grid))} repairs of {rep.damaged} towards base (reference {rep.reference})")
-    key = config_hash({"eval": eval_key, "damaged": keys[rep.damaged], "reference": keys.get(rep.reference)})
-    out = run_repair_sweep(model_dirs["base"], model_dirs[rep.damaged], model_dirs[rep.reference],
+    say(f"repair sweep: {len(expand_grid(rep.grid))} repairs of {damaged} towards base (reference {rep.reference})")
+    key = config_hash({"eval": eval_key, "damaged": keys[damaged], "reference": keys.get(rep.reference)})
+    out = run_repair_sweep(model_dirs["base"], model_dirs[damaged], model_dirs[rep.reference],
                            run.root / "repair", rep.grid, evaluate_fn, anchors=anchors, eval_key=key,
                            device="cpu", log=lambda msg: say(f"  {msg}"))
     for entry in out.values():  # paths relative to the run directory, so a moved run stays readable

@@ -53,3 +53,22 @@ def test_missing_and_broken_yaml(tmp_path):
         load_study_config(bad)
     with pytest.raises(UserError, match="unknown preset"):
         preset_path("huge")
+
+
+def test_method_recipes_and_pipeline_order():
+    from posttrain.study import method_order
+
+    cfg = build_study_config({"methods": {
+        "rl_after": {"method": "grpo", "init": "sft"},
+        "sft": {"method": "sft"},
+        "ei": {"method": "ei_restart", "rounds": 2},
+        "dr": {"method": "dr_grpo"},
+    }})
+    assert method_order(cfg).index("sft") < method_order(cfg).index("rl_after")
+    ei, dr = cfg.methods["ei"], cfg.methods["dr"]
+    assert (ei.objective, ei.data_source, ei.rounds, ei.restart_from_base) == ("sft", "filtered", 2, True)
+    assert (dr.adv_norm_std, dr.loss_agg) == (False, "seq-mean-token-sum-norm")
+    with pytest.raises(UserError, match="unknown method recipe"):
+        build_study_config({"methods": {"x": {"method": "dpo"}}})
+    with pytest.raises(UserError, match="needs on_policy data"):
+        build_study_config({"methods": {"x": {"objective": "grpo", "data": "expert"}}})

@@ -198,3 +198,17 @@ def test_pretraining_resumes_bitwise(tmp_path):
     a, b = weights(full), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert rows(tmp_path / "a" / "metrics.jsonl") == rows(tmp_path / "b" / "metrics.jsonl")
+
+
+def test_metrics_go_to_tensorboard_by_default(coin_checkpoint, tmp_path):
+    pytest.importorskip("tensorboard")  # a dev dependency: installed by `make test`
+    res = train(cfg(objective="grpo", steps=2, trackers=["auto"]), init_dir=coin_checkpoint, ref_dir=coin_checkpoint,
+                out_dir=tmp_path, task=build_task("coin"), expert_format=None, seed=0, device="cpu")
+    events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert "kl_ref" in acc.Tags()["scalars"] and "rollout/reward" in acc.Tags()["scalars"]
+    assert len(rows(res.metrics_path)) == 3

@@ -19,7 +19,7 @@ RL_OBJECTIVES = ("grpo", "ppo", "rloo", "reinforce")
 def pick_methods(cfg: StudyConfig, results: dict) -> tuple[str | None, str | None]:
     """The first SFT-on-expert-data method and the first RL method of the study, if any."""
     done = results["models"]
-    sft = next((n for n, m in cfg.methods.items() if n in done and m.objective == "sft" and (m.data or "expert") == "expert"), None)
+    sft = next((n for n, m in cfg.methods.items() if n in done and m.is_expert_sft), None)
     rl = next((n for n, m in cfg.methods.items() if n in done and m.objective in RL_OBJECTIVES), None)
     return sft, rl
 
