@@ -159,21 +159,78 @@ def eval_(
 @app.command()
 def diff(
     base: Path = typer.Argument(..., help="Base checkpoint directory (or .safetensors file)."),
-    others: List[Path] = typer.Argument(..., help="One or more fine-tuned checkpoints."),
-    out: Path = typer.Option(..., help="Output directory for diff.json, tensors.csv/.parquet and plots."),
-    device: str = typer.Option("cpu", help="cpu or cuda (computes there when available)."),
+    others: List[Path] = typer.Argument(..., help="One or more fine-tuned checkpoints (with --trajectory: run, "
+                                        "method or checkpoints directories holding step-<N>/ checkpoints)."),
+    out: Path = typer.Option(..., help="Output directory for diff.json, tables (CSV/parquet) and plots."),
+    spectral: bool = typer.Option(False, "--spectral", help="Also singular values, principal angles, energy split, "
+                                  "ranks and ESD alpha of every 2-D weight."),
+    esd: bool = typer.Option(False, "--esd", help="Only singular values: spectrum changes and WeightWatcher-style "
+                             "ESD summaries (alpha, stable rank) of every 2-D weight; implied by --spectral."),
+    rank: Optional[int] = typer.Option(None, help="Top-k size; also switches large matrices to a truncated "
+                                       "randomised SVD of this rank (top-k metrics only)."),
+    top_frac: Optional[float] = typer.Option(None, help="Top-k as a fraction of min(m, n) (default 0.05); also "
+                                             "switches large matrices to a truncated randomised SVD."),
+    svd: str = typer.Option("auto", help="auto, full (LAPACK SVD of every matrix that fits in memory, never "
+                            "truncated) or randomized."),
+    svd_dtype: str = typer.Option("auto", help="auto (float64 up to 2^18 entries, else float32), float32 or float64."),
+    bins: int = typer.Option(20, help="Spectrum ranges of the principal-angle curves."),
+    tol: float = typer.Option(1e-5, help="|dW_ij| above this counts as a changed entry (update sparsity)."),
+    pair: List[str] = typer.Option([], "--pair", help="Compare the updates of two models, A:B (repeatable; default "
+                                   "all pairs of 2 to 6 models)."),
+    trajectory: bool = typer.Option(False, "--trajectory", help="Diagnostics over each run's checkpoint sequence."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto (computes there when available)."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
 ) -> None:
-    """Where did fine-tuning change the weights? Relative update per layer x module, streamed."""
+    """Where and how did fine-tuning change the weights? Streamed tensor by tensor, any HF safetensors checkpoints."""
+    import torch
+
     from posttrain.analysis.diff import diff as run_diff
     from posttrain.analysis.diff import model_names
-    from posttrain.models.loading import resolve_device
+    from posttrain.progress import enabled_by_default
 
-    res = run_diff(base, model_names(list(others)), out, device=str(resolve_device(device)))
+    # resolved here rather than by models.loading, whose transformers import costs seconds
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available")
+    if dev != "cpu" and not dev.startswith("cuda"):
+        raise UserError(f"unknown device {device!r} (cpu, cuda or auto)")
+    pairs = None
+    if pair:
+        pairs = []
+        for p in pair:
+            a, sep, b = p.partition(":")
+            if not sep or not a or not b:
+                raise UserError(f"--pair expects A:B (two model names), got {p!r}")
+            pairs.append((a, b))
+    kw = dict(spectral=spectral, esd=esd, rank=rank, top_frac=top_frac, svd=svd, svd_dtype=svd_dtype, bins=bins, tol=tol,
+              device=dev, plots=plots, show_progress=enabled_by_default())
+    if trajectory:
+        from posttrain.analysis.trajectory import trajectory as run_trajectory
+
+        if pairs is not None:
+            raise UserError("--pair does not apply with --trajectory (consecutive checkpoints are compared)")
+        tr = run_trajectory(base, list(others), out, **kw)
+        for run in dict.fromkeys(p["run"] for p in tr.points):
+            pts = [p for p in tr.points if p["run"] == run]
+            typer.echo(f"{run}: {len(pts)} checkpoints, steps {pts[0]['step']}..{pts[-1]['step']}; "
+                       f"rel. update {pts[0]['rel_update_total']:.3e} -> {pts[-1]['rel_update_total']:.3e}")
+        typer.echo(f"wrote {out / 'trajectory.json'}")
+        return
+    res = run_diff(base, model_names(list(others)), out, compare_pairs="auto" if pairs is None else pairs, **kw)
     for name, s in res.summaries.items():
         top = sorted(s.rel_update_by_module.items(), key=lambda kv: -kv[1])[:3]
-        typer.echo(f"{name}: total rel. update {s.rel_update_total:.3e}; top modules "
-                   + ", ".join(f"{m} {v:.3e}" for m, v in top)
-                   + (f"; NON-FINITE tensors: {', '.join(s.nonfinite[:5])}" if s.nonfinite else ""))
+        line = (f"{name}: total rel. update {s.rel_update_total:.3e}; top modules "
+                + ", ".join(f"{m} {v:.3e}" for m, v in top)
+                + f"; changed entries {s.changed_frac:.1%}")
+        if s.spectral is not None and spectral:
+            line += f"; top-k principal angle {s.spectral.principal_angle_top:.3g} deg"
+        if s.spectral is not None:
+            line += f"; top-k singular-value change {s.spectral.sv_rel_change_top:.3g}"
+        if s.nonfinite:
+            line += f"; NON-FINITE tensors: {', '.join(s.nonfinite[:5])}"
+        typer.echo(line)
+    for (a, b), p in res.pairs.items():
+        typer.echo(f"{a} vs {b}: cosine of the updates {p.cosine_total:.3f}")
     typer.echo(f"wrote {out / 'diff.json'}")
 
 

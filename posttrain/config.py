@@ -235,6 +235,17 @@ class RepairConfig(Strict):
         return v
 
 
+class DiagnosticsConfig(Strict):
+    """Weight diagnostics of a study: every method's model against the base in one streamed pass
+    (`posttrain.analysis.diff`), and, where methods kept `checkpoint_every` checkpoints, their
+    trajectories over training steps."""
+
+    spectral: bool = True  # singular values, principal angles, energy split (cheap on tiny models)
+    top_frac: float | None = Field(None, gt=0, le=1)  # top-k as a fraction of min(m, n); None: 5%
+    bins: int = Field(20, ge=2)  # spectrum ranges of the principal-angle curves
+    trajectory: bool = True  # diagnostics of each method's step-<N> checkpoints, when there are any
+
+
 class StudyConfig(Strict):
     """A whole study; see posttrain/presets/default.yaml for a commented example."""
 
@@ -271,6 +282,7 @@ class StudyConfig(Strict):
         return out
 
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     repair: RepairConfig = Field(default_factory=RepairConfig)
 
     @model_validator(mode="after")

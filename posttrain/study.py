@@ -214,20 +214,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         evals[name] = evaluate(name, model_dirs[name], key)
 
     # ---- weight diagnostics -----------------------------------------------------------------
-    diagnostics = {}
-    for name in cfg.methods:
-        path = run.diagnostics("base", name)
-        key = config_hash({"a": base_key, "b": keys[name]})
-        if stages.done(f"diff-{name}", key, [path]):
-            diagnostics[name] = read_json(path)
-            continue
-        from posttrain.analysis.diff import diff
-
-        say(f"diff base vs {name}")
-        res = diff(base_dir, {name: model_dirs[name]}, show_progress=False)
-        diagnostics[name] = res.summaries[name].to_json()
-        atomic_write_json(path, diagnostics[name])
-        stages.finish(f"diff-{name}", key)
+    diagnostics, diag_extra = weight_diagnostics(cfg, run, stages, base_dir, model_dirs, keys, base_key, say)
 
     # ---- recovery sweep ---------------------------------------------------------------------
     repairs: dict = {}
@@ -239,7 +226,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     from posttrain.report.findings import evaluate_findings
     from posttrain.results import assemble_results
 
-    results = assemble_results(cfg, evals, diagnostics, run, wall_seconds=time.time() - t0)
+    results = assemble_results(cfg, evals, diagnostics, run, wall_seconds=time.time() - t0, diag_extra=diag_extra)
     results["repairs"] = repairs
     results["findings"] = evaluate_findings(results, cfg)
     atomic_write_json(run.results, results)
@@ -248,6 +235,49 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     write_report(run.root)
     say(f"done in {time.time() - t0:.0f}s: {run.results} and {run.report}")
     return results
+
+
+def weight_diagnostics(cfg: StudyConfig, run: Run, stages: Stages, base_dir: Path, model_dirs: dict[str, Path],
+                       keys: dict[str, str], base_key: str, say: Callable[[str], None]) -> tuple[dict, dict]:
+    """Every method's model against the base in one streamed pass (base tensors read once; the
+    updates of each pair of methods compared by cosine), then each method's checkpoint trajectory.
+
+    Writes diagnostics/base__<m>.json and <a>__<b>.json (DESIGN.md), diagnostics/diff/ (tables and
+    plots of `posttrain diff`) and diagnostics/trajectory/. Returns ({method: summary JSON},
+    {"pairs": {"a|b": pair JSON}, "trajectory": {method: [points]}}).
+    """
+    from posttrain.analysis.diff import diff
+    from posttrain.analysis.trajectory import find_checkpoints, trajectory
+
+    dcfg = cfg.diagnostics
+    names = list(cfg.methods)
+    root = run.root / "diagnostics"
+    extra_path = root / "extra.json"
+    key = config_hash({"base": base_key, "models": {n: keys[n] for n in names}, "diagnostics": dcfg.model_dump()})
+    outputs = [run.diagnostics("base", n) for n in names] + [extra_path]
+    if stages.done("diagnostics", key, outputs):
+        return {n: read_json(run.diagnostics("base", n)) for n in names}, read_json(extra_path)
+    opts = dict(spectral=dcfg.spectral, top_frac=dcfg.top_frac, bins=dcfg.bins)
+    say(f"diff base vs {', '.join(names)}" + (" (spectral)" if dcfg.spectral else ""))
+    res = diff(base_dir, {n: model_dirs[n] for n in names}, root / "diff", show_progress=False, **opts)
+    summaries = {n: res.summaries[n].to_json() for n in names}
+    for n in names:
+        atomic_write_json(run.diagnostics("base", n), summaries[n])
+    pairs = {}
+    for (a, b), p in res.pairs.items():
+        atomic_write_json(run.diagnostics(a, b), p.to_json())
+        pairs[f"{a}|{b}"] = p.to_json()
+    traj: dict[str, list[dict]] = {}
+    runs = {n: cks for n in names if (cks := find_checkpoints(run.method(n)))} if dcfg.trajectory else {}
+    if runs:
+        say(f"trajectory diagnostics over {sum(map(len, runs.values()))} checkpoints")
+        tr = trajectory(base_dir, runs, root / "trajectory", show_progress=False, **opts)
+        for p in tr.points:  # paths inside the run dir would not survive a move of it
+            traj.setdefault(p["run"], []).append({k: v for k, v in p.items() if k not in ("run", "checkpoint")})
+    extra = {"pairs": pairs, "trajectory": traj}
+    atomic_write_json(extra_path, extra)
+    stages.finish("diagnostics", key)
+    return summaries, extra
 
 
 def damaged_method(cfg: StudyConfig) -> str | None:

@@ -63,13 +63,22 @@ def test_quick_demo_end_to_end(tmp_path):
         d = res["diagnostics"][name]
         assert {"q_proj", "k_proj", "down_proj"} <= set(d["rel_update_by_module"])
         assert len(d["rel_update_by_layer"]) == 2
+        # the study's diff is spectral: angles in degrees, angle curve over the spectrum
+        assert 0 <= d["principal_angle_top"] <= 90 and d["sv_rel_change_top"] >= 0
+        assert len(d["angle_curve"]["x"]) == len(d["angle_curve"]["left"]) > 0
+        # checkpoint_every: 2 over 4 steps gives a two-point trajectory per method
+        assert [p["step"] for p in res["trajectories"][name]] == [2, 4]
+    cos = res["diagnostic_pairs"]["sft|grpo"]["cosine_total"]  # None when one update is exactly zero
+    assert (cos is None) == (res["diagnostics"]["grpo"]["rel_update_total"] == 0) and (cos is None or -1 <= cos <= 1)
     assert {f["id"] for f in res["findings"]} >= {"sft_forgets_more", "rl_gains_id", "qk_change_most"}
     for f in res["findings"]:
         assert f["holds"] in (True, False, None) and f["evidence"]
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 4 and "Findings" in html and "http" not in html.split("<body>")[1][:200]
+    assert "Rotation or rescaling?" in html and "Over training" in html
+    assert html.count("data:image/png;base64,") >= 8 and "Findings" in html and "http" not in html.split("<body>")[1][:200]
     for rel in ("config.yaml", "versions.json", "base/config.json", "methods/sft/model/model.safetensors",
-                "methods/grpo/metrics.jsonl", "eval/base.json", "diagnostics/base__sft.json"):
+                "methods/grpo/metrics.jsonl", "eval/base.json", "diagnostics/base__sft.json",
+                "diagnostics/sft__grpo.json", "diagnostics/diff/tensors.parquet", "diagnostics/trajectory/trajectory.json"):
         assert (out / rel).exists(), rel
     # a second run reuses every stage and gives identical metrics (determinism + caching)
     r2 = cli("demo", "--preset", "quick", "--out", out)

@@ -127,7 +127,355 @@ def test_nonfinite_weights_are_reported_not_fatal(pair, tmp_path):
     ("model.layers.1.block_sparse_moe.experts.3.w1.weight", 1, "gate_proj"),  # Mixtral
     ("model.layers.1.block_sparse_moe.gate.weight", 1, "router"),
     ("something.completely.different", None, "other"),
+    ("h.3.attn.c_attn.weight", 3, "qkv_proj"),  # GPT-2 saved without the "transformer." prefix
+    ("h.3.mlp.c_proj.weight", 3, "down_proj"),
+    ("h.3.attn.bias", 3, "other"),  # GPT-2's causal-mask buffer
+    ("wte.weight", None, "embed"),
+    ("language_model.model.layers.7.mlp.gate_proj.weight", 7, "gate_proj"),  # Gemma 3
+    ("model.layers.7.pre_feedforward_layernorm.weight", 7, "norm"),  # Gemma 2/3
+    ("model.layers.7.self_attn.k_norm.weight", 7, "norm"),  # Qwen3 / OLMo2
+    ("model.layers.0.mlp.up_proj.weight", 0, "up_proj"),  # Mistral / Llama / Qwen2
 ])
 def test_classify_names(name, layer, module):
     info = classify(name)
     assert (info.layer, info.module) == (layer, module)
+
+
+# ------------------------------------------------------------------------------------------------
+# planted ground truth: matrices with known SVDs, changed in known ways
+
+import pandas as pd  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from posttrain.analysis.scan import DiffOptions, scan  # noqa: E402
+
+THETA_Q, THETA_K, THETA_O = 0.3, 0.2, 0.4
+
+
+def _orth(m, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))[0]
+
+
+def _outside(Q, seed):
+    """A unit vector orthogonal to the columns of Q."""
+    v = torch.randn(Q.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    v = v - Q @ (Q.T @ v)
+    return v / v.norm()
+
+
+def _turn(Q, col, toward, theta):
+    Q = Q.clone()
+    Q[:, col] = math.cos(theta) * Q[:, col] + math.sin(theta) * toward
+    return Q
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """float64 checkpoints: base, `rot` (planted rotations and scalings), `other` (a second update)."""
+    root = tmp_path_factory.mktemp("planted")
+    base, rot, other = {}, {}, {}
+    # layer 0 q_proj, tall 64 x 48 (k = 3): left singular vector 0 turned by THETA_Q out of span(U)
+    U, V, s = _orth(64, 48, 1), _orth(48, 48, 2), torch.linspace(10, 1, 48, dtype=torch.float64)
+    base["model.layers.0.self_attn.q_proj.weight"] = U @ torch.diag(s) @ V.T
+    rot["model.layers.0.self_attn.q_proj.weight"] = _turn(U, 0, _outside(U, 3), THETA_Q) @ torch.diag(s) @ V.T
+    # layer 0 k_proj, wide 32 x 80 (k = 2): right singular vector 1 turned by THETA_K
+    U, V, s = _orth(32, 32, 4), _orth(80, 32, 5), torch.linspace(5, 1, 32, dtype=torch.float64)
+    base["model.layers.0.self_attn.k_proj.weight"] = U @ torch.diag(s) @ V.T
+    rot["model.layers.0.self_attn.k_proj.weight"] = U @ torch.diag(s) @ _turn(V, 1, _outside(V, 6), THETA_K).T
+    # layer 0 v_proj, square 40 x 40 (k = 2): top-2 singular values x1.25, bottom-2 x0.5
+    U, V, s = _orth(40, 40, 7), _orth(40, 40, 8), torch.linspace(8, 1, 40, dtype=torch.float64)
+    f = torch.ones(40, dtype=torch.float64)
+    f[:2], f[-2:] = 1.25, 0.5
+    base["model.layers.0.self_attn.v_proj.weight"] = U @ torch.diag(s) @ V.T
+    rot["model.layers.0.self_attn.v_proj.weight"] = U @ torch.diag(s * f) @ V.T
+    # layer 0 o_proj, square 40 x 40 (k = 2): the last left singular vector turned by THETA_O inside the
+    # plane it spans with vector 20 (both turned, so U stays orthogonal)
+    U, V, s = _orth(40, 40, 9), _orth(40, 40, 10), torch.linspace(8, 1, 40, dtype=torch.float64)
+    U2 = U.clone()
+    c, sn = math.cos(THETA_O), math.sin(THETA_O)
+    U2[:, 39], U2[:, 20] = c * U[:, 39] + sn * U[:, 20], -sn * U[:, 39] + c * U[:, 20]
+    base["model.layers.0.self_attn.o_proj.weight"] = U @ torch.diag(s) @ V.T
+    rot["model.layers.0.self_attn.o_proj.weight"] = U2 @ torch.diag(s) @ V.T
+    # layer 1 q_proj, 300 x 260 with a spectral gap after 3 (randomised SVD recovers the top-3 exactly)
+    U, V = _orth(300, 260, 11), _orth(260, 260, 12)
+    s = torch.cat([torch.tensor([10.0, 9.0, 8.0]), torch.linspace(0.5, 0.1, 257)]).double()
+    base["model.layers.1.self_attn.q_proj.weight"] = U @ torch.diag(s) @ V.T
+    rot["model.layers.1.self_attn.q_proj.weight"] = _turn(U, 0, _outside(U, 13), THETA_Q) @ torch.diag(s) @ V.T
+    base["model.layers.0.self_attn.q_proj.bias"] = torch.linspace(-1, 1, 64, dtype=torch.float64)
+    rot["model.layers.0.self_attn.q_proj.bias"] = base["model.layers.0.self_attn.q_proj.bias"].clone()
+    rot["model.layers.0.self_attn.q_proj.bias"][:4] += 1e-3
+    g = torch.Generator().manual_seed(14)
+    for name, w in base.items():
+        other[name] = w + 0.01 * torch.randn(w.shape, generator=g, dtype=torch.float64) * (torch.rand(w.shape, generator=g) < 0.5)
+    for d, tensors in (("base", base), ("rot", rot), ("other", other)):
+        (root / d).mkdir()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(root / d / "model.safetensors"))
+    return root, base, rot, other
+
+
+def _row(res, model, name):
+    t = res.tables[model]
+    return t[t["name"] == name].iloc[0]
+
+
+DEG = 180 / math.pi
+
+
+def test_planted_rotations_and_scalings_are_recovered(planted, tmp_path):
+    root, base, rot, _ = planted
+    res = diff(root / "base", {"rot": root / "rot"}, tmp_path / "out", spectral=True, show_progress=False)
+    q = _row(res, "rot", "model.layers.0.self_attn.q_proj.weight")
+    assert q["svd"] == "full" and q["k"] == 3
+    assert q["angle_top_max_left"] == pytest.approx(THETA_Q * DEG, abs=1e-4)
+    assert q["angle_top_left"] == pytest.approx(THETA_Q * DEG / 3, abs=1e-4)
+    assert q["angle_top_right"] == pytest.approx(0, abs=1e-4)
+    assert q["proj_dist_top_left"] == pytest.approx(math.sqrt(2) * math.sin(THETA_Q), abs=1e-8)
+    assert q["alignment_top_left"] == pytest.approx(1 - math.sin(THETA_Q) ** 2 / 3, abs=1e-8)
+    assert q["sv_rel_change_top"] == pytest.approx(0, abs=1e-10) and q["sv_rel_change_all"] == pytest.approx(0, abs=1e-10)
+    assert q["angle_bottom_left"] == pytest.approx(0, abs=1e-4)
+    # the wide matrix is decomposed transposed; its planted change must still be on the right side
+    k = _row(res, "rot", "model.layers.0.self_attn.k_proj.weight")
+    assert k["k"] == 2
+    assert k["angle_top_max_right"] == pytest.approx(THETA_K * DEG, abs=1e-4)
+    assert k["angle_top_right"] == pytest.approx(THETA_K * DEG / 2, abs=1e-4)
+    assert k["angle_top_left"] == pytest.approx(0, abs=1e-4)
+    v = _row(res, "rot", "model.layers.0.self_attn.v_proj.weight")
+    assert v["sv_rel_change_top"] == pytest.approx(0.25, abs=1e-10)
+    assert v["sv_rel_change_bottom"] == pytest.approx(0.5, abs=1e-10)
+    assert v["angle_top_left"] == pytest.approx(0, abs=1e-4) and v["angle_bottom_right"] == pytest.approx(0, abs=1e-4)
+    # dW = U diag(ds) V^T is diagonal in the base's singular basis: all magnitude, no rotation
+    assert v["energy_diag"] == pytest.approx(1.0, abs=1e-10) and v["energy_rotation"] == pytest.approx(0, abs=1e-10)
+    s = np.linspace(8, 1, 40)
+    ds = np.abs(np.concatenate([0.25 * s[:2], 0.5 * s[-2:]]))
+    assert v["stable_rank_delta"] == pytest.approx((ds**2).sum() / ds.max() ** 2, rel=1e-9)
+    p = ds / ds.sum()
+    assert v["effective_rank_delta"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    o = _row(res, "rot", "model.layers.0.self_attn.o_proj.weight")
+    assert o["angle_bottom_left"] == pytest.approx(THETA_O * DEG / 2, abs=1e-4)
+    assert o["angle_top_left"] == pytest.approx(0, abs=1e-4) and o["angle_bottom_right"] == pytest.approx(0, abs=1e-4)
+    assert o["energy_rotation"] > 0.5  # a rotation is off-diagonal energy
+    # the angle curve puts the o_proj rotation in the bottom range and the q_proj one at the top
+    cur = res.curves
+    oc = cur[(cur["name"] == "model.layers.0.self_attn.o_proj.weight") & (cur["side"] == "left")].sort_values("bin")
+    assert oc["angle"].iloc[-1] == pytest.approx(THETA_O * DEG / 2, abs=1e-4)
+    qc = cur[(cur["name"] == "model.layers.0.self_attn.q_proj.weight") & (cur["side"] == "left")].sort_values("bin")
+    assert qc["angle"].iloc[0] > 1 and qc["angle"].iloc[-1] == pytest.approx(0, abs=1e-4)
+    # the summary keys of the results.json contract
+    js = json.loads((tmp_path / "out" / "diff.json").read_text())["models"]["rot"]
+    mats = res.tables["rot"][res.tables["rot"]["svd"] != ""]
+    expect = ((mats["angle_top_left"] + mats["angle_top_right"]) / 2).mean()
+    assert js["principal_angle_top"] == pytest.approx(expect, rel=1e-12)
+    assert js["sv_rel_change_top"] == pytest.approx(mats["sv_rel_change_top"].mean(), rel=1e-12)
+    for key in ("rel_update_total", "rel_update_by_module", "rel_update_by_layer", "rel_update_by_layer_module",
+                "principal_angle_top_by_module", "angle_curve", "spectra", "alpha_by_layer"):
+        assert key in js
+    assert js["principal_angle_top_by_layer_module"]["o_proj"][0] == pytest.approx(
+        (o["angle_top_left"] + o["angle_top_right"]) / 2, rel=1e-12)
+    for f in ("tensors.parquet", "angle_curves.csv", "spectra.parquet", "angle_curves.png", "spectra.png",
+              "principal_angle_heatmap.png", "sv_change_heatmap.png"):
+        assert (tmp_path / "out" / f).stat().st_size > 0
+    sp = pd.read_parquet(tmp_path / "out" / "spectra.parquet")
+    sv = sp[sp["name"] == "model.layers.0.self_attn.v_proj.weight"].iloc[0]
+    assert np.allclose(sv["sv_base"], np.linspace(8, 1, 40))
+    assert np.allclose(sv["sv_ft"], np.sort(np.linspace(8, 1, 40) * f_v())[::-1])
+
+
+def f_v():
+    f = np.ones(40)
+    f[:2], f[-2:] = 1.25, 0.5
+    return f
+
+
+@pytest.mark.parametrize("path", ["gram", "chunked", "randomized"])
+def test_other_decompositions_recover_the_same_planted_answers(planted, path):
+    root, *_ = planted
+    from posttrain.analysis.checkpoints import check_compatible
+
+    b, r = Checkpoint(root / "base"), Checkpoint(root / "rot")
+    opts = {"gram": DiffOptions(spectral=True, gram_min_numel=1, gram_min_aspect=1.0, chunk_elems=500),
+            "chunked": DiffOptions(spectral=True, chunk_elems=500),
+            "randomized": DiffOptions(spectral=True, svd="randomized", rank=3)}[path]
+    names = check_compatible(b, r)
+    got = pd.DataFrame(scan(b, {"rot": r}, names, opts).rows["rot"]).set_index("name")
+    ref = pd.DataFrame(scan(b, {"rot": r}, names, DiffOptions(spectral=True)).rows["rot"]).set_index("name")
+    q1 = "model.layers.1.self_attn.q_proj.weight"
+    assert got.loc[q1, "angle_top_max_left"] == pytest.approx(THETA_Q * DEG, abs=1e-4)
+    assert got.loc[q1, "svd"] == {"gram": "gram", "chunked": "full", "randomized": "randomized"}[path]
+    if path == "randomized":
+        assert math.isnan(got.loc[q1, "angle_bottom_left"]) and math.isnan(got.loc[q1, "alpha_ft"])
+        return
+    cols = ["angle_top_left", "angle_top_right", "angle_bottom_left", "angle_bottom_right", "sv_rel_change_top",
+            "sv_rel_change_bottom", "energy_rotation", "stable_rank_delta", "alpha_base", "rel_update",
+            "changed_frac", "unchanged_frac"]
+    mats = ref["svd"] != ""
+    assert np.allclose(got.loc[mats, cols].to_numpy(float), ref.loc[mats, cols].to_numpy(float), atol=1e-4, equal_nan=True)
+
+
+def test_sparsity_and_pair_cosines_match_numpy(planted):
+    root, base, rot, other = planted
+    res = diff(root / "base", {"rot": root / "rot", "other": root / "other"}, show_progress=False)
+    for name in base:
+        a, b = base[name].numpy(), rot[name].numpy()
+        r = _row(res, "rot", name)
+        assert r["changed_frac"] == pytest.approx(np.mean(np.abs(b - a) > 1e-5), abs=1e-12)
+        assert r["unchanged_frac"] == pytest.approx(np.mean(b == a), abs=1e-12)
+    bias = _row(res, "rot", "model.layers.0.self_attn.q_proj.bias")
+    assert bias["changed_frac"] == pytest.approx(4 / 64) and bias["unchanged_frac"] == pytest.approx(60 / 64)
+    assert res.summaries["rot"].changed_frac == pytest.approx(
+        sum(np.sum(np.abs(rot[n].numpy() - base[n].numpy()) > 1e-5) for n in base) / sum(w.numel() for w in base.values()))
+    pair = res.pairs[("rot", "other")]
+    da = np.concatenate([(rot[n] - base[n]).numpy().ravel() for n in base])
+    db = np.concatenate([(other[n] - base[n]).numpy().ravel() for n in base])
+    assert pair.cosine_total == pytest.approx(da @ db / np.linalg.norm(da) / np.linalg.norm(db), rel=1e-9)
+    wb = np.concatenate([w.numpy().ravel() for w in base.values()])
+    assert pair.rel_distance_total == pytest.approx(np.linalg.norm(da - db) / np.linalg.norm(wb), rel=1e-9)
+    n = "model.layers.0.self_attn.v_proj.weight"
+    a1, b1 = (rot[n] - base[n]).numpy().ravel(), (other[n] - base[n]).numpy().ravel()
+    assert pair.cosine_by_layer_module["v_proj"][0] == pytest.approx(a1 @ b1 / np.linalg.norm(a1) / np.linalg.norm(b1), rel=1e-9)
+
+
+def test_sharded_checkpoint_gives_the_same_spectral_result(pair):
+    base, ft, sharded = pair
+    r1 = diff(base, {"ft": ft}, spectral=True, show_progress=False)
+    r2 = diff(base, {"ft": sharded}, spectral=True, show_progress=False)
+    assert r1.summaries["ft"].to_json() == r2.summaries["ft"].to_json()
+    num = r1.table.select_dtypes("number").columns
+    assert np.array_equal(r1.table[num].to_numpy(), r2.table[num].to_numpy(), equal_nan=True)
+
+
+def test_esd_mode_matches_the_spectral_alpha(pair):
+    from posttrain.analysis import spectral as sp
+
+    base, ft, _ = pair
+    full = diff(base, {"ft": ft}, spectral=True, show_progress=False).tables["ft"].set_index("name")
+    esd = diff(base, {"ft": ft}, esd=True, show_progress=False).tables["ft"].set_index("name")
+    mats = full["svd"] != ""
+    assert set(esd.loc[mats, "svd"]) == {"values"} and esd.loc[mats, "angle_top_left"].isna().all()
+    for col in ("alpha_base", "alpha_ft", "stable_rank_ft", "sv_rel_change_top", "log_spectral_norm_ft"):
+        assert np.allclose(esd.loc[mats, col], full.loc[mats, col], rtol=1e-9, equal_nan=True)
+    w = Checkpoint(ft).get("model.layers.0.mlp.down_proj.weight").double()
+    fit = sp.esd_powerlaw(torch.linalg.svdvals(w) ** 2)
+    assert esd.loc["model.layers.0.mlp.down_proj.weight", "alpha_ft"] == pytest.approx(fit.alpha, rel=1e-9)
+
+
+def test_nonfinite_weights_with_spectral_are_reported(pair, tmp_path):
+    base, ft, _ = pair
+    model, _ = load_model(ft)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(tmp_path / "inf", safe_serialization=True)
+    res = diff(base, {"inf": tmp_path / "inf"}, tmp_path / "out", spectral=True, show_progress=False)
+    s = res.summaries["inf"]
+    assert s.nonfinite == ["model.layers.0.self_attn.v_proj.weight"]
+    assert math.isfinite(s.spectral.principal_angle_top)
+    js = json.loads((tmp_path / "out" / "diff.json").read_text())  # strict JSON: no NaN literals
+    assert js["models"]["inf"]["nonfinite"] == s.nonfinite
+
+
+def test_failed_diff_keeps_existing_outputs_and_bad_options_are_user_errors(pair, planted, tmp_path):
+    base, ft, _ = pair
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "diff.json").write_text('{"old": true}')
+    with pytest.raises(UserError, match="architecture mismatch"):
+        diff(base, {"x": planted[0] / "rot"}, out, spectral=True, show_progress=False)
+    assert json.loads((out / "diff.json").read_text()) == {"old": True}
+    for kw, match in (({"rank": 0}, "rank"), ({"top_frac": 1.5}, "top_frac"), ({"svd": "fast"}, "svd"),
+                      ({"rank": 3, "top_frac": 0.1}, "either"), ({"compare_pairs": [("ft", "nope")]}, "unknown model")):
+        with pytest.raises(UserError, match=match):
+            diff(base, {"ft": ft}, show_progress=False, **kw)
+
+
+def test_trajectory_over_step_checkpoints(pair, tmp_path):
+    import shutil
+
+    from posttrain.analysis.trajectory import discover_runs, trajectory
+
+    base, ft, _ = pair
+    run = tmp_path / "run"
+    model, tok = load_model(ft)
+    w = model.model.layers[1].self_attn.q_proj.weight
+    with torch.no_grad():
+        for step in (10, 20):
+            w.mul_(1.5)  # same direction, growing
+            model.save_pretrained(run / "methods" / "grpo" / "checkpoints" / f"step-{step}", safe_serialization=True)
+    shutil.copytree(run / "methods" / "grpo", run / "methods" / "sft")
+    (run / "methods" / "grpo" / "checkpoints" / "step-20" / "value_head.safetensors").write_bytes(b"not the model")
+    runs = discover_runs([run])
+    assert list(runs) == ["grpo", "sft"] and [s for s, _ in runs["grpo"]] == [10, 20]
+    tr = trajectory(base, runs, tmp_path / "traj", show_progress=False)
+    pts = [p for p in tr.points if p["run"] == "grpo"]
+    assert [p["step"] for p in pts] == [10, 20]
+    assert pts[1]["rel_update_total"] > pts[0]["rel_update_total"] > 0
+    assert pts[0]["cosine_prev"] is None and pts[1]["cosine_prev"] > 0.9
+    for f in ("trajectory.json", "trajectory.csv", "trajectory.png", "tensors.parquet", "diff.json"):
+        assert (tmp_path / "traj" / f).stat().st_size > 0
+    with pytest.raises(UserError, match="no step-"):
+        discover_runs([tmp_path])
+
+
+def test_report_plots_from_summaries(planted):
+    from posttrain.report import plots as P
+
+    root, *_ = planted
+    res = diff(root / "base", {"rot": root / "rot", "other": root / "other"}, spectral=True, show_progress=False)
+    js = {k: v.to_json() for k, v in res.summaries.items()}
+    for fig in (P.angle_curves(js), P.spectra(js), P.angle_heatmaps(js), P.sv_change_heatmaps(js),
+                P.cosine_heatmaps({"rot vs other": res.pairs[("rot", "other")].to_json()}),
+                P.trajectories([{"run": "a", "step": 1, "rel_update_total": 0.1, "changed_frac": 0.5}])):
+        assert P.to_png(fig)[:4] == b"\x89PNG"
+    assert len(js["rot"]["angle_curve"]["left"]) == 20
+
+
+def test_cli_spectral_diff_and_errors(planted, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root, *_ = planted
+
+    def cli(*args):
+        env = {**os.environ, "POSTTRAIN_NO_PROGRESS": "1"}
+        return subprocess.run([sys.executable, "-m", "posttrain.cli", "diff", *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    r = cli(root / "base", root / "rot", root / "other", "--out", tmp_path / "d", "--spectral", "--pair", "rot:other")
+    assert r.returncode == 0, r.stderr
+    assert "top-k principal angle" in r.stdout and "rot vs other: cosine" in r.stdout
+    js = json.loads((tmp_path / "d" / "diff.json").read_text())
+    assert set(js["models"]) == {"rot", "other"} and "rot|other" in js["pairs"]
+    assert js["models"]["rot"]["principal_angle_top"] > 0
+    r = cli(root / "base", root / "rot", "--out", tmp_path / "e", "--pair", "rot")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --pair expects A:B (two model names), got 'rot'"]
+    assert not (tmp_path / "e").exists()
+
+
+def test_float32_tall_matrices_take_the_gram_route_with_the_same_answers(tmp_path):
+    """Above 2^18 entries "auto" computes in float32 precision; elongated matrices then go through their
+    float64 Gram matrices instead of two float32 SVDs. The planted rotation and scaling must come out
+    the same either way (to the float32 rounding of the stored weights)."""
+    U, V = _orth(1100, 256, 21), _orth(256, 256, 22)
+    s = torch.cat([torch.linspace(10.0, 8.0, 13), torch.linspace(2.0, 1.0, 243)]).double()  # gap after k = 13
+    f = torch.ones(256, dtype=torch.float64)
+    f[:13] = 1.1
+    name = "model.layers.0.mlp.up_proj.weight"
+    for d, W in (("base", U @ torch.diag(s) @ V.T),
+                 ("ft", _turn(U, 0, _outside(U, 23), THETA_Q) @ torch.diag(s * f) @ V.T)):
+        (tmp_path / d).mkdir()
+        save_file({name: W.float().contiguous()}, str(tmp_path / d / "model.safetensors"))
+    b, t = Checkpoint(tmp_path / "base"), Checkpoint(tmp_path / "ft")
+    rows = {key: scan(b, {"ft": t}, [name], DiffOptions(spectral=True, svd=svd, svd_dtype=dt)).rows["ft"][0]
+            for key, svd, dt in (("auto", "auto", "auto"), ("full32", "full", "auto"), ("full64", "full", "float64"))}
+    assert rows["auto"]["svd"] == "gram" and rows["full32"]["svd"] == "full"
+    for r in rows.values():
+        assert r["k"] == 13
+        assert r["angle_top_max_left"] == pytest.approx(THETA_Q * DEG, abs=1e-3)
+        assert r["angle_top_right"] == pytest.approx(0, abs=1e-3)
+        assert r["sv_rel_change_top"] == pytest.approx(0.1, abs=1e-5)
+        assert r["sv_rel_change_bottom"] == pytest.approx(0, abs=1e-5)
+    # against float64 SVDs the Gram route is closer than float32 SVDs are
+    for col in ("angle_top_left", "angle_bottom_left", "angle_bottom_right", "energy_rotation", "alpha_base",
+                "stable_rank_delta", "effective_rank_delta", "sv_rel_change_all"):
+        assert rows["auto"][col] == pytest.approx(rows["full64"][col], rel=1e-5, abs=1e-4)
+        assert rows["full32"][col] == pytest.approx(rows["full64"][col], rel=1e-3, abs=1e-3)

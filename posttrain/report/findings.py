@@ -107,6 +107,7 @@ def evaluate_findings(results: dict, cfg: StudyConfig) -> list[dict[str, Any]]:
                       all(h for _, h, _ in qk) if qk else None,
                       "; ".join(f"{n}: top {ev}" for n, _, ev in qk) or "no diagnostics"))
 
+    out += spectral_findings(diag, sft, rl)
     out += repair_findings(results.get("repairs", {}))
 
     if rl is None:
@@ -118,6 +119,51 @@ def evaluate_findings(results: dict, cfg: StudyConfig) -> list[dict[str, Any]]:
         out.append(_claim("rl_format_collapse", "RL collapses outputs onto one format (top format share >= 0.9 and above the base's).",
                           sr >= 0.9 and sr > sb,
                           f"sampled format shares: base top {fb} {sb:.2f}; {rl} top {fr} {sr:.2f}"))
+    return out
+
+
+def curve_ends_vs_middle(curve: dict) -> tuple[float, float, float] | None:
+    """(top 10%, bottom 10%, middle 50%) means of an angle curve {"x", "left", "right"} (both sides)."""
+    xs = curve.get("x") or []
+    pts = [(x, v) for side in ("left", "right") for x, v in zip(xs, curve.get(side) or []) if v is not None]
+    top = [v for x, v in pts if x <= 0.1]
+    bottom = [v for x, v in pts if x >= 0.9]
+    mid = [v for x, v in pts if 0.25 <= x <= 0.75]
+    if not (top and bottom and mid):
+        return None
+    return sum(top) / len(top), sum(bottom) / len(bottom), sum(mid) / len(mid)
+
+
+def spectral_findings(diag: dict, sft: str | None, rl: str | None) -> list[dict[str, Any]]:
+    """Claims about HOW SFT changed the weights: rotation of singular vectors vs rescaling of values."""
+    import math
+
+    c1 = ("SFT mostly rotates singular vectors rather than rescaling singular values (mean top-k principal "
+          "angle, in radians, exceeds the mean top-k relative singular-value change).")
+    c2 = ("The rotation concentrates at the top and bottom of the spectrum (SFT's principal angle in both the "
+          "top and the bottom 10% of the spectrum exceeds its mean over the middle 50%).")
+    d = diag.get(sft, {}) if sft else {}
+    if sft is None:
+        return [_claim("sft_rotates_not_rescales", c1, None, "this run has no SFT method"),
+                _claim("rotation_at_spectrum_ends", c2, None, "this run has no SFT method")]
+    out = []
+    ang, svc = d.get("principal_angle_top"), d.get("sv_rel_change_top")
+    if ang is None or svc is None:
+        out.append(_claim("sft_rotates_not_rescales", c1, None, "no spectral diagnostics (diagnostics.spectral: false)"))
+    else:
+        rad = math.radians(ang)
+        ev = f"{sft}: top-k angle {ang:.2f} deg = {rad:.3f} rad vs top-k s.v. change {svc:.3f}"
+        if rl and diag.get(rl, {}).get("principal_angle_top") is not None:
+            r = diag[rl]
+            ev += f" ({rl}: {math.radians(r['principal_angle_top']):.3f} rad vs {r.get('sv_rel_change_top', float('nan')):.3f})"
+        out.append(_claim("sft_rotates_not_rescales", c1, rad > svc, ev))
+    ends = curve_ends_vs_middle(d.get("angle_curve") or {})
+    if ends is None:
+        out.append(_claim("rotation_at_spectrum_ends", c2, None, "no principal-angle curve"))
+    else:
+        top, bottom, mid = ends
+        out.append(_claim("rotation_at_spectrum_ends", c2, top > mid and bottom > mid,
+                          f"{sft}: mean angle top 10% {top:.2f} deg, bottom 10% {bottom:.2f}, middle 50% {mid:.2f}"))
     return out
 
 

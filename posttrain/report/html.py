@@ -101,6 +101,51 @@ def repair_section(res: dict) -> str:
             + "<th>OOD recovered</th><th>ID gain kept</th></tr>" + "".join(rows) + "</table>")
 
 
+def _num(x: Any, fmt: str) -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def spectral_section(res: dict) -> str:
+    """Rotation vs rescaling of the singular structure, update cosines between methods, trajectories."""
+    diag = res.get("diagnostics", {})
+    parts = []
+    if any(d.get("principal_angle_top_by_layer_module") for d in diag.values()):
+        rows = "".join(
+            f"<tr><td class=l>{html.escape(n)}</td><td>{_num(d.get('rel_update_total'), '{:.2e}')}</td>"
+            f"<td>{_num(d.get('principal_angle_top'), '{:.2f}')}</td><td>{_num(d.get('principal_angle_bottom'), '{:.2f}')}</td>"
+            f"<td>{_num(d.get('sv_rel_change_top'), '{:.2e}')}</td><td>{_num(d.get('sv_rel_change_bottom'), '{:.2e}')}</td>"
+            f"<td>{_pct(d.get('energy_rotation'))}</td><td>{_pct(d.get('changed_frac'))}</td></tr>"
+            for n, d in diag.items())
+        parts.append(
+            "<h3>Rotation or rescaling?</h3><p>Per 2-D weight, the principal angles between the base's and the "
+            "fine-tuned model's top-k (bottom-k) singular subspaces (k = 5% of the rank; mean of left and right, "
+            "degrees), the relative change of the top-k (bottom-k) singular values, and the share of "
+            "‖U<sub>b</sub><sup>T</sup> ΔW V<sub>b</sub>‖² off the diagonal (the part of the update that turns "
+            "singular vectors rather than rescaling them); unweighted means over matrices.</p>"
+            "<table><tr><th class=l>model</th><th>rel. update</th><th>angle top-k (°)</th><th>angle bottom-k (°)</th>"
+            "<th>top-k s.v. change</th><th>bottom-k s.v. change</th><th>rotation energy</th>"
+            f"<th>entries changed</th></tr>{rows}</table>")
+        parts.append(_img(P.angle_curves(diag), "principal-angle curves"))
+        parts.append(_img(P.angle_heatmaps(diag), "principal angle heatmaps"))
+        parts.append(_img(P.sv_change_heatmaps(diag), "singular-value change heatmaps"))
+        if any(d.get("spectra") for d in diag.values()):
+            parts.append(_img(P.spectra(diag), "singular-value spectra"))
+    pairs = res.get("diagnostic_pairs", {})
+    if pairs:
+        txt = "; ".join(f"{html.escape(k.replace('|', ' vs '))}: {_num(v.get('cosine_total'), '{:.3f}')}"
+                        for k, v in pairs.items())
+        parts.append("<h3>Do the methods move the weights the same way?</h3><p>Cosine between the two updates "
+                     f"⟨ΔW<sub>a</sub>, ΔW<sub>b</sub>⟩ / (‖ΔW<sub>a</sub>‖ ‖ΔW<sub>b</sub>‖), all weights: {txt}.</p>")
+        parts.append(_img(P.cosine_heatmaps({k.replace("|", " vs "): v for k, v in pairs.items()}), "update cosines"))
+    traj = res.get("trajectories", {})
+    points = [{"run": m, **p} for m, pts in traj.items() for p in pts]
+    if points:
+        parts.append("<h3>Over training</h3><p>Each kept checkpoint (<code>checkpoint_every</code>) against the base; "
+                     "the last panel compares each checkpoint's update with the previous one's.</p>")
+        parts.append(_img(P.trajectories(points), "weight trajectories"))
+    return "".join(parts)
+
+
 def build_report(run: Path) -> str:
     res_path = run / "results.json"
     if not res_path.is_file():
@@ -145,6 +190,7 @@ def build_report(run: Path) -> str:
                     "concatenated weight), streamed tensor by tensor from the safetensors files.</p>")
         body.append(_img(P.update_heatmaps(diag), "relative update heatmaps"))
         body.append(_img(P.module_bars(diag), "relative update by module"))
+        body.append(spectral_section(res))
     if res.get("repairs"):
         body.append(repair_section(res))
     body.append("<h2>Example completions (in-domain)</h2>")

@@ -111,7 +111,6 @@ def training_curves(curves: dict[str, list[dict]], keys: list[tuple[str, str]], 
 def accuracy_bars(models: dict[str, dict]):
     """ID, OOD and mean retention accuracy per model."""
     names = list(models)
-    groups = ["id_acc", "ood_acc", "retention"]
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
@@ -167,5 +166,192 @@ def recovery_curves(repairs: dict[str, dict]):
                 handles.setdefault(lab, h)
         fig.legend(list(handles.values()), list(handles), loc="lower center", fontsize=7,
                    ncol=min(2, len(series)), bbox_to_anchor=(0.5, -0.02 - 0.045 * ((len(series) + 1) // 2)))
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# weight-space diagnostics of `posttrain diff` (inputs: the per-model JSON summaries of diff.json)
+
+
+def layer_module_heatmaps(summaries: dict[str, dict], key: str, title: str, cbar_label: str = "",
+                          vmin: float | None = None, vmax: float | None = None, cmap: str = "viridis",
+                          fmt: str = "{:.3f}", annotate_max_layers: int = 16):
+    """One layer x module heatmap per entry of `summaries` from its `key` ({module: per-layer list}).
+
+    Shared colour scale (default: 0 .. the largest value; pass vmin/vmax for signed quantities).
+    Cells are annotated while there are at most `annotate_max_layers` layers.
+    """
+    names = [n for n in summaries if summaries[n].get(key)]
+    if not names:
+        fig, ax = plt.subplots(figsize=(5, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no {key} in these summaries", ha="center", va="center")
+        return fig
+    modules = list(dict.fromkeys(m for n in names for m in summaries[n][key]))
+    n_layers = max(len(v) for n in names for v in summaries[n][key].values())
+    vals = [x for n in names for v in summaries[n][key].values() for x in v if x is not None and not _nan(x)]
+    lo = vmin if vmin is not None else 0.0
+    hi = vmax if vmax is not None else (max(vals, default=1.0) or 1.0)
+    width = 1.2 + min(0.55 * max(n_layers, 4), 14) * len(names)
+    fig, axes = plt.subplots(1, len(names), figsize=(width, 0.42 * len(modules) + 1.6), squeeze=False)
+    im = None
+    for ax, name in zip(axes[0], names):
+        cells = summaries[name][key]
+        grid = np.full((len(modules), n_layers), np.nan)
+        for i, m in enumerate(modules):
+            for j, x in enumerate(cells.get(m, [])):
+                if x is not None and not _nan(x):
+                    grid[i, j] = x
+        im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=lo, vmax=hi)
+        ax.set_title(name)
+        step = max(1, n_layers // 16)
+        ax.set_xticks(range(0, n_layers, step))
+        ax.set_xlabel("layer")
+        ax.set_yticks(range(len(modules)))
+        ax.set_yticklabels(modules if ax is axes[0][0] else [])
+        if n_layers <= annotate_max_layers:
+            mid = lo + 0.6 * (hi - lo)
+            for i in range(len(modules)):
+                for j in range(n_layers):
+                    if not np.isnan(grid[i, j]):
+                        ax.text(j, i, fmt.format(grid[i, j]), ha="center", va="center", fontsize=6,
+                                color="white" if grid[i, j] < mid else "black")
+    if im is not None:
+        cb = fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+        if cbar_label:
+            cb.set_label(cbar_label)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def angle_heatmaps(summaries: dict[str, dict]):
+    """Mean principal angle (degrees) between base and fine-tuned top-k singular subspaces, layer x module."""
+    return layer_module_heatmaps(summaries, "principal_angle_top_by_layer_module",
+                                 "principal angle of the top-k singular subspaces (degrees, mean of left and right)",
+                                 cbar_label="degrees", fmt="{:.2f}")
+
+
+def sv_change_heatmaps(summaries: dict[str, dict]):
+    """Mean |relative change| of the top-k singular values, layer x module."""
+    return layer_module_heatmaps(summaries, "sv_rel_change_top_by_layer_module",
+                                 "relative change of the top-k singular values |s_ft - s_base| / s_base",
+                                 fmt="{:.3f}")
+
+
+def cosine_heatmaps(pairs: dict[str, dict]):
+    """Cosine between two models' updates dW_a, dW_b per layer x module ({label: PairSummary JSON})."""
+    return layer_module_heatmaps(pairs, "cosine_by_layer_module", "cosine of the two updates <dW_a, dW_b> / (|dW_a| |dW_b|)",
+                                 vmin=-1.0, vmax=1.0, cmap="RdBu_r", fmt="{:.2f}")
+
+
+def angle_curves(summaries: dict[str, dict]):
+    """Principal angle (degrees) against the normalised singular index (0 = top, 1 = bottom), per model.
+
+    From each summary's `angle_curve` ({"x", "left", "right"}): the mean over matrices of the angle
+    between base and fine-tuned singular subspaces of each spectrum range. A U shape means the
+    rotation concentrates at the top and the bottom of the spectrum.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4), squeeze=False, sharey=True)
+    any_curve = False
+    for ax, side in zip(axes[0], ("left", "right")):
+        for i, (name, s) in enumerate(summaries.items()):
+            c = s.get("angle_curve") or {}
+            if c.get(side):
+                any_curve = True
+                ax.plot(c["x"], c[side], marker="o", ms=3, label=name, color=color(name, i))
+        ax.set_xlabel("normalised singular index (0 = largest)")
+        ax.set_title(f"{side} singular vectors", fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("principal angle (degrees)")
+    if any_curve:
+        axes[0][0].legend(fontsize=8)
+    else:
+        axes[0][0].text(0.5, 0.5, "no spectral diagnostics", ha="center", va="center", transform=axes[0][0].transAxes)
+    fig.suptitle("where in the spectrum the singular vectors rotated", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def spectra(summaries: dict[str, dict], names: list[str] | None = None, max_panels: int = 6):
+    """Singular values before (base, grey) and after (each model) for the matrices in the summaries'
+    `spectra` (or only `names`), one panel per matrix, log scale; relative change on a twin axis."""
+    all_names = list(dict.fromkeys(n for s in summaries.values() for n in (s.get("spectra") or {})))
+    chosen = [n for n in (names or all_names) if n in all_names][:max_panels]
+    if not chosen:
+        fig, ax = plt.subplots(figsize=(5, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no singular-value spectra in these summaries", ha="center", va="center")
+        return fig
+    cols = min(3, len(chosen))
+    rows = math.ceil(len(chosen) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.2 * rows), squeeze=False)
+    for ax, tname in zip(axes.flat, chosen):
+        base_drawn = False
+        twin = ax.twinx()
+        rels = []
+        for i, (model, s) in enumerate(summaries.items()):
+            sp_ = (s.get("spectra") or {}).get(tname)
+            if not sp_:
+                continue
+            x = np.asarray(sp_["index"])
+            if not base_drawn:
+                ax.plot(x, sp_["base"], color=PALETTE["base"], lw=2, label="base")
+                base_drawn = True
+            ax.plot(x, sp_["ft"], color=color(model, i), lw=1, label=model)
+            rel = np.asarray([np.nan if v is None else v for v in sp_["rel_change"]], dtype=float)
+            twin.plot(x, rel, color=color(model, i), lw=0.7, ls=":", alpha=0.8)
+            rels.append(rel[np.isfinite(rel)])
+        if rels and np.concatenate(rels).size:
+            # the tiniest singular values can change by orders of magnitude more than the rest: keep
+            # the axis on the bulk (2nd-98th percentile) and let those spikes leave the frame
+            lo, hi = np.percentile(np.concatenate(rels), [2, 98])
+            pad = 0.1 * (hi - lo) or 1e-6
+            twin.set_ylim(lo - pad, hi + pad)
+        ax.set_yscale("log")
+        ax.set_title(tname.replace(".weight", ""), fontsize=8)
+        ax.set_xlabel("singular index")
+        ax.grid(alpha=0.3)
+        twin.set_ylabel("relative change (dotted)", fontsize=7)
+        twin.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(chosen):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("singular value")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("singular-value spectra before / after", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def trajectories(points: list[dict], keys: list[tuple[str, str]] | None = None):
+    """Diagnostics over training steps: one panel per (key, label), one line per run.
+
+    `points` are rows {"run": name, "step": int, key: value, ...} (see `posttrain.analysis.trajectory`).
+    Default keys: relative update, update sparsity, and, when present, the top principal angle, the
+    top singular-value change and the cosine between consecutive checkpoints' updates.
+    """
+    if keys is None:
+        keys = [("rel_update_total", "relative update ||dW|| / ||W_base||"),
+                ("changed_frac", "fraction of entries changed")]
+        for k, label in (("principal_angle_top", "top-k principal angle (degrees)"),
+                         ("sv_rel_change_top", "top-k singular-value change"),
+                         ("cosine_prev", "cosine with the previous checkpoint's update")):
+            if any(p.get(k) is not None for p in points):
+                keys.append((k, label))
+    runs = list(dict.fromkeys(p["run"] for p in points))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.9 * len(keys), 3.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], keys):
+        for i, run in enumerate(runs):
+            pts = sorted((p["step"], p[key]) for p in points
+                         if p["run"] == run and p.get(key) is not None and not _nan(p[key]))
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=run, color=color(run, i))
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    if runs:
+        axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return fig

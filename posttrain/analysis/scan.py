@@ -1,0 +1,314 @@
+"""The streaming pass behind `posttrain diff`: every tensor of a base against N fine-tuned models.
+
+Tensor by tensor (outer loop) and model by model (inner loop), so each base tensor is read and,
+with `spectral`, decomposed once however many models are compared. Element-wise statistics stream
+over blocks of rows, so a tensor is never resident more than `chunk_elems` elements at a time
+across all checkpoints; only the SVD of a 2-D weight needs the whole weight pair (and for very tall
+matrices, embeddings and LM heads, not even that: their n x n Gram matrices accumulate block by
+block instead). Peak memory is therefore a small multiple of the largest decomposed matrix, never
+the model.
+
+Element-wise statistics per tensor and model (dW = W_t - W_b, float64 accumulation):
+  ||W_b||_F, ||dW||_F, rel_update = ||dW||_F / ||W_b||_F,
+  changed_frac   = #{|dW_ij| > tol} / numel       (update sparsity at a tolerance),
+  unchanged_frac = #{W_t,ij == W_b,ij} / numel    (bit-for-bit unchanged; +0 and -0 count as equal),
+and per pair of models (a, b): <dW_a, dW_b> and ||dW_a - dW_b||_F^2 (for cosines and distances).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from posttrain.analysis import spectral as sp
+from posttrain.analysis.checkpoints import Checkpoint, classify
+from posttrain.analysis.factors import gram, gram_factors, gram_values, singular_values, svd_factors, tall
+from posttrain.analysis.tensor_metrics import SPECTRAL_COLUMNS, from_gram, from_svd, pair_metrics, spectrum_metrics
+from posttrain.errors import UserError
+
+NAN = float("nan")
+DEFAULT_TOP_FRAC = 0.05
+
+
+@dataclass
+class DiffOptions:
+    """Knobs of a diff. See `posttrain.analysis.diff.diff` for the user-facing description."""
+
+    spectral: bool = False
+    esd: bool = False  # singular values only: spectrum changes and ESD summaries (implied by spectral)
+    rank: int | None = None  # top-k = rank; truncated SVD for large matrices (svd="auto")
+    top_frac: float | None = None  # top-k = ceil(top_frac * min(m, n)); truncated SVD for large matrices
+    svd: str = "auto"  # auto | full (LAPACK SVD wherever it fits, never truncated) | randomized
+    svd_dtype: str = "auto"  # auto (float64 up to 2^18 entries, else float32) | float32 | float64
+    bins: int = 20  # spectrum ranges of the principal-angle curves
+    tol: float = 1e-5  # |dW_ij| above this counts as changed
+    device: str = "cpu"
+    min_eval: float = 1e-5  # ESD eigenvalues at or below are dropped (WeightWatcher's default)
+    gram_min_numel: int = 2**24  # matrices at least this big and this elongated always use the Gram path
+    gram_min_aspect: float = 4.0  # (an in-memory SVD of them would take several times their size)
+    fast_gram_aspect: float = 2.0  # float32-mode matrices this elongated use it too (svd="auto"): faster
+    chunk_elems: int = 2**24  # elements per streamed block, summed over all checkpoints
+    randomized_min_dim: int = 256  # truncated SVD only pays off from about this size
+
+    def validate(self) -> None:
+        if self.svd not in ("auto", "full", "randomized"):
+            raise UserError(f"svd must be auto, full or randomized, not {self.svd!r}")
+        if self.svd_dtype not in ("auto", "float32", "float64"):
+            raise UserError(f"svd_dtype must be auto, float32 or float64, not {self.svd_dtype!r}")
+        if self.rank is not None and self.rank < 1:
+            raise UserError(f"rank must be a positive integer, not {self.rank}")
+        if self.top_frac is not None and not 0 < self.top_frac <= 1:
+            raise UserError(f"top_frac must be in (0, 1], not {self.top_frac}")
+        if self.rank is not None and self.top_frac is not None:
+            raise UserError("give either rank or top_frac, not both")
+        if self.bins < 1:
+            raise UserError(f"bins must be at least 1, not {self.bins}")
+        if not self.tol >= 0:
+            raise UserError(f"tol must be >= 0, not {self.tol}")
+
+    def k_for(self, r: int) -> int:
+        if self.rank is not None:
+            return max(1, min(self.rank, r))
+        return sp.top_k(r, self.top_frac if self.top_frac is not None else DEFAULT_TOP_FRAC)
+
+    def truncate(self, r: int) -> int | None:
+        """The rank of a truncated SVD for a matrix with min dimension r, or None for a full SVD."""
+        if self.svd == "full":
+            return None
+        k = self.k_for(r)
+        if self.svd == "randomized":
+            return k if k < r else None
+        asked = self.rank is not None or self.top_frac is not None
+        return k if asked and r >= self.randomized_min_dim and 4 * k <= r else None
+
+    def dtype_for(self, numel: int) -> torch.dtype:
+        if self.svd_dtype == "float64" or (self.svd_dtype == "auto" and numel <= 2**18):
+            return torch.float64
+        return torch.float32
+
+
+@dataclass
+class ScanResult:
+    rows: dict[str, list[dict]] = field(default_factory=dict)  # model -> per-tensor rows
+    pair_rows: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
+    curves: list[dict] = field(default_factory=list)  # model, name, side, bin, x, angle (degrees)
+    spectra: list[dict] = field(default_factory=list)  # model, name, sv_base, sv_ft (float lists)
+
+
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def scan(base: Checkpoint, models: dict[str, Checkpoint], names: list[str], opts: DiffOptions,
+         pairs: list[tuple[str, str]] = (), progress: Callable[[int], None] | None = None) -> ScanResult:
+    """Stream every tensor in `names` once; returns per-tensor rows for each model and each pair."""
+    opts.validate()
+    dev = torch.device(opts.device)
+    res = ScanResult({m: [] for m in models}, {p: [] for p in pairs})
+    for name in names:
+        _scan_tensor(base, models, name, opts, list(pairs), dev, res)
+        if progress:
+            progress(len(models))
+    return res
+
+
+def _scan_tensor(base, models, name, opts, pairs, dev, res) -> None:
+    info = classify(name)
+    shape = base.shape(name)
+    numel = math.prod(shape)
+    dtypes = {base.dtype(name), *(ck.dtype(name) for ck in models.values())}
+    floating = all(d in _FLOAT_DTYPES for d in dtypes)
+    matrix = len(shape) == 2 and min(shape) >= 2
+    spectral = (opts.spectral or opts.esd) and matrix and floating
+    use_gram = spectral and _use_gram(shape, numel, opts)
+    # stream along the long side so Gram blocks are rows of the tall orientation
+    dim = 1 if use_gram and shape[0] < shape[1] else 0
+    length = shape[dim] if shape else 1
+    per_slice = max(1, numel // max(length, 1))  # elements per streamed row (or column)
+    nck = len(models) + 1
+    step = max(1, opts.chunk_elems // (nck * per_slice))
+    whole = step >= length  # the whole tensor fits in one block: keep it for the SVD
+    exact = bool(dtypes & {"F32", "F64"}) or not floating  # float32 data needs float64 differences
+    edt = torch.float64 if exact else torch.float32
+
+    b_sq = 0.0
+    d_sq = dict.fromkeys(models, 0.0)
+    changed = dict.fromkeys(models, 0)
+    unchanged = dict.fromkeys(models, 0)
+    dots = dict.fromkeys(pairs, 0.0)
+    dist = dict.fromkeys(pairs, 0.0)
+    G: dict = {}
+    kept: dict[str, torch.Tensor] = {}
+    for start in range(0, length, step):
+        stop = min(length, start + step)
+        raw_b = _read(base, name, shape, start, stop, dim)
+        wb = _as2d(raw_b.to(dev, edt), dim)
+        b_sq += _sumsq(wb)
+        if use_gram:
+            # G_bb and G_bd = W_b^T dW (which the left singular subspaces and C = U_b^T dW V_b are read
+            # from) in float64. G_dd = dW^T dW only yields the singular values of dW and enters G_tt
+            # scaled by ||dW||^2 / ||W_b||^2, so for 16-bit weights float32 blocks summed in float64
+            # are as accurate as the data, at twice the speed.
+            xb = (wb.mT if dim == 1 else wb).double()
+            G["bb"] = G.get("bb", 0) + gram(xb)
+        deltas = {}
+        for m, ck in models.items():
+            raw_t = _read(ck, name, shape, start, stop, dim)
+            wt = raw_t.to(dev, edt).reshape(wb.shape)
+            d = wt - wb
+            d_sq[m] += _sumsq(d)
+            unchanged[m] += d.numel() - int(torch.count_nonzero(d))
+            changed[m] += int(torch.count_nonzero(d.abs() > opts.tol))
+            deltas[m] = d
+            if use_gram:
+                xd = d.mT if dim == 1 else d
+                G[("bd", m)] = G.get(("bd", m), 0) + xb.mT @ xd.double()
+                G[("dd", m)] = G.get(("dd", m), 0) + gram(xd.to(edt)).double()
+            if whole and spectral:
+                kept[m] = wt
+            del raw_t, wt
+        for a, b in pairs:
+            dots[(a, b)] += float(torch.vdot(deltas[a].flatten(), deltas[b].flatten()).double())
+            dist[(a, b)] += _sumsq(deltas[b] - deltas[a])
+        if whole and spectral:
+            kept[""] = wb
+        del deltas, raw_b
+
+    b_finite = math.isfinite(b_sq)
+    rows = {}
+    for m in models:
+        finite = b_finite and math.isfinite(d_sq[m])
+        rows[m] = {
+            "name": name, "layer": info.layer, "module": info.module, "shape": "x".join(map(str, shape)),
+            "numel": numel, "ndim": len(shape), "dtype": models[m].dtype(name),
+            "base_norm": math.sqrt(b_sq) if finite else NAN, "delta_norm": math.sqrt(d_sq[m]) if finite else NAN,
+            "rel_update": math.sqrt(d_sq[m] / b_sq) if finite and b_sq > 0 else NAN, "finite": finite,
+            "changed_frac": changed[m] / numel if finite and numel else NAN,
+            "unchanged_frac": unchanged[m] / numel if finite and numel else NAN,
+            "svd": "", **{c: NAN for c in SPECTRAL_COLUMNS},
+        }
+    for a, b in pairs:
+        ok = rows[a]["finite"] and rows[b]["finite"]
+        res.pair_rows[(a, b)].append({
+            "name": name, "layer": info.layer, "module": info.module, "numel": numel,
+            "dot": dots[(a, b)] if ok else NAN, "sq_a": d_sq[a] if ok else NAN, "sq_b": d_sq[b] if ok else NAN,
+            "dist_sq": dist[(a, b)] if ok else NAN, "base_sq": b_sq if ok else NAN,
+        })
+    if spectral and b_finite:
+        todo = [m for m in models if rows[m]["finite"]]
+        if use_gram:
+            _spectral_gram(G, todo, shape, opts, rows, d_sq)
+        else:
+            _spectral_svd(base, models, name, shape, todo, kept, opts, dev, rows, d_sq, edt)
+        for m in todo:
+            r = rows[m]
+            curve = r.pop("_curve", [])
+            res.curves.extend({"model": m, "name": name, "layer": info.layer, "module": info.module, **c} for c in curve)
+            sb, st = r.pop("_sv_base", None), r.pop("_sv_ft", None)
+            if sb is not None:
+                res.spectra.append({"model": m, "name": name, "layer": info.layer, "module": info.module,
+                                    "sv_base": sb, "sv_ft": st})
+    for m in models:
+        rows[m].pop("_esd_base", None)
+        res.rows[m].append(rows[m])
+
+
+def _use_gram(shape: tuple[int, ...], numel: int, opts: DiffOptions) -> bool:
+    """Gram path (factors.gram_factors) rather than an SVD of the matrix?
+
+    Always for huge elongated matrices (embeddings, LM heads), which never need to be in memory then.
+    With svd="auto" also for every elongated matrix that would be decomposed in float32: in float64
+    the Gram route gives singular values to relative accuracy eps64 * kappa^2 (better than a float32
+    SVD's eps32 * kappa for condition numbers kappa below ~1e8) and, from m x n with m >= 2n, costs
+    about 25% less than the two float32 SVDs plus the products the metrics need.
+    """
+    aspect = max(shape) / min(shape)
+    if numel >= opts.gram_min_numel and aspect >= opts.gram_min_aspect:
+        return True
+    return (opts.spectral and opts.svd == "auto" and opts.truncate(min(shape)) is None
+            and opts.dtype_for(numel) == torch.float32 and aspect >= opts.fast_gram_aspect)
+
+
+def _as2d(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """A block as a matrix whose rows are the streamed slices (1-D tensors: one row)."""
+    if x.dim() <= 1:
+        return x.reshape(1, -1)
+    return x if dim == 1 else x.reshape(x.shape[0], -1)
+
+
+def _read(ck: Checkpoint, name: str, shape: tuple, start: int, stop: int, dim: int) -> torch.Tensor:
+    if not shape:
+        return ck.get(name).reshape(1)
+    if start == 0 and stop == shape[dim]:
+        return ck.get(name)
+    return ck.get_block(name, start, stop, dim)
+
+
+def _sumsq(x: torch.Tensor) -> float:
+    """sum of squares with float64 accumulation; row norms first keep float32 data accurate to ~1e-7."""
+    if x.dtype == torch.float64 or x.dim() < 2:
+        return float(x.double().pow(2).sum())
+    return float(torch.linalg.vector_norm(x, dim=-1).double().pow(2).sum())
+
+
+def _spectral_svd(base, models, name, shape, todo, kept, opts, dev, rows, d_sq, edt) -> None:
+    dt = opts.dtype_for(math.prod(shape))
+    wb_e = kept.get("")
+    wb_e = (wb_e if wb_e is not None else base.get(name)).to(dev, edt)
+    wb = wb_e.to(dt)
+    tb, transposed = tall(wb)
+    r = tb.shape[-1]
+    trunc = opts.truncate(r) if opts.spectral else None
+    fb = svd_factors(tb, trunc) if opts.spectral else singular_values(tb)
+    esd_base = None
+    for m in todo:
+        wt_e = kept.get(m)
+        wt_e = (wt_e if wt_e is not None else models[m].get(name)).to(dev, edt).reshape(wb_e.shape)
+        tt, _ = tall(wt_e.to(dt))
+        if opts.spectral:
+            ft = svd_factors(tt, trunc)
+            dW, _ = tall((wt_e - wb_e).to(dt))  # differenced before rounding to the SVD's dtype
+            row, curve = pair_metrics(from_svd(dW, fb, ft), opts.k_for(r), opts.bins, d_sq[m], transposed,
+                                      esd_base, opts.min_eval)
+            method = "randomized" if trunc else "full"
+        else:
+            ft = singular_values(tt)
+            row, curve, method = _values_row(fb, ft, opts.k_for(r), esd_base, opts), [], "values"
+        esd_base = row.get("_esd_base", esd_base)
+        _store(rows[m], row, curve, fb, ft, method)
+        del wt_e, tt, ft
+
+
+def _spectral_gram(G, todo, shape, opts, rows, d_sq) -> None:
+    r = min(shape)
+    fb = gram_factors(G["bb"]) if opts.spectral else gram_values(G["bb"])
+    transposed = shape[0] < shape[1]
+    esd_base = None
+    for m in todo:
+        Gtt = G["bb"] + G[("bd", m)] + G[("bd", m)].mT + G[("dd", m)]
+        if opts.spectral:
+            ft = gram_factors(Gtt)
+            ps = from_gram(G["bb"], G[("bd", m)], G[("dd", m)], fb, ft)
+            row, curve = pair_metrics(ps, opts.k_for(r), opts.bins, d_sq[m], transposed, esd_base, opts.min_eval)
+        else:
+            ft = gram_values(Gtt)
+            row, curve = _values_row(fb, ft, opts.k_for(r), esd_base, opts), []
+        esd_base = row.get("_esd_base", esd_base)
+        _store(rows[m], row, curve, fb, ft, "gram" if opts.spectral else "gram-values")
+
+
+def _values_row(fb, ft, k, esd_base, opts) -> dict:
+    row = {c: NAN for c in SPECTRAL_COLUMNS}
+    row["k"] = max(1, min(k, fb.S.numel()))
+    row.update(spectrum_metrics(fb, ft, k, esd_base, opts.min_eval))
+    return row
+
+
+def _store(target: dict, row: dict, curve: list[dict], fb, ft, method: str) -> None:
+    target.update(row)
+    target["svd"] = method
+    target["_curve"] = curve
+    target["_sv_base"] = fb.S.double().cpu().tolist()
+    target["_sv_ft"] = ft.S.double().cpu().tolist()
