@@ -71,7 +71,7 @@ def main() -> None:
     ids = [f["id"] for f in results[0]["findings"]]
     for fid in ids:
         verdicts = [next(f["holds"] for f in r["findings"] if f["id"] == fid) for r in results]
-        print(f"  {fid:<22} " + " ".join({True: "holds", False: "no", None: "-"}[v] for v in verdicts))
+        print(f"  {fid:<33} " + " ".join(f"{({True: 'holds', False: 'no', None: '-'}[v]):<5}" for v in verdicts))
 
 
 if __name__ == "__main__":

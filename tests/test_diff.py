@@ -53,6 +53,28 @@ def test_relative_updates_match_numpy(pair):
     assert summary.rel_update_by_module["k_proj"] == 0 and len(summary.rel_update_by_layer) == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints_match_numpy_on_the_stored_values(pair, dtype, tmp_path):
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file
+
+    base, ft, _ = pair
+    stored = {}
+    for src, name in ((base, "b"), (ft, "t")):
+        t = {k: v.to(dtype) for k, v in load_torch(str(src / "model.safetensors")).items()}
+        (tmp_path / name).mkdir()
+        save_file(t, str(tmp_path / name / "model.safetensors"))
+        stored[name] = {k: v.double().numpy() for k, v in t.items()}  # exact: every half value is a double
+    res = diff(tmp_path / "b", {"t": tmp_path / "t"}, spectral=True, show_progress=False)
+    got = dict(zip(res.tables["t"]["name"], res.tables["t"]["rel_update"]))
+    for n, wb in stored["b"].items():
+        expect = np.linalg.norm((stored["t"][n] - wb).ravel()) / np.linalg.norm(wb.ravel())
+        assert got[n] == pytest.approx(expect, rel=1e-6, abs=1e-12), n  # computed in float32
+    row = res.tables["t"].set_index("name").loc["model.layers.0.mlp.down_proj.weight"]
+    # x1.1 survives rounding to half precision to about its mantissa: 8 bits for bfloat16, 11 for float16
+    assert row["sv_rel_change_top"] == pytest.approx(0.1, abs=0.02 if dtype == torch.bfloat16 else 2e-3)
+
+
 def test_sharded_checkpoint_gives_same_result(pair):
     base, ft, sharded = pair
     assert (sharded / "model.safetensors.index.json").is_file()
