@@ -339,19 +339,8 @@ def trajectories(points: list[dict], keys: list[tuple[str, str]] | None = None):
                          ("cosine_prev", "cosine with the previous checkpoint's update")):
             if any(p.get(k) is not None for p in points):
                 keys.append((k, label))
-    runs = list(dict.fromkeys(p["run"] for p in points))
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.9 * len(keys), 3.2), squeeze=False)
-    for ax, (key, label) in zip(axes[0], keys):
-        for i, run in enumerate(runs):
-            pts = sorted((p["step"], p[key]) for p in points
-                         if p["run"] == run and p.get(key) is not None and not _nan(p[key]))
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=run, color=color(run, i))
-        ax.set_xlabel("step")
-        ax.set_title(label, fontsize=9)
-        ax.grid(alpha=0.3)
-    if runs:
-        axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    runs: dict[str, list[dict]] = {}
+    for p in points:
+        runs.setdefault(p["run"], []).append(p)
+    curves = {run: sorted(rows, key=lambda p: p["step"]) for run, rows in runs.items()}
+    return training_curves(curves, keys, ncols=len(keys))
