@@ -84,3 +84,42 @@ def test_pack_marks_completion_targets():
     assert batch.target_mask.tolist() == [[0, 0, 1, 1, 1]]
     tok = build_char_tokenizer()
     assert encode_completions(tok, ["ab"]) == [[tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b"), 2]]
+
+
+def test_shared_prefix_layout_hand_checked():
+    # two groups of two: prompts [1, 5] and [1, 6]; completions of lengths 2, 1, 1, 3
+    b = pack([[1, 5], [1, 5], [1, 6], [1, 6]], [[7, 2], [2], [8], [9, 9, 2]], pad_id=0, group_size=2)
+    sh = b.shared
+    assert sh.input_ids.tolist() == [[1, 5, 7, 2, 2, 0], [1, 6, 8, 9, 9, 2]]
+    assert sh.position_ids[1].tolist() == [0, 1, 2, 2, 3, 4]  # each completion continues the prompt
+    m = sh.attention_mask[1, 0].int()
+    # the second completion (layout 3..5) sees the prompt and itself, never the first completion
+    assert m[4].tolist() == [1, 1, 0, 1, 1, 0] and m[2].tolist() == [1, 1, 1, 0, 0, 0]
+    # padded row 3 = [1, 6, 9, 9, 2]: token t sits at flat index 6 + (0, 1, 3, 4, 5)
+    assert sh.index[3].tolist() == [6, 7, 9, 10, 11]
+    # different prompts inside a group: no shared layout
+    assert pack([[1, 5], [1, 6]], [[2], [2]], pad_id=0, group_size=2).shared is None
+
+
+def test_shared_prefix_forward_matches_padded_rows(tiny_checkpoint):
+    from posttrain.train.policy import ValueHead, policy_forward
+
+    model, tok = load_model(tiny_checkpoint)
+    g = torch.Generator().manual_seed(0)
+    ro = generate(model, tok, ["pts K 3 5 2 JQK=10 t24:", "arith 7+5-3:"], n=4, max_new_tokens=12, temperature=1.0, generator=g)
+    batch = pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id, group_size=4)
+    assert batch.shared is not None and batch.shared.input_ids.shape[0] == 2
+    head = ValueHead(model.config.hidden_size)
+    torch.nn.init.normal_(head.proj.weight, generator=g)
+    with torch.no_grad():
+        a = policy_forward(model, batch, entropy=True, value_head=head)
+        b = policy_forward(model, batch.padded(), entropy=True, value_head=head)
+    m = batch.target_mask.bool()
+    for x, y in ((a.logp, b.logp), (a.entropy, b.entropy), (a.values, b.values)):
+        assert x.shape == y.shape and torch.allclose(x[m], y[m], atol=1e-5)
+    # gradients flow through the shared layout as through the padded one
+    la = (policy_forward(model, batch).logp * batch.target_mask).sum()
+    ga = torch.autograd.grad(la, model.model.embed_tokens.weight)[0]
+    lb = (policy_forward(model, batch.padded()).logp * batch.target_mask).sum()
+    gb = torch.autograd.grad(lb, model.model.embed_tokens.weight)[0]
+    assert torch.allclose(ga, gb, atol=1e-5)

@@ -135,7 +135,7 @@ class OnPolicySource(DataSource):
         rows = [p for p in problems for _ in range(n)]
         verdicts = score(self.task, rows, ro.texts, ro.finished)
         rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32)
-        packed = pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id, self.max_length)
+        packed = pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id, self.max_length, group_size=n)
         metrics = verdict_metrics(verdicts, "rollout/")
         metrics["rollout/len"] = sum(len(c) for c in ro.completion_ids) / max(len(ro.completion_ids), 1)
         return Batch(packed, n, rows, ro.texts, rewards, verdicts, metrics)

@@ -287,8 +287,10 @@ def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, o
         new = policy_forward(model, batch.packed, cfg.temperature, objective.needs_entropy, value_head)
         old = PolicyOutputs(new.logp.detach(), None, None if new.values is None else new.values.detach())
     else:
+        # minibatches are padded row subsets: the old log-probs come from the same layout, so the
+        # first ratio is 1 to the last bit
         with torch.no_grad():
-            old = policy_forward(model, batch.packed, cfg.temperature, False, value_head)
+            old = policy_forward(model, batch.packed.padded(), cfg.temperature, False, value_head)
     metrics = objective.prepare(batch, old, ref_logp, cfg)
     n = batch.packed.input_ids.shape[0]
     losses = []

@@ -35,13 +35,24 @@ def policy_forward(model, batch: PackedBatch, temperature: float = 1.0, entropy:
                    value_head: ValueHead | None = None) -> PolicyOutputs:
     """One forward pass; every output is [B, T-1], aligned with `batch.target_mask`.
 
-    With a value head the trunk runs once and feeds both the LM head and the critic.
+    With a value head the trunk runs once and feeds both the LM head and the critic. When the batch
+    carries a `SharedPrefix` layout (GRPO groups), the model runs on that (each prompt once, no
+    padding) and the per-token outputs are gathered back into the padded [B, T] layout.
     """
     values = None
-    if value_head is None:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    sh = batch.shared
+    if sh is None:
+        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     else:
-        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        inputs = dict(input_ids=sh.input_ids, attention_mask=sh.attention_mask, position_ids=sh.position_ids)
+
+    def unshare(x: torch.Tensor) -> torch.Tensor:  # [R, L, ...] -> [B, T, ...]
+        return x if sh is None else x.reshape(-1, *x.shape[2:])[sh.index]
+
+    if value_head is None:
+        logits = unshare(model(**inputs).logits)[:, :-1]
+    else:
+        hidden = unshare(model.base_model(**inputs).last_hidden_state)
         logits = model.get_output_embeddings()(hidden)[:, :-1]
         values = value_head(hidden)[:, :-1]
     logits = logits.float()

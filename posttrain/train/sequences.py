@@ -28,17 +28,47 @@ def encode_completions(tok, texts: list[str]) -> list[list[int]]:
 
 
 @dataclass
+class SharedPrefix:
+    """A group of rows that share one prompt, laid out once per group as [prompt, c_1, ..., c_G].
+
+    Completion i attends to the prompt and to itself (4-D mask) and its positions continue from the
+    prompt's, so every token computes what it would in its own padded row, while the prompt is
+    computed once per group and nothing is spent on padding. `index[b, t]` is the flat position
+    (into R*L) of token t of padded row b (0 for padding, which is masked anyway).
+    """
+
+    input_ids: torch.Tensor  # [R, L]
+    position_ids: torch.Tensor  # [R, L]
+    attention_mask: torch.Tensor  # [R, 1, L, L] bool, True = may attend
+    index: torch.Tensor  # [B, T] long
+
+    def to(self, device: torch.device) -> "SharedPrefix":
+        return SharedPrefix(*(x.to(device) for x in (self.input_ids, self.position_ids, self.attention_mask, self.index)))
+
+
+@dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
     target_mask: torch.Tensor  # [B, T-1] float: 1 where token t+1 is a completion token
+    shared: SharedPrefix | None = None  # the same rows with each group's prompt computed once
 
     def to(self, device: torch.device) -> "PackedBatch":
-        return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
+        return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device),
+                           None if self.shared is None else self.shared.to(device))
+
+    def padded(self) -> "PackedBatch":
+        """The same batch without the shared-prefix layout (one padded row per sequence)."""
+        return PackedBatch(self.input_ids, self.attention_mask, self.target_mask)
 
 
-def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, max_length: int | None = None) -> PackedBatch:
-    """Concatenate prompt and completion per row and right-pad; truncate from the right if needed."""
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, max_length: int | None = None,
+         group_size: int = 1) -> PackedBatch:
+    """Concatenate prompt and completion per row and right-pad; truncate from the right if needed.
+
+    With `group_size` > 1 and every run of `group_size` consecutive rows sharing its prompt (GRPO
+    groups), the batch also carries the `SharedPrefix` layout that `policy_forward` computes on.
+    """
     rows = []
     starts = []
     for p, c in zip(prompt_ids, completion_ids):
@@ -56,7 +86,48 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: i
         attention[i, : len(row)] = 1
         # token j (j >= start) is a completion token; it is predicted at position j - 1
         target[i, max(start - 1, 0) : len(row) - 1] = 1.0
-    return PackedBatch(input_ids, attention, target)
+    shared = share_prefixes(rows, starts, group_size, pad_id, width) if group_size > 1 else None
+    return PackedBatch(input_ids, attention, target, shared)
+
+
+def share_prefixes(rows: list[list[int]], starts: list[int], group: int, pad_id: int, width: int) -> SharedPrefix | None:
+    """The `SharedPrefix` layout of `rows` (prompt = row[:start]); None unless the rows come in
+    groups of `group` with identical prompts."""
+    n = len(rows)
+    if n % group:
+        return None
+    groups = [range(g, g + group) for g in range(0, n, group)]
+    for members in groups:
+        first = rows[members[0]][: starts[members[0]]]
+        if any(rows[i][: starts[i]] != first for i in members):
+            return None
+    lengths = [starts[m[0]] + sum(len(rows[i]) - starts[i] for i in m) for m in groups]
+    L = max(lengths)
+    R = len(groups)
+    input_ids = torch.full((R, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((R, L), dtype=torch.long)
+    seg = torch.full((R, L), -2, dtype=torch.long)  # -1 prompt, i completion i, -2 padding
+    index = torch.zeros((n, width), dtype=torch.long)
+    for r, members in enumerate(groups):
+        P = starts[members[0]]
+        input_ids[r, :P] = torch.tensor(rows[members[0]][:P], dtype=torch.long)
+        position_ids[r, :P] = torch.arange(P)
+        seg[r, :P] = -1
+        index[list(members), :P] = r * L + torch.arange(P)
+        off = P
+        for k, i in enumerate(members):
+            c = rows[i][P:]
+            input_ids[r, off : off + len(c)] = torch.tensor(c, dtype=torch.long)
+            position_ids[r, off : off + len(c)] = torch.arange(P, P + len(c))
+            seg[r, off : off + len(c)] = k
+            index[i, P : P + len(c)] = r * L + off + torch.arange(len(c))
+            off += len(c)
+        position_ids[r, off:] = torch.arange(L - off)  # padding: any in-range position
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    q, k = seg.unsqueeze(2), seg.unsqueeze(1)
+    mask = causal & (q >= -1) & ((k == -1) | (k == q))
+    mask |= torch.eye(L, dtype=torch.bool)  # a padding query attends to itself: no empty softmax row
+    return SharedPrefix(input_ids, position_ids, mask.unsqueeze(1), index)
 
 
 def token_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
