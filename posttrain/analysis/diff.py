@@ -16,8 +16,6 @@ angle_curves.csv/.parquet and spectra.parquet (with spectral), and PNG plots.
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from posttrain.analysis.checkpoints import Checkpoint, check_compatible
 from posttrain.analysis.scan import DiffOptions, scan
 from posttrain.analysis.updates import PairSummary, UpdateSummary, summarise, summarise_pair
 from posttrain.errors import UserError
-from posttrain.io import atomic_write_json, atomic_write_text
+from posttrain.io import atomic_file, atomic_write_bytes, atomic_write_json, atomic_write_text
 from posttrain.progress import progress_bar
 
 MAX_DEFAULT_PAIRS_MODELS = 6
@@ -167,14 +165,8 @@ def _pairs(models: list[str], spec) -> list[tuple[str, str]]:
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_table(df: pd.DataFrame, out: Path, stem: str, csv: bool = True) -> None:
@@ -218,14 +210,3 @@ def write_plots(result: DiffResult, out: Path) -> list[Path]:
         atomic_write_bytes(out / fname, data)
         paths.append(out / fname)
     return paths
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from posttrain.analysis.diff import DiffResult, atomic_write_bytes, diff, write_outputs
+from posttrain.analysis.diff import DiffResult, diff, write_outputs
 from posttrain.errors import UserError
-from posttrain.io import atomic_write_json, atomic_write_text
+from posttrain.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 _STEP = re.compile(r"step-(\d+)")
 

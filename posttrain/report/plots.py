@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-from pathlib import Path
 
 import matplotlib
 
@@ -21,14 +20,11 @@ def color(name: str, i: int = 0) -> str:
     return PALETTE.get(name, plt.cm.tab10(i % 10))
 
 
-def to_png(fig, path: str | Path | None = None) -> bytes:
+def to_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    data = buf.getvalue()
-    if path is not None:
-        Path(path).write_bytes(data)
-    return data
+    return buf.getvalue()
 
 
 def data_uri(png: bytes) -> str:
