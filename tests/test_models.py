@@ -4,7 +4,8 @@ from posttrain.config import ModelConfig
 from posttrain.models.loading import load_model, save_checkpoint
 from posttrain.models.tiny import build_char_tokenizer, build_tiny_model
 from posttrain.train.rollout import generate
-from posttrain.train.sequences import encode_completions, encode_prompts, pack, token_logprobs
+from posttrain.train.policy import policy_forward
+from posttrain.train.sequences import encode_completions, encode_prompts, pack
 
 
 def test_char_tokenizer_round_trip():
@@ -69,7 +70,7 @@ def test_sampler_logprobs_match_training_forward(tiny_checkpoint):
     ro = generate(model, tok, ["arith 1+2:", "pts K 3 5 2 JQK=10 t24:"], n=1, max_new_tokens=6, greedy=True)
     batch = pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id)
     with torch.no_grad():
-        logp = token_logprobs(model, batch)
+        logp = policy_forward(model, batch).logp
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     # greedy tokens are the argmax of the training-forward logits at every completion position
     m = batch.target_mask.bool()
@@ -102,7 +103,7 @@ def test_shared_prefix_layout_hand_checked():
 
 
 def test_shared_prefix_forward_matches_padded_rows(tiny_checkpoint):
-    from posttrain.train.policy import ValueHead, policy_forward
+    from posttrain.train.policy import ValueHead
 
     model, tok = load_model(tiny_checkpoint)
     g = torch.Generator().manual_seed(0)

@@ -9,6 +9,7 @@ exactly as an uninterrupted one would. Checkpoints are written atomically.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from posttrain.analysis.checkpoints import Checkpoint
 from posttrain.errors import UserError
-from posttrain.io import atomic_dir
+from posttrain.io import atomic_dir, atomic_write_text
 
 STATE_FILE = "trainer_state.pt"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -41,6 +42,12 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
         return None
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
     return max(found)[1] if found else None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the rows of a metrics.jsonl logged after `step` (a resumed run logs them again)."""
+    rows = path.read_text().splitlines() if path.is_file() else []
+    atomic_write_text(path, "".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= step))
 
 
 def load_weights_into(model, path: Path) -> None:

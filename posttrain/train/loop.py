@@ -38,6 +38,7 @@ from posttrain.train.checkpointing import (
     load_training_state,
     load_weights_into,
     save_training_checkpoint,
+    truncate_metrics,
 )
 from posttrain.train.data_sources import (
     Batch,
@@ -207,9 +208,7 @@ def train(
         if value_head is not None:
             value_head.load(ck / "value_head.safetensors")
         start = int(state["step"])
-        kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.is_file() else [])
-                if line.strip() and json.loads(line)["step"] <= start]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        truncate_metrics(metrics_path, start)
     elif resume and (out_dir / "model" / "config.json").is_file() and (out_dir / "train.json").is_file():
         raise UserError(f"{out_dir} already holds a finished run (model/); nothing to resume")
     log = metrics_path.open("a" if ck is not None else "w")

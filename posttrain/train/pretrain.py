@@ -22,7 +22,13 @@ from posttrain.io import atomic_write_json, atomic_write_text, versions
 from posttrain.models.loading import save_checkpoint
 from posttrain.models.tiny import build_char_tokenizer, build_tiny_model
 from posttrain.tasks import Task
-from posttrain.train.checkpointing import latest_checkpoint, load_training_state, load_weights_into, save_training_checkpoint
+from posttrain.train.checkpointing import (
+    latest_checkpoint,
+    load_training_state,
+    load_weights_into,
+    save_training_checkpoint,
+    truncate_metrics,
+)
 from posttrain.train.data_sources import step_seed
 from posttrain.train.loop import make_accelerator, make_optimizer, make_scheduler, seed_everything
 from posttrain.train.sequences import encode_completions, encode_prompts, pack_documents
@@ -80,9 +86,7 @@ def pretrain(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["step"])
-        kept = [x for x in metrics.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= start] \
-            if metrics.is_file() else []
-        metrics.write_text("".join(x + "\n" for x in kept))
+        truncate_metrics(metrics, start)
     with metrics.open("a" if ck is not None else "w") as log:
         for step in range(start, cfg.steps):
             rng = random.Random(step_seed(seed, step, "pretrain"))

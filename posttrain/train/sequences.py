@@ -130,16 +130,6 @@ def share_prefixes(rows: list[list[int]], starts: list[int], group: int, pad_id:
     return SharedPrefix(input_ids, position_ids, mask.unsqueeze(1), index)
 
 
-def token_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
-    """log p(x_{t+1} | x_{<=t}) for every position t, shape [B, T-1] (garbage where masked)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = batch.input_ids[:, 1:]
-    # log_softmax + gather without materialising a second [B, T, V] tensor of log-probs
-    return torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
