@@ -256,6 +256,8 @@ _TARGET = typer.Option(..., "--target",
                        help="The fine-tuned (damaged) checkpoint; its config, tokenizer and sharding are kept.")
 _OUT = typer.Option(..., "--out", help="Output checkpoint directory (must not exist unless --overwrite).")
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace --out if it is an earlier repair output.")
+_INCLUDE = typer.Option([], help="Only tensors whose name matches this glob (repeatable).")
+_EXCLUDE = typer.Option([], help="Skip tensors whose name matches this glob (repeatable).")
 _LAYERS_HELP = "Only these decoder layers, e.g. 0:6, 3 or 0:2,5 (half-open ranges)."
 _MODULES_HELP = ("Only these module types, comma-separated "
                  "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,embed,lm_head,norm,...).")
@@ -307,8 +309,8 @@ def repair_uv_merge(
     head: bool = typer.Option(False, "--head",
                               help="With a layer restriction: also lm_head and the final norm."),
     modules: Optional[str] = typer.Option(None, help=_MODULES_HELP),
-    include: List[str] = typer.Option([], help="Only tensors whose name matches this glob (repeatable)."),
-    exclude: List[str] = typer.Option([], help="Skip tensors whose name matches this glob (repeatable)."),
+    include: List[str] = _INCLUDE,
+    exclude: List[str] = _EXCLUDE,
     out: Path = _OUT,
     overwrite: bool = _OVERWRITE,
     device: str = typer.Option("cpu", help="Where the SVDs run: cpu, cuda or auto."),
@@ -333,8 +335,8 @@ def repair_reset_layers(
     embeddings: bool = typer.Option(False, "--embeddings", help="Also reset the token/position embeddings."),
     head: bool = typer.Option(False, "--head", help="Also reset lm_head and the final norm."),
     modules: Optional[str] = typer.Option(None, help="Within those layers, only these module types. " + _MODULES_HELP),
-    include: List[str] = typer.Option([], help="Only tensors whose name matches this glob (repeatable)."),
-    exclude: List[str] = typer.Option([], help="Skip tensors whose name matches this glob (repeatable)."),
+    include: List[str] = _INCLUDE,
+    exclude: List[str] = _EXCLUDE,
     out: Path = _OUT,
     overwrite: bool = _OVERWRITE,
 ) -> None:
@@ -351,8 +353,8 @@ def repair_interpolate(
                                 "in [0, 1]."),
     layers: Optional[str] = typer.Option(None, help=_LAYERS_HELP),
     modules: Optional[str] = typer.Option(None, help=_MODULES_HELP),
-    include: List[str] = typer.Option([], help="Only tensors whose name matches this glob (repeatable)."),
-    exclude: List[str] = typer.Option([], help="Skip tensors whose name matches this glob (repeatable)."),
+    include: List[str] = _INCLUDE,
+    exclude: List[str] = _EXCLUDE,
     out: Path = _OUT,
     overwrite: bool = _OVERWRITE,
 ) -> None:

@@ -263,10 +263,9 @@ def weight_diagnostics(cfg: StudyConfig, run: Run, stages: Stages, base_dir: Pat
     summaries = {n: res.summaries[n].to_json() for n in names}
     for n in names:
         atomic_write_json(run.diagnostics("base", n), summaries[n])
-    pairs = {}
-    for (a, b), p in res.pairs.items():
-        atomic_write_json(run.diagnostics(a, b), p.to_json())
-        pairs[f"{a}|{b}"] = p.to_json()
+    pairs = {f"{a}|{b}": p.to_json() for (a, b), p in res.pairs.items()}
+    for a, b in res.pairs:
+        atomic_write_json(run.diagnostics(a, b), pairs[f"{a}|{b}"])
     traj: dict[str, list[dict]] = {}
     runs = {n: cks for n in names if (cks := find_checkpoints(run.method(n)))} if dcfg.trajectory else {}
     if runs:

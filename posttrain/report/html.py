@@ -130,13 +130,12 @@ def spectral_section(res: dict) -> str:
         parts.append(_img(P.sv_change_heatmaps(diag), "singular-value change heatmaps"))
         if any(d.get("spectra") for d in diag.values()):
             parts.append(_img(P.spectra(diag), "singular-value spectra"))
-    pairs = res.get("diagnostic_pairs", {})
+    pairs = {k.replace("|", " vs "): v for k, v in res.get("diagnostic_pairs", {}).items()}
     if pairs:
-        txt = "; ".join(f"{html.escape(k.replace('|', ' vs '))}: {_num(v.get('cosine_total'), '{:.3f}')}"
-                        for k, v in pairs.items())
+        txt = "; ".join(f"{html.escape(k)}: {_num(v.get('cosine_total'), '{:.3f}')}" for k, v in pairs.items())
         parts.append("<h3>Do the methods move the weights the same way?</h3><p>Cosine between the two updates "
                      f"⟨ΔW<sub>a</sub>, ΔW<sub>b</sub>⟩ / (‖ΔW<sub>a</sub>‖ ‖ΔW<sub>b</sub>‖), all weights: {txt}.</p>")
-        parts.append(_img(P.cosine_heatmaps({k.replace("|", " vs "): v for k, v in pairs.items()}), "update cosines"))
+        parts.append(_img(P.cosine_heatmaps(pairs), "update cosines"))
     traj = res.get("trajectories", {})
     points = [{"run": m, **p} for m, pts in traj.items() for p in pts]
     if points:
