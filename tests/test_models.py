@@ -124,3 +124,25 @@ def test_shared_prefix_forward_matches_padded_rows(tiny_checkpoint):
     lb = (policy_forward(model, batch.padded()).logp * batch.target_mask).sum()
     gb = torch.autograd.grad(lb, model.model.embed_tokens.weight)[0]
     assert torch.allclose(ga, gb, atol=1e-5)
+
+
+def test_decode_mask_shortcut_samples_what_transformers_mask_samples(tiny_checkpoint, monkeypatch):
+    """The sampler hands sdpa its own 4-D padding mask at decode steps; with left padding of
+    different widths it must draw exactly what transformers' own mask construction draws."""
+    import posttrain.train.rollout as rollout
+
+    model, tok = load_model(tiny_checkpoint)
+    assert rollout._takes_bool_mask(model)  # the shortcut is live for the tiny model
+    prompts = ["pts K 3 5 2 JQK=10 t24:", "a:", "fact color of zubo:"]
+
+    def draw():
+        sampled = generate(model, tok, prompts, n=4, max_new_tokens=16, generator=torch.Generator().manual_seed(11))
+        greedy = generate(model, tok, prompts, n=1, max_new_tokens=16, greedy=True)
+        return sampled.completion_ids, sampled.finished, greedy.completion_ids
+
+    fast = draw()
+    monkeypatch.setattr(rollout, "_takes_bool_mask", lambda m: False)
+    assert draw() == fast
+    model.config._attn_implementation = "eager"  # eager wants an additive mask: no shortcut
+    monkeypatch.undo()
+    assert not rollout._takes_bool_mask(model)

@@ -57,8 +57,18 @@ def generate(
     return Rollouts(expanded, out_completions, texts, out_finished, n)
 
 
+def _takes_bool_mask(model) -> bool:
+    """Whether every layer of `model` is full causal attention through sdpa, which reads a boolean
+    [batch, 1, query, key] mask as is (eager attention wants an additive float mask instead)."""
+    text = model.config.get_text_config(decoder=True)
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    return (getattr(model.config, "_attn_implementation", None) == "sdpa" and kinds == {"full_attention"}
+            and getattr(text, "sliding_window", None) is None)
+
+
 def _generate_batch(model, tok, prompt_ids, n, max_new_tokens, temperature, greedy, generator):
     device = next(model.parameters()).device
+    fast_mask = _takes_bool_mask(model)
     pad = tok.pad_token_id
     eos = tok.eos_token_id
     width = max(len(p) for p in prompt_ids)
@@ -110,8 +120,11 @@ def _generate_batch(model, tok, prompt_ids, n, max_new_tokens, temperature, gree
             alive, nxt = alive[idx], nxt[idx.to(device)]
             attention, next_pos = attention[idx.to(device)], next_pos[idx.to(device)]
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        # a one-token query may attend to every unpadded key: handing sdpa that 4-D mask directly
+        # skips transformers' per-step mask construction (the same mask, so the same samples)
         out = model(
-            input_ids=nxt.unsqueeze(-1), attention_mask=attention, position_ids=next_pos,
+            input_ids=nxt.unsqueeze(-1), attention_mask=attention.bool()[:, None, None, :] if fast_mask else attention,
+            position_ids=next_pos,
             past_key_values=cache, use_cache=True,
         )
         logits = out.logits[:, -1].float()
