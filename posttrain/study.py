@@ -7,6 +7,7 @@ one run, and a crash resumes from the last finished stage.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import time
 from pathlib import Path
@@ -239,15 +240,17 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
 
 def weight_diagnostics(cfg: StudyConfig, run: Run, stages: Stages, base_dir: Path, model_dirs: dict[str, Path],
                        keys: dict[str, str], base_key: str, say: Callable[[str], None]) -> tuple[dict, dict]:
-    """Every method's model against the base in one streamed pass (base tensors read once; the
-    updates of each pair of methods compared by cosine), then each method's checkpoint trajectory.
+    """Every method's model and every training checkpoint against the base in one streamed pass
+    (base tensors read once): the updates of each pair of methods compared by cosine, and each
+    method's trajectory over its checkpoints.
 
     Writes diagnostics/base__<m>.json and <a>__<b>.json (DESIGN.md), diagnostics/diff/ (tables and
     plots of `posttrain diff`) and diagnostics/trajectory/. Returns ({method: summary JSON},
     {"pairs": {"a|b": pair JSON}, "trajectory": {method: [points]}}).
     """
-    from posttrain.analysis.diff import diff
-    from posttrain.analysis.trajectory import find_checkpoints, trajectory
+    from posttrain.analysis.diff import MAX_DEFAULT_PAIRS_MODELS, diff, write_outputs
+    from posttrain.analysis.trajectory import (TrajectoryResult, find_checkpoints, step_key, trajectory_plan,
+                                               trajectory_points, write_trajectory)
 
     dcfg = cfg.diagnostics
     names = list(cfg.methods)
@@ -257,20 +260,40 @@ def weight_diagnostics(cfg: StudyConfig, run: Run, stages: Stages, base_dir: Pat
     outputs = [run.diagnostics("base", n) for n in names] + [extra_path]
     if stages.done("diagnostics", key, outputs):
         return {n: read_json(run.diagnostics("base", n)) for n in names}, read_json(extra_path)
-    opts = dict(spectral=dcfg.spectral, top_frac=dcfg.top_frac, bins=dcfg.bins)
-    say(f"diff base vs {', '.join(names)}" + (" (spectral)" if dcfg.spectral else ""))
-    res = diff(base_dir, {n: model_dirs[n] for n in names}, root / "diff", show_progress=False, **opts)
-    summaries = {n: res.summaries[n].to_json() for n in names}
+    # One streamed pass covers the final models and every checkpoint, so the base is read once. A
+    # method's final model is the last point of its trajectory: its checkpoint at the final step
+    # holds the same weights and is not read a second time.
+    final = {n: cfg.methods[n].steps for n in names}
+    runs = {}
+    if dcfg.trajectory:
+        for n in names:
+            if cks := find_checkpoints(run.method(n)):
+                runs[n] = [*((s, p) for s, p in cks if s < final[n]), (final[n], model_dirs[n])]
+
+    def point_key(method: str, step: int) -> str:
+        return method if step == final[method] else step_key(method, step)
+
+    traj_models, traj_pairs = trajectory_plan(runs, point_key)
+    method_pairs = list(itertools.combinations(names, 2)) if 2 <= len(names) <= MAX_DEFAULT_PAIRS_MODELS else []
+    n_ck = len(traj_models) - len(runs)
+    say(f"diff base vs {', '.join(names)}" + (" (spectral)" if dcfg.spectral else "")
+        + (f" and {n_ck} earlier checkpoint{'s' * (n_ck != 1)}" if n_ck else ""))
+    res = diff(base_dir, {**{n: model_dirs[n] for n in names}, **traj_models}, None, plots=False,
+               show_progress=False, spectral=dcfg.spectral, top_frac=dcfg.top_frac, bins=dcfg.bins,
+               compare_pairs=method_pairs + traj_pairs)
+    main = res.subset(names, method_pairs)
+    write_outputs(main, root / "diff")
+    summaries = {n: main.summaries[n].to_json() for n in names}
     for n in names:
         atomic_write_json(run.diagnostics("base", n), summaries[n])
-    pairs = {f"{a}|{b}": p.to_json() for (a, b), p in res.pairs.items()}
-    for a, b in res.pairs:
+    pairs = {f"{a}|{b}": p.to_json() for (a, b), p in main.pairs.items()}
+    for a, b in main.pairs:
         atomic_write_json(run.diagnostics(a, b), pairs[f"{a}|{b}"])
     traj: dict[str, list[dict]] = {}
-    runs = {n: cks for n in names if (cks := find_checkpoints(run.method(n)))} if dcfg.trajectory else {}
     if runs:
-        say(f"trajectory diagnostics over {sum(map(len, runs.values()))} checkpoints")
-        tr = trajectory(base_dir, runs, root / "trajectory", show_progress=False, **opts)
+        points = trajectory_points(res, runs, point_key)
+        tr = TrajectoryResult(res.subset(list(traj_models), traj_pairs), points, point_key)
+        write_trajectory(tr, root / "trajectory")
         for p in tr.points:  # paths inside the run dir would not survive a move of it
             traj.setdefault(p["run"], []).append({k: v for k, v in p.items() if k not in ("run", "checkpoint")})
     extra = {"pairs": pairs, "trajectory": traj}

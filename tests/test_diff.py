@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -435,6 +436,51 @@ def test_trajectory_over_step_checkpoints(pair, tmp_path):
         assert (tmp_path / "traj" / f).stat().st_size > 0
     with pytest.raises(UserError, match="no step-"):
         discover_runs([tmp_path])
+
+
+def test_study_diagnostics_read_every_model_once(pair, tmp_path, monkeypatch):
+    """The study diffs final models and checkpoints in one pass; a method's final model is its
+    trajectory's last point, and its twin checkpoint at the final step is never read."""
+    import posttrain.analysis.diff as diff_mod
+    from posttrain.config import StudyConfig, TrainConfig
+    from posttrain.study import Run, Stages, weight_diagnostics
+
+    base, ft, _ = pair
+    run = Run(tmp_path / "run")
+    model, _ = load_model(ft)
+    w = model.model.layers[1].self_attn.q_proj.weight
+    dirs = {}
+    with torch.no_grad():
+        for name in ("sft", "grpo"):
+            for step in (2, 4):
+                w.mul_(1.2)
+                model.save_pretrained(run.method(name) / "checkpoints" / f"step-{step}", safe_serialization=True)
+            model.save_pretrained(run.model(name), safe_serialization=True)
+            dirs[name] = run.model(name)
+    cfg = StudyConfig(methods={"sft": TrainConfig(objective="sft", steps=4), "grpo": TrainConfig(objective="grpo", steps=4)})
+    calls = []
+    real = diff_mod.diff
+
+    def counting(base_dir, others, *a, **kw):
+        calls.append(dict(others))
+        return real(base_dir, others, *a, **kw)
+
+    monkeypatch.setattr(diff_mod, "diff", counting)
+    summaries, extra = weight_diagnostics(cfg, run, Stages(run, resume=True), Path(base), dirs,
+                                          {"sft": "k1", "grpo": "k2"}, "kb", lambda m: None)
+    assert len(calls) == 1
+    read = {Path(p).resolve() for p in calls[0].values()}
+    assert not {(run.method(n) / "checkpoints" / "step-4").resolve() for n in dirs} & read
+    assert {(run.method(n) / "checkpoints" / "step-2").resolve() for n in dirs} <= read
+    for name in dirs:
+        pts = extra["trajectory"][name]
+        assert [p["step"] for p in pts] == [2, 4]
+        assert pts[1]["rel_update_total"] == summaries[name]["rel_update_total"] > pts[0]["rel_update_total"]
+        assert pts[1]["cosine_prev"] > 0.99
+    assert set(extra["pairs"]) == {"sft|grpo"}
+    assert (run.root / "diagnostics" / "diff" / "update_cosine_heatmap.png").is_file()
+    tj = json.loads((run.root / "diagnostics" / "trajectory" / "trajectory.json").read_text())
+    assert [p["step"] for p in tj["runs"]["grpo"]] == [2, 4]
 
 
 def test_report_plots_from_summaries(planted):

@@ -47,6 +47,19 @@ class DiffResult:
         """All models' per-tensor rows in one table (a `model` column tells them apart)."""
         return pd.concat(self.tables.values(), ignore_index=True) if self.tables else pd.DataFrame()
 
+    def subset(self, models: list[str], pairs: list[tuple[str, str]] | None = None) -> "DiffResult":
+        """The same diff restricted to `models` and to `pairs` (default: every computed pair of them)."""
+        keep = set(models)
+        if pairs is None:
+            pairs = [p for p in self.pairs if keep.issuperset(p)]
+
+        def rows(df: pd.DataFrame) -> pd.DataFrame:
+            return df[df["model"].isin(keep)].reset_index(drop=True) if not df.empty else df
+
+        return DiffResult(self.base, {m: self.summaries[m] for m in models}, {m: self.tables[m] for m in models},
+                          {p: self.pairs[p] for p in pairs}, {p: self.pair_tables[p] for p in pairs},
+                          rows(self.curves), rows(self.spectra), dict(self.settings))
+
     def to_json(self) -> dict:
         out = {"base": self.base, "models": {k: v.to_json() for k, v in self.summaries.items()}}
         if self.pairs:

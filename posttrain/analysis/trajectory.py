@@ -14,6 +14,7 @@ since the previous checkpoint. A point per checkpoint:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,10 +64,16 @@ def discover_runs(paths: list[str | Path]) -> dict[str, list[tuple[int, Path]]]:
     return runs
 
 
+def step_key(run: str, step: int) -> str:
+    """The model name of a run's checkpoint in the underlying diff."""
+    return f"{run}@{step}"
+
+
 @dataclass
 class TrajectoryResult:
-    result: DiffResult  # the underlying multi-checkpoint diff (models named "<run>@<step>")
+    result: DiffResult  # the underlying multi-checkpoint diff (models named by `key`, "<run>@<step>")
     points: list[dict]
+    key: Callable[[str, int], str] = step_key
 
     @property
     def table(self) -> pd.DataFrame:
@@ -82,6 +89,48 @@ class TrajectoryResult:
 SPECTRAL_KEYS = ("principal_angle_top", "principal_angle_bottom", "sv_rel_change_top", "energy_rotation")
 
 
+def trajectory_plan(runs: dict[str, list[tuple[int, Path]]], key: Callable[[str, int], str] = step_key
+                    ) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """The models ({name: dir}) and consecutive-checkpoint pairs that a diff must cover for the
+    trajectories of `runs`; `key` names each (run, step)."""
+    models: dict[str, Path] = {}
+    pairs: list[tuple[str, str]] = []
+    for run, cks in runs.items():
+        prev = None
+        for step, path in cks:
+            k = key(run, step)
+            models[k] = path
+            if prev is not None:
+                pairs.append((prev, k))
+            prev = k
+    return models, pairs
+
+
+def trajectory_points(res: DiffResult, runs: dict[str, list[tuple[int, Path]]],
+                      key: Callable[[str, int], str] = step_key) -> list[dict]:
+    """One point per checkpoint of `runs`, from a diff that covered `trajectory_plan(runs, key)`."""
+    points = []
+    for run, cks in runs.items():
+        prev = None
+        for step, path in cks:
+            k = key(run, step)
+            s = res.summaries[k].to_json()
+            p = {"run": run, "step": step, "checkpoint": str(path),
+                 "rel_update_total": s["rel_update_total"], "changed_frac": s.get("changed_frac"),
+                 "unchanged_frac": s.get("unchanged_frac"), "cosine_prev": None, "step_distance": None}
+            pair = res.pairs.get((prev, k))
+            if pair is not None:
+                p["cosine_prev"], p["step_distance"] = pair.cosine_total, pair.rel_distance_total
+            for name in SPECTRAL_KEYS:
+                if name in s:
+                    p[name] = s[name]
+            for m, v in s["rel_update_by_module"].items():
+                p[f"rel_update/{m}"] = v
+            points.append(p)
+            prev = k
+    return points
+
+
 def trajectory(base: str | Path, runs: dict[str, list[tuple[int, Path]]] | list[str | Path],
                out_dir: str | Path | None = None, plots: bool = True, show_progress: bool = True,
                **diff_kwargs) -> TrajectoryResult:
@@ -89,37 +138,10 @@ def trajectory(base: str | Path, runs: dict[str, list[tuple[int, Path]]] | list[
     `base`; `diff_kwargs` go to `diff` (spectral, rank, top_frac, device, ...)."""
     if not isinstance(runs, dict):
         runs = discover_runs(runs)
-    models: dict[str, Path] = {}
-    pairs: list[tuple[str, str]] = []
-    for run, cks in runs.items():
-        prev = None
-        for step, path in cks:
-            key = f"{run}@{step}"
-            models[key] = path
-            if prev is not None:
-                pairs.append((prev, key))
-            prev = key
+    models, pairs = trajectory_plan(runs)
     diff_kwargs.setdefault("compare_pairs", pairs)
     res = diff(base, models, None, plots=False, show_progress=show_progress, **diff_kwargs)
-    prev_of = {b: a for a, b in pairs}
-    points = []
-    for run, cks in runs.items():
-        for step, path in cks:
-            key = f"{run}@{step}"
-            s = res.summaries[key].to_json()
-            p = {"run": run, "step": step, "checkpoint": str(path),
-                 "rel_update_total": s["rel_update_total"], "changed_frac": s.get("changed_frac"),
-                 "unchanged_frac": s.get("unchanged_frac"), "cosine_prev": None, "step_distance": None}
-            pair = res.pairs.get((prev_of.get(key), key))
-            if pair is not None:
-                p["cosine_prev"], p["step_distance"] = pair.cosine_total, pair.rel_distance_total
-            for k in SPECTRAL_KEYS:
-                if k in s:
-                    p[k] = s[k]
-            for m, v in s["rel_update_by_module"].items():
-                p[f"rel_update/{m}"] = v
-            points.append(p)
-    out = TrajectoryResult(res, points)
+    out = TrajectoryResult(res, trajectory_points(res, runs))
     if out_dir is not None:
         write_trajectory(out, Path(out_dir), plots)
     return out
@@ -136,10 +158,8 @@ def write_trajectory(tr: TrajectoryResult, out: Path, plots: bool = True) -> Non
 
         atomic_write_bytes(out / "trajectory.png", P.to_png(P.trajectories(tr.points)))
         # heatmaps of each run's last checkpoint only: one panel per checkpoint would not be readable
-        last = {}
-        for p in tr.points:
-            last[p["run"]] = f"{p['run']}@{p['step']}"
-        js = {run: tr.result.summaries[key].to_json() for run, key in last.items()}
+        last = {p["run"]: p for p in tr.points}
+        js = {run: tr.result.summaries[tr.key(run, p["step"])].to_json() for run, p in last.items()}
         atomic_write_bytes(out / "rel_update_heatmap.png", P.to_png(P.update_heatmaps(js)))
         if any("principal_angle_top_by_layer_module" in v for v in js.values()):
             atomic_write_bytes(out / "principal_angle_heatmap.png", P.to_png(P.angle_heatmaps(js)))
