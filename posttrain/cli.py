@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -230,7 +231,9 @@ def diff(
             line += f"; NON-FINITE tensors: {', '.join(s.nonfinite[:5])}"
         typer.echo(line)
     for (a, b), p in res.pairs.items():
-        typer.echo(f"{a} vs {b}: cosine of the updates {p.cosine_total:.3f}")
+        cos = p.cosine_total
+        shown = f"{cos:.3f}" if cos is not None and math.isfinite(cos) else "undefined (an update is exactly zero)"
+        typer.echo(f"{a} vs {b}: cosine of the updates {shown}")
     typer.echo(f"wrote {out / 'diff.json'}")
 
 

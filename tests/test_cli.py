@@ -45,6 +45,10 @@ def test_diff_cli_on_checkpoints(tiny_checkpoint, tmp_path):
     js = json.loads((tmp_path / "d" / "diff.json").read_text())
     (name,) = js["models"]
     assert js["models"][name]["rel_update_total"] == 0.0
+    # two unchanged copies: the cosine between zero updates is undefined, and said so
+    r = cli("diff", tiny_checkpoint, tiny_checkpoint, tiny_checkpoint, "--out", tmp_path / "d2")
+    assert r.returncode == 0, r.stderr
+    assert "cosine of the updates undefined" in r.stdout and "nan" not in r.stdout
 
 
 @pytest.mark.slow
