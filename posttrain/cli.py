@@ -125,7 +125,8 @@ def _train_progress(total: int):
 @app.command("eval")
 def eval_(
     model: Path = typer.Argument(..., help="Checkpoint directory."),
-    tasks: str = typer.Option("points24/id,points24/ood,facts/id", help="Comma-separated task/split list."),
+    tasks: List[str] = typer.Option(["points24/id,points24/ood,facts/id"],
+                                    help="task/split keys, comma-separated and/or repeated."),
     config: Optional[Path] = typer.Option(None, help="Study YAML for task parameters and eval settings."),
     out: Optional[Path] = typer.Option(None, help="Write the scores as JSON here."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
@@ -140,7 +141,7 @@ def eval_(
     from posttrain.tasks import build_task
 
     cfg = _study_config(config, None, list(set_)) if config else _study_config(None, "default", list(set_))
-    keys = [k.strip() for k in tasks.split(",") if k.strip()]
+    keys = list(dict.fromkeys(k.strip() for t in tasks for k in t.split(",") if k.strip()))
     objs, sets = {}, {}
     for key in keys:
         name, _, split = key.partition("/")

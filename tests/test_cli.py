@@ -101,3 +101,12 @@ def test_quick_demo_is_deterministic_across_fresh_runs(tmp_path):
     assert ra["models"] == rb["models"] and ra["diagnostics"] == rb["diagnostics"]
     assert (a / "methods/grpo/metrics.jsonl").read_text().splitlines()[-1].split('"step_seconds"')[0] == \
         (b / "methods/grpo/metrics.jsonl").read_text().splitlines()[-1].split('"step_seconds"')[0]
+
+
+def test_eval_cli_takes_repeated_and_comma_separated_tasks(tiny_checkpoint, tmp_path):
+    r = cli("eval", tiny_checkpoint, "--tasks", "points24/id", "--tasks", "facts,strings/id", "--out", tmp_path / "s.json",
+            "--set", "eval.n_per_split=4", "--set", "eval.n_sampled_problems=0")
+    assert r.returncode == 0, r.stderr
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert list(scores) == ["points24/id", "facts/id", "strings/id"]
+    assert all(0 <= v["acc"] <= 1 for v in scores.values())
