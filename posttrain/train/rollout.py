@@ -59,11 +59,12 @@ def generate(
 
 def _takes_bool_mask(model) -> bool:
     """Whether every layer of `model` is full causal attention through sdpa, which reads a boolean
-    [batch, 1, query, key] mask as is (eager attention wants an additive float mask instead)."""
+    [batch, 1, query, key] mask as is. Eager attention wants an additive float mask, and sliding or
+    chunked windows need transformers' own masks: those keep the 2-D mask."""
     text = model.config.get_text_config(decoder=True)
     kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
-    return (getattr(model.config, "_attn_implementation", None) == "sdpa" and kinds == {"full_attention"}
-            and getattr(text, "sliding_window", None) is None)
+    windowed = any(getattr(text, a, None) is not None for a in ("sliding_window", "attention_chunk_size"))
+    return getattr(model.config, "_attn_implementation", None) == "sdpa" and kinds == {"full_attention"} and not windowed
 
 
 def _generate_batch(model, tok, prompt_ids, n, max_new_tokens, temperature, greedy, generator):
