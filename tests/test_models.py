@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from posttrain.config import ModelConfig
@@ -126,13 +127,19 @@ def test_shared_prefix_forward_matches_padded_rows(tiny_checkpoint):
     assert torch.allclose(ga, gb, atol=1e-5)
 
 
-def test_decode_mask_shortcut_samples_what_transformers_mask_samples(tiny_checkpoint, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "qwen2-gqa"])
+def test_decode_mask_shortcut_samples_what_transformers_mask_samples(tiny_checkpoint, monkeypatch, arch):
     """The sampler hands sdpa its own 4-D padding mask at decode steps; with left padding of
     different widths it must draw exactly what transformers' own mask construction draws."""
     import posttrain.train.rollout as rollout
 
-    model, tok = load_model(tiny_checkpoint)
-    assert rollout._takes_bool_mask(model)  # the shortcut is live for the tiny model
+    if arch == "llama":
+        model, tok = load_model(tiny_checkpoint)
+    else:  # grouped-query attention and tied embeddings
+        tok = build_char_tokenizer()
+        model = build_tiny_model(ModelConfig(arch="qwen2", hidden_size=32, intermediate_size=48, num_layers=2,
+                                             num_heads=4, num_kv_heads=2, tie_embeddings=True), len(tok), seed=1).eval()
+    assert rollout._takes_bool_mask(model)  # the shortcut is live for this model
     prompts = ["pts K 3 5 2 JQK=10 t24:", "a:", "fact color of zubo:"]
 
     def draw():
