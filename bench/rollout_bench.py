@@ -142,11 +142,12 @@ def main() -> None:
         rate = {side: [x["completions"] / x["seconds"] for x in runs[(beta, side)]] for side in ("posttrain", "trl")}
         print(f"\nbeta {beta}" + (" (TRL runs no reference model; posttrain still measures KL)" if beta == 0 else
                                   " (both sides run the reference model)"))
-        print(f"{'':<10} {'completions/s per run':>44} {'median':>8} {'mean tokens':>12} {'mean reward':>12}")
+        width = max(8 * args.repeats - 1, len("completions/s per run"))
+        print(f"{'':<10} {'completions/s per run':>{width}} {'median':>8} {'mean tokens':>12} {'mean reward':>12}")
         for side, r in rate.items():
             rs = runs[(beta, side)]
             per = " ".join(f"{v:7.1f}" for v in r)
-            print(f"{side:<10} {per:>44} {statistics.median(r):>8.1f} {rs[0]['mean_len']:>12.1f} "
+            print(f"{side:<10} {per:>{width}} {statistics.median(r):>8.1f} {rs[0]['mean_len']:>12.1f} "
                   f"{rs[0]['reward']:>12.3f}")
         ratios = [a / b for a, b in zip(rate["posttrain"], rate["trl"])]
         print(f"posttrain / TRL per repeat: {' '.join(f'{x:.2f}x' for x in ratios)}; "
