@@ -98,7 +98,9 @@ class TrainConfig(Strict):
     init: str = "base"  # "base", another method's name, or a checkpoint directory
     steps: int = Field(150, ge=1)
     prompts_per_step: int = Field(16, ge=1)
-    samples_per_prompt: int = Field(8, ge=1)  # group size (RL); demos or kept samples per prompt (SFT)
+    # group size (RL); demos or kept samples per prompt (SFT). Canonical demos are identical, so they
+    # are computed once per prompt (same loss and gradient) unless minibatches > 1
+    samples_per_prompt: int = Field(8, ge=1)
     lr: float = Field(1e-4, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "constant"
     warmup_steps: int = Field(0, ge=0)

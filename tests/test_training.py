@@ -212,3 +212,31 @@ def test_metrics_go_to_tensorboard_by_default(coin_checkpoint, tmp_path):
     acc.Reload()
     assert "kl_ref" in acc.Tags()["scalars"] and "rollout/reward" in acc.Tags()["scalars"]
     assert len(rows(res.metrics_path)) == 3
+
+
+def test_canonical_demos_run_once_per_prompt_with_the_same_loss_and_gradient(tiny_checkpoint):
+    """n identical canonical demos per prompt give the same SFT loss and gradient as one per
+    prompt, for every loss aggregation; the deduplicated batch holds one row per prompt."""
+    from posttrain.models.loading import load_model
+    from posttrain.train.data_sources import ExpertSource, prompt_schedule
+    from posttrain.train.policy import policy_forward
+
+    task = build_task("points24")
+    problems = prompt_schedule(task, "id", 0, 1, 4)[0]
+    model, tok = load_model(tiny_checkpoint)
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        c = TrainConfig(objective="sft", task="points24", loss_agg=agg, trackers=["none"])
+        out = {}
+        for dedupe in (False, True):
+            batch = ExpertSource(task, "steps", 0, None, canonical=True, dedupe=dedupe).batch(0, problems, 5, model, tok, c)
+            assert len(batch.texts) == (4 if dedupe else 20)
+            model.zero_grad(set_to_none=True)
+            new = policy_forward(model, batch.packed)
+            loss = SFT().compute(new, new, None, batch, c).loss
+            loss.backward()
+            out[dedupe] = (float(loss.detach()), torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+        assert torch.allclose(out[True][1], out[False][1], rtol=1e-4, atol=1e-7)
+    # random demos differ, so they are never merged
+    rnd = ExpertSource(task, "steps", 0, None, canonical=False, dedupe=True).batch(0, problems, 5, model, tok, c)
+    assert len(rnd.texts) == 20

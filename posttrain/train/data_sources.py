@@ -101,16 +101,25 @@ class DataSource:
 
 class ExpertSource(DataSource):
     """`samples_per_prompt` solver demonstrations per prompt, in format `fmt` (canonical: the same
-    solution each time, as a consistent teacher writes; otherwise random valid solutions)."""
+    solution each time, as a consistent teacher writes; otherwise random valid solutions).
+
+    With `dedupe`, canonical demonstrations come once per prompt. Each prompt would hold n identical
+    rows, so every loss aggregation (a mean over tokens or over sequences) and its gradient are the
+    same with one row, at 1/n of the compute. Callers keep n rows when minibatches split the batch,
+    because a minibatch of copies is a different sample.
+    """
 
     on_policy = False
 
-    def __init__(self, task: Task, fmt: str, seed: int, max_length: int | None, canonical: bool = True) -> None:
+    def __init__(self, task: Task, fmt: str, seed: int, max_length: int | None, canonical: bool = True,
+                 dedupe: bool = False) -> None:
         task.check_format(fmt)
         self.task, self.fmt, self.seed, self.max_length, self.canonical = task, fmt, seed, max_length, canonical
+        self.dedupe = dedupe and canonical
 
     def batch(self, step: int, problems: list[Problem], n: int, model, tok, cfg) -> Batch:
         rng = None if self.canonical else random.Random(step_seed(self.seed, step, "expert"))
+        n = 1 if self.dedupe else n
         rows = [p for p in problems for _ in range(n)]
         texts = [self.task.solve(p, self.fmt, rng) for p in rows]
         packed = pack(encode_prompts(tok, [p.prompt for p in rows]), encode_completions(tok, texts), tok.pad_token_id, self.max_length)

@@ -125,7 +125,8 @@ def make_source(cfg: TrainConfig, task: Task, expert_format: str | None, seed: i
     if data == "expert":
         if expert_format is None:
             raise UserError("expert data needs an expert_format")
-        return ExpertSource(task, expert_format, seed, max_length, canonical=cfg.expert_solutions == "canonical")
+        return ExpertSource(task, expert_format, seed, max_length, canonical=cfg.expert_solutions == "canonical",
+                            dedupe=cfg.minibatches == 1)
     if data == "on_policy":
         return OnPolicySource(task, seed, max_length)
     return FilteredSource(task, seed, max_length, schedule, cfg.rounds, cfg.filter_samples or cfg.samples_per_prompt,
