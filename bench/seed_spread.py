@@ -1,7 +1,7 @@
 """Run-to-run spread of the default study across seeds, and whether each method's in-domain gain
 exceeds it.
 
-    python bench/seed_spread.py                       # runs seeds 0 1 2 into runs/seed-<s> (about 15 min)
+    python bench/seed_spread.py                       # runs seeds 0 1 2 into runs/seed-<s> (about 12 min)
     python bench/seed_spread.py --seeds 0 1 2 --preset default --runs-dir runs
     python bench/seed_spread.py --only-report         # summarise existing runs/seed-<s> directories
 
