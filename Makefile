@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv clean bench
+.PHONY: demo test test-fast venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
