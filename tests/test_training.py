@@ -240,3 +240,47 @@ def test_canonical_demos_run_once_per_prompt_with_the_same_loss_and_gradient(tin
     # random demos differ, so they are never merged
     rnd = ExpertSource(task, "steps", 0, None, canonical=False, dedupe=True).batch(0, problems, 5, model, tok, c)
     assert len(rnd.texts) == 20
+
+
+@pytest.mark.parametrize("objective,agg", [("grpo", "token-mean"), ("grpo", "seq-mean-token-sum-norm"),
+                                           ("rloo", "seq-mean-token-mean")])
+def test_zero_advantage_groups_skip_the_backward_with_the_same_loss_and_gradient(tiny_checkpoint, objective, agg):
+    """Groups whose rewards are all equal have advantage 0: without a KL term their gradient is
+    exactly 0, so the update computes them without autograd. Loss, metrics and gradient match the
+    all-autograd forward."""
+    from posttrain.models.loading import load_model
+    from posttrain.train.data_sources import Batch
+    from posttrain.train.objectives import PolicyOutputs
+    from posttrain.train.policy import policy_forward
+    from posttrain.train.sequences import pack
+
+    model, tok = load_model(tiny_checkpoint)
+    g = torch.Generator().manual_seed(0)
+    prompts, comps, rewards = [], [], []
+    for k, rs in enumerate([[0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1], [0, 1, 0, 0]]):
+        p = tok(f"arith {k}+{k}:")["input_ids"]
+        for r in rs:
+            prompts.append(p)
+            comps.append(torch.randint(3, len(tok), (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist())
+            rewards.append(float(r))
+    packed = pack(prompts, comps, tok.pad_token_id, group_size=4)
+    batch = Batch(packed, 4, [None] * 16, [""] * 16, torch.tensor(rewards))
+    c = TrainConfig(objective=objective, task="coin", loss_agg=agg, trackers=["none"])
+    obj = OBJECTIVES[objective]()
+    assert obj.grad_groups(batch, c) == [1, 3]
+    assert obj.grad_groups(batch, c.model_copy(update={"kl_coef": 0.1})) is None
+    out = {}
+    for groups in (None, obj.grad_groups(batch, c)):
+        model.zero_grad(set_to_none=True)
+        new = policy_forward(model, batch.packed, grad_groups=groups)
+        old = PolicyOutputs(new.logp.detach(), None, None)
+        obj.prepare(batch, old, None, c)
+        res = obj.compute(new, old, None, batch, c)
+        res.loss.backward()
+        out[groups is None] = (float(res.loss.detach()), res.metrics["ratio_mean"], new.logp.detach(),
+                               torch.cat([p.grad.flatten() for p in model.parameters()]))
+    full, split = out[True], out[False]
+    assert split[0] == pytest.approx(full[0], rel=1e-5, abs=1e-7) and split[1] == full[1] == 1.0
+    m = batch.packed.target_mask.bool()
+    assert torch.allclose(split[2][m], full[2][m], atol=1e-5)
+    assert full[3].abs().max() > 0 and torch.allclose(split[3], full[3], rtol=1e-4, atol=1e-6)

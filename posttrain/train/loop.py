@@ -284,7 +284,8 @@ def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, o
     single = cfg.num_iterations == 1 and cfg.minibatches == 1
     if single:
         # one update: the behaviour policy is the current one, so old = current (ratio exactly 1)
-        new = policy_forward(model, batch.packed, cfg.temperature, objective.needs_entropy, value_head)
+        new = policy_forward(model, batch.packed, cfg.temperature, objective.needs_entropy, value_head,
+                             objective.grad_groups(batch, cfg))
         old = PolicyOutputs(new.logp.detach(), None, None if new.values is None else new.values.detach())
     else:
         # minibatches are padded row subsets: the old log-probs come from the same layout, so the

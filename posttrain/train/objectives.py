@@ -158,6 +158,11 @@ class Objective:
     def prepare(self, batch: "Batch", old: PolicyOutputs, ref_logp: torch.Tensor | None, cfg: "TrainConfig") -> dict[str, float]:
         return {}
 
+    def grad_groups(self, batch: "Batch", cfg: "TrainConfig") -> list[int] | None:
+        """The prompt groups whose share of the loss can have a nonzero gradient, when every other
+        group's is exactly zero (the update then skips their backward); None: all groups."""
+        return None
+
     def compute(self, new: PolicyOutputs, old: PolicyOutputs, ref_logp: torch.Tensor | None,
                 batch: "Batch", cfg: "TrainConfig") -> LossOutput:
         raise NotImplementedError
@@ -226,6 +231,16 @@ class _ClippedPG(Objective):
     def prepare(self, batch, old, ref_logp, cfg):
         batch.advantages = self.advantages(sequence_rewards(batch, old, ref_logp, cfg), batch, cfg)
         return {"adv_abs_mean": float(batch.advantages.abs().mean())}
+
+    def grad_groups(self, batch, cfg):
+        """Without a KL term the loss is the clipped surrogate alone, and a group whose advantages
+        are all exactly 0 (equal rewards, e.g. all wrong) adds -0 * rho to it: zero gradient."""
+        if cfg.kl_coef != 0 or batch.rewards is None or batch.packed.shared is None:
+            return None
+        live = (self.advantages(batch.rewards, batch, cfg).view(-1, batch.group_size) != 0).any(-1)
+        if bool(live.all()) or not bool(live.any()):
+            return None
+        return live.nonzero().squeeze(-1).tolist()
 
     def compute(self, new, old, ref_logp, batch, cfg):
         mask = batch.packed.target_mask

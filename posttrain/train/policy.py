@@ -32,13 +32,20 @@ class ValueHead(nn.Module):
 
 
 def policy_forward(model, batch: PackedBatch, temperature: float = 1.0, entropy: bool = False,
-                   value_head: ValueHead | None = None) -> PolicyOutputs:
+                   value_head: ValueHead | None = None, grad_groups: list[int] | None = None) -> PolicyOutputs:
     """One forward pass; every output is [B, T-1], aligned with `batch.target_mask`.
 
     With a value head the trunk runs once and feeds both the LM head and the critic. When the batch
     carries a `SharedPrefix` layout (GRPO groups), the model runs on that (each prompt once, no
     padding) and the per-token outputs are gathered back into the padded [B, T] layout.
+
+    `grad_groups` (shared layout only; log-probs only): just these prompt groups are computed with
+    autograd; the others run without it and their log-probs carry no gradient. For groups whose
+    loss gradient is exactly zero (every advantage 0, no KL or entropy term) this gives the same
+    loss and gradient, without a backward pass through those groups.
     """
+    if grad_groups is not None and batch.shared is not None and not entropy and value_head is None:
+        return _split_forward(model, batch, temperature, grad_groups)
     values = None
     sh = batch.shared
     if sh is None:
@@ -62,3 +69,26 @@ def policy_forward(model, batch: PackedBatch, temperature: float = 1.0, entropy:
     logp = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     ent = entropy_from_logits(logits) if entropy else None
     return PolicyOutputs(logp=logp, entropy=ent, values=values)
+
+
+def _split_forward(model, batch: PackedBatch, temperature: float, grad_groups: list[int]) -> PolicyOutputs:
+    n_groups = batch.shared.input_ids.shape[0]
+    size = batch.input_ids.shape[0] // n_groups
+    keep = set(grad_groups)
+    parts = [sorted(keep), [g for g in range(n_groups) if g not in keep]]
+    width = batch.input_ids.shape[1] - 1
+    pieces, order = [], []
+    for k, groups in enumerate(parts):
+        if not groups:
+            continue
+        sub = batch.select_groups(groups)
+        if k == 0:
+            logp = policy_forward(model, sub, temperature).logp
+        else:
+            with torch.no_grad():
+                logp = policy_forward(model, sub, temperature).logp
+        pieces.append(torch.nn.functional.pad(logp, (0, width - logp.shape[1])))
+        order += [g * size + i for g in groups for i in range(size)]
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return PolicyOutputs(logp=torch.cat(pieces)[inverse.to(batch.input_ids.device)], entropy=None, values=None)

@@ -52,14 +52,28 @@ class PackedBatch:
     attention_mask: torch.Tensor  # [B, T]
     target_mask: torch.Tensor  # [B, T-1] float: 1 where token t+1 is a completion token
     shared: SharedPrefix | None = None  # the same rows with each group's prompt computed once
+    pad_id: int = 0
 
     def to(self, device: torch.device) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device),
-                           None if self.shared is None else self.shared.to(device))
+                           None if self.shared is None else self.shared.to(device), self.pad_id)
 
     def padded(self) -> "PackedBatch":
         """The same batch without the shared-prefix layout (one padded row per sequence)."""
-        return PackedBatch(self.input_ids, self.attention_mask, self.target_mask)
+        return PackedBatch(self.input_ids, self.attention_mask, self.target_mask, None, self.pad_id)
+
+    def select_groups(self, groups: list[int]) -> "PackedBatch":
+        """The rows of the given prompt groups (a batch with a `SharedPrefix` layout), in their
+        shared-prefix layout; the width is the longest selected row."""
+        size = self.input_ids.shape[0] // self.shared.input_ids.shape[0]
+        rows = [g * size + i for g in groups for i in range(size)]
+        lengths = self.attention_mask.sum(-1).tolist()
+        has = self.target_mask.sum(-1) > 0  # the first completion token, or the end for a bare prompt
+        starts = torch.where(has, self.target_mask.argmax(-1) + 1, self.attention_mask.sum(-1)).tolist()
+        ids = self.input_ids.cpu()
+        prompts = [ids[r, : starts[r]].tolist() for r in rows]
+        completions = [ids[r, starts[r] : lengths[r]].tolist() for r in rows]
+        return pack(prompts, completions, self.pad_id, group_size=size).to(self.input_ids.device)
 
 
 def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, max_length: int | None = None,
@@ -87,7 +101,7 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: i
         # token j (j >= start) is a completion token; it is predicted at position j - 1
         target[i, max(start - 1, 0) : len(row) - 1] = 1.0
     shared = share_prefixes(rows, starts, group_size, pad_id, width) if group_size > 1 else None
-    return PackedBatch(input_ids, attention, target, shared)
+    return PackedBatch(input_ids, attention, target, shared, pad_id)
 
 
 def share_prefixes(rows: list[list[int]], starts: list[int], group: int, pad_id: int, width: int) -> SharedPrefix | None:
