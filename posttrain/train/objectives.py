@@ -230,7 +230,8 @@ class _ClippedPG(Objective):
 
     def prepare(self, batch, old, ref_logp, cfg):
         batch.advantages = self.advantages(sequence_rewards(batch, old, ref_logp, cfg), batch, cfg)
-        return {"adv_abs_mean": float(batch.advantages.abs().mean())}
+        zero = (batch.advantages.view(-1, batch.group_size) == 0).all(-1)
+        return {"adv_abs_mean": float(batch.advantages.abs().mean()), "groups_zero_adv": float(zero.float().mean())}
 
     def grad_groups(self, batch, cfg):
         """Without a KL term the loss is the clipped surrogate alone, and a group whose advantages
