@@ -103,6 +103,27 @@ def test_shared_prefix_layout_hand_checked():
     assert pack([[1, 5], [1, 6]], [[2], [2]], pad_id=0, group_size=2).shared is None
 
 
+def test_select_groups_is_pack_of_those_rows():
+    """A subset of prompt groups cut from a packed batch equals packing those rows alone, tensor
+    for tensor (the update's zero-advantage split relies on it)."""
+    g = torch.Generator().manual_seed(3)
+    prompts, comps = [], []
+    for k in range(5):
+        p = torch.randint(3, 50, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(3):
+            prompts.append(p)
+            comps.append(torch.randint(3, 50, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist())
+    full = pack(prompts, comps, pad_id=0, group_size=3)
+    for groups in ([0], [1, 3], [4, 0, 2], [0, 1, 2, 3, 4]):
+        rows = full.group_rows(groups)
+        assert rows == [3 * k + i for k in groups for i in range(3)]
+        got, want = full.select_groups(groups), pack([prompts[r] for r in rows], [comps[r] for r in rows], 0, group_size=3)
+        for name in ("input_ids", "attention_mask", "target_mask"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        for name in ("input_ids", "position_ids", "attention_mask", "index"):
+            assert torch.equal(getattr(got.shared, name), getattr(want.shared, name)), name
+
+
 def test_shared_prefix_forward_matches_padded_rows(tiny_checkpoint):
     from posttrain.train.policy import ValueHead
 

@@ -72,23 +72,18 @@ def policy_forward(model, batch: PackedBatch, temperature: float = 1.0, entropy:
 
 
 def _split_forward(model, batch: PackedBatch, temperature: float, grad_groups: list[int]) -> PolicyOutputs:
-    n_groups = batch.shared.input_ids.shape[0]
-    size = batch.input_ids.shape[0] // n_groups
     keep = set(grad_groups)
-    parts = [sorted(keep), [g for g in range(n_groups) if g not in keep]]
+    parts = [sorted(keep), [g for g in range(batch.shared.input_ids.shape[0]) if g not in keep]]
     width = batch.input_ids.shape[1] - 1
     pieces, order = [], []
     for k, groups in enumerate(parts):
         if not groups:
             continue
         sub = batch.select_groups(groups)
-        if k == 0:
+        with torch.set_grad_enabled(k == 0 and torch.is_grad_enabled()):
             logp = policy_forward(model, sub, temperature).logp
-        else:
-            with torch.no_grad():
-                logp = policy_forward(model, sub, temperature).logp
         pieces.append(torch.nn.functional.pad(logp, (0, width - logp.shape[1])))
-        order += [g * size + i for g in groups for i in range(size)]
+        order += batch.group_rows(groups)
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     return PolicyOutputs(logp=torch.cat(pieces)[inverse.to(batch.input_ids.device)], entropy=None, values=None)

@@ -62,19 +62,32 @@ class PackedBatch:
         """The same batch without the shared-prefix layout (one padded row per sequence)."""
         return PackedBatch(self.input_ids, self.attention_mask, self.target_mask, None, self.pad_id)
 
-    def select_groups(self, groups: list[int]) -> "PackedBatch":
-        """The rows of the given prompt groups (a batch with a `SharedPrefix` layout), in their
-        shared-prefix layout; the width is the longest selected row."""
+    def group_rows(self, groups: list[int]) -> list[int]:
+        """The rows of the given prompt groups (a batch with a `SharedPrefix` layout), in order."""
         size = self.input_ids.shape[0] // self.shared.input_ids.shape[0]
-        rows = [g * size + i for g in groups for i in range(size)]
-        lengths = self.attention_mask.sum(-1).tolist()
-        has = self.target_mask.sum(-1) > 0  # the first completion token, or the end for a bare prompt
-        starts = torch.where(has, self.target_mask.argmax(-1) + 1, self.attention_mask.sum(-1)).tolist()
-        ids = self.input_ids.cpu()
-        prompts = [ids[r, : starts[r]].tolist() for r in rows]
-        completions = [ids[r, starts[r] : lengths[r]].tolist() for r in rows]
-        return pack(prompts, completions, self.pad_id, group_size=size).to(self.input_ids.device)
+        return [g * size + i for g in groups for i in range(size)]
 
+    def select_groups(self, groups: list[int]) -> "PackedBatch":
+        """The rows of the given prompt groups with their shared-prefix layout, exactly as `pack`
+        would build them from those rows alone (cut from this batch's tensors, not re-packed)."""
+        sh = self.shared
+        L = sh.input_ids.shape[1]
+        dev = self.input_ids.device
+        g = torch.tensor(groups, dtype=torch.long, device=dev)
+        rows = torch.tensor(self.group_rows(groups), dtype=torch.long, device=dev)
+        lengths = self.attention_mask[rows].sum(-1)
+        width = int(lengths.max())
+        real = torch.arange(self.input_ids.shape[1], device=dev) < lengths.unsqueeze(-1)
+        local = sh.index[rows] % L  # each token's position within its group's shared row
+        # a group's shared row ends after its last real token
+        used = int(torch.where(real, local, 0).max()) + 1
+        size = rows.numel() // g.numel()
+        new_row = torch.arange(g.numel(), device=dev).repeat_interleave(size).unsqueeze(-1)
+        index = torch.where(real, new_row * used + local, 0)[:, :width]
+        shared = SharedPrefix(sh.input_ids[g, :used], sh.position_ids[g, :used],
+                              sh.attention_mask[g][:, :, :used, :used], index)
+        return PackedBatch(self.input_ids[rows, :width], self.attention_mask[rows, :width],
+                           self.target_mask[rows, : width - 1], shared, self.pad_id)
 
 def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, max_length: int | None = None,
          group_size: int = 1) -> PackedBatch:
