@@ -119,13 +119,18 @@ def test_mismatch_and_corruption_are_clear_errors(pair, tmp_path):
         Checkpoint(tmp_path / "empty")
 
 
+def _poisoned(ft, out, value: float):
+    """A copy of checkpoint `ft` with one entry of layer 0's v_proj set to `value` (nan or inf)."""
+    model, _ = load_model(ft)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[0, 0] = value
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def test_nonfinite_weights_are_reported_not_fatal(pair, tmp_path):
     base, ft, _ = pair
-    model, tok = load_model(ft)
-    with torch.no_grad():
-        model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("nan")
-    model.save_pretrained(tmp_path / "nan", safe_serialization=True)
-    summary, _ = relative_updates(base, tmp_path / "nan")
+    summary, _ = relative_updates(base, _poisoned(ft, tmp_path / "nan", float("nan")))
     assert summary.nonfinite == ["model.layers.0.self_attn.v_proj.weight"]
     assert math.isfinite(summary.rel_update_total)
 
@@ -384,11 +389,8 @@ def test_esd_mode_matches_the_spectral_alpha(pair):
 
 def test_nonfinite_weights_with_spectral_are_reported(pair, tmp_path):
     base, ft, _ = pair
-    model, _ = load_model(ft)
-    with torch.no_grad():
-        model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("inf")
-    model.save_pretrained(tmp_path / "inf", safe_serialization=True)
-    res = diff(base, {"inf": tmp_path / "inf"}, tmp_path / "out", spectral=True, show_progress=False)
+    res = diff(base, {"inf": _poisoned(ft, tmp_path / "inf", float("inf"))}, tmp_path / "out", spectral=True,
+               show_progress=False)
     s = res.summaries["inf"]
     assert s.nonfinite == ["model.layers.0.self_attn.v_proj.weight"]
     assert math.isfinite(s.spectral.principal_angle_top)

@@ -219,6 +219,11 @@ class SFT(Objective):
         return LossOutput(nll + kl, {"nll": float(nll.detach()), "kl_ref": measured_kl(new.logp, ref_logp, mask)})
 
 
+def _zero_groups(advantages: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[n_groups] bool: the prompt groups whose sequence advantages are all exactly 0."""
+    return (advantages.view(-1, group_size) == 0).all(-1)
+
+
 class _ClippedPG(Objective):
     """Shared part of the critic-free policy-gradient objectives (GRPO, RLOO)."""
 
@@ -230,7 +235,7 @@ class _ClippedPG(Objective):
 
     def prepare(self, batch, old, ref_logp, cfg):
         batch.advantages = self.advantages(sequence_rewards(batch, old, ref_logp, cfg), batch, cfg)
-        zero = (batch.advantages.view(-1, batch.group_size) == 0).all(-1)
+        zero = _zero_groups(batch.advantages, batch.group_size)
         return {"adv_abs_mean": float(batch.advantages.abs().mean()), "groups_zero_adv": float(zero.float().mean())}
 
     def grad_groups(self, batch, cfg):
@@ -238,7 +243,7 @@ class _ClippedPG(Objective):
         are all exactly 0 (equal rewards, e.g. all wrong) adds -0 * rho to it: zero gradient."""
         if cfg.kl_coef != 0 or batch.rewards is None or batch.packed.shared is None:
             return None
-        live = (self.advantages(batch.rewards, batch, cfg).view(-1, batch.group_size) != 0).any(-1)
+        live = ~_zero_groups(self.advantages(batch.rewards, batch, cfg), batch.group_size)
         if bool(live.all()) or not bool(live.any()):
             return None
         return live.nonzero().squeeze(-1).tolist()
