@@ -142,6 +142,8 @@ def eval_(
 
     cfg = _study_config(config, None, list(set_)) if config else _study_config(None, "default", list(set_))
     keys = list(dict.fromkeys(k.strip() for t in tasks for k in t.split(",") if k.strip()))
+    if not keys:
+        raise UserError("--tasks names no task/split (e.g. --tasks points24/id,facts/id)")
     objs, sets = {}, {}
     for key in keys:
         name, _, split = key.partition("/")

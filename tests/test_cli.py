@@ -24,6 +24,7 @@ def cli(*args, cwd=None):
     (["study", "/nonexistent.yaml"], "config file not found"),
     (["report", "/nonexistent"], "run directory not found"),
     (["eval", "/nonexistent", "--tasks", "points24/id"], "cannot load model|not a Hugging Face"),
+    (["eval", "/nonexistent", "--tasks", " , "], "names no task"),
 ])
 def test_bad_input_exits_2_with_one_line(args, match):
     r = cli(*args)
