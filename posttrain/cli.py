@@ -88,6 +88,8 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Post-train one model with one method of a config: sft, grpo, ppo, rloo, ei, self_sft, ..."""
+    from pydantic import ValidationError
+
     from posttrain.study import build_tasks
     from posttrain.train.loop import train as run_train
 
@@ -102,11 +104,17 @@ def train(
     if not resume and (out / "checkpoints").exists():
         raise UserError(f"{out} holds checkpoints of an unfinished run; pass --resume to continue it")
     task = build_tasks(cfg)[m.task]
-    fmt = expert_format or m.expert_format
-    if fmt is None and (m.data or "expert") == "expert" and m.objective == "sft":
-        from posttrain.study import base_format_shares, least_used_format
+    if expert_format is not None:  # validated against the method's data source like a --set
+        from posttrain.config import TrainConfig, format_validation_error
 
-        fmt = least_used_format(task, base_format_shares(cfg, task, m.split, base, device))
+        try:
+            m = TrainConfig.model_validate({**m.model_dump(), "expert_format": expert_format})
+        except ValidationError as e:
+            raise UserError(format_validation_error(e).replace("config: ", f"config: methods.{method}: ", 1)) from None
+    from posttrain.study import base_format_shares, expert_format_for
+
+    fmt = expert_format_for(m, task, lambda: base_format_shares(cfg, task, m.split, base, device))
+    if fmt is not None and m.data_params.expert_format is None:
         typer.echo(f"expert format: {fmt} (the one the base writes least)", err=True)
     res = run_train(m, init_dir=base, ref_dir=base, out_dir=out, task=task, expert_format=fmt,
                     seed=cfg.seed if m.seed is None else m.seed, device=device, resume=resume,
@@ -226,10 +234,10 @@ def diff(
         line = (f"{name}: total rel. update {s.rel_update_total:.3e}; top modules "
                 + ", ".join(f"{m} {v:.3e}" for m, v in top)
                 + f"; changed entries {s.changed_frac:.1%}")
-        if s.spectral is not None and spectral:
-            line += f"; top-k principal angle {s.spectral.principal_angle_top:.3g} deg"
-        if s.spectral is not None:
-            line += f"; top-k singular-value change {s.spectral.sv_rel_change_top:.3g}"
+        if s.has_spectral and spectral:
+            line += f"; top-k principal angle {s.principal_angle_top:.3g} deg"
+        if s.has_spectral:
+            line += f"; top-k singular-value change {s.sv_rel_change_top:.3g}"
         if s.nonfinite:
             line += f"; NON-FINITE tensors: {', '.join(s.nonfinite[:5])}"
         typer.echo(line)

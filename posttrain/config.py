@@ -83,18 +83,25 @@ class PretrainConfig(Strict):
 class TrainConfig(Strict):
     """One post-training method: an objective fed by a data source, in the shared loop.
 
-    Methods of the literature are settings of these knobs (see `METHOD_RECIPES`): SFT = sft on
-    expert data; GRPO / RLOO / PPO = that objective on on-policy data; Expert Iteration = sft on
-    filtered self-samples over several rounds; Self-SFT = one such round from the base.
+    The fields below are the knobs every method has. Knobs of one objective, advantage estimator
+    or data source (say `vf_coef` of PPO, `adv_norm_std` of the "grpo" estimator, `rounds` of
+    filtered data) are declared by that registry entry's typed `Params` and set here by name, next
+    to the shared ones; a knob that the method's objective, estimator and data source do not
+    declare is an error naming it. Resolved values: `objective_params`, `estimator_params`,
+    `data_params` (defaults filled in). Methods of the literature are settings of these knobs (see
+    `METHOD_RECIPES`): SFT = sft on expert data; GRPO / RLOO / PPO = that objective on on-policy
+    data; Expert Iteration = sft on filtered self-samples over several rounds; Self-SFT = one such
+    round from the base.
     """
 
+    # the knobs of the objective / estimator / data source are validated against their registries
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     objective: str = "sft"
-    data: Literal["expert", "on_policy", "filtered"] | None = None  # None: the objective's natural source
+    estimator: str | None = None  # advantage estimator (objectives that take one); None: the objective's default
+    data: str | None = None  # None: the objective's natural source
     task: str = "points24"
     split: str = "id"
-    expert_format: str | None = None  # None: the task's format the base uses least (see study)
-    # the expert writes one canonical solution per problem (a consistent teacher) or a random one
-    expert_solutions: Literal["canonical", "random"] = "canonical"
     init: str = "base"  # "base", another method's name, or a checkpoint directory
     steps: int = Field(150, ge=1)
     prompts_per_step: int = Field(16, ge=1)
@@ -108,28 +115,13 @@ class TrainConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(32, ge=1)
-    # policy-gradient knobs
-    clip_eps_low: float = Field(0.2, ge=0)
-    clip_eps_high: float = Field(0.2, ge=0)
     num_iterations: int = Field(1, ge=1)  # mu: updates per batch (ratio != 1 from the second on)
     minibatches: int = Field(1, ge=1)  # each update's batch split in this many optimizer steps
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    adv_norm_std: bool = True  # False: Dr. GRPO
-    adv_eps: float = Field(1e-6, gt=0)
     # KL to the base model: always measured; penalised when kl_coef > 0, as a loss term or in the reward
     kl_coef: float = Field(0.0, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_mode: Literal["loss", "reward"] = "loss"
-    # PPO (critic + GAE)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    vf_coef: float = Field(0.1, ge=0)
-    value_clip: float | None = Field(0.2, gt=0)
-    entropy_coef: float = Field(0.0, ge=0)
-    # filtered self-samples (Expert Iteration / Self-SFT)
-    rounds: int = Field(1, ge=1)
-    restart_from_base: bool = False  # each round trains from the init weights (Echo Chamber / ReST-EM)
-    filter_samples: int | None = Field(None, ge=1)  # k samples per prompt to filter; None: samples_per_prompt
     # which parameters train: globs (or "re:REGEX"), optionally "@A-B" for layers A..B inclusive
     freeze: list[str] = Field(default_factory=list)
     train_only: list[str] = Field(default_factory=list)
@@ -147,30 +139,147 @@ class TrainConfig(Strict):
             raise ValueError(f"unknown objective {v!r} (known: {', '.join(sorted(OBJECTIVES))})")
         return v
 
+    @field_validator("data")
+    @classmethod
+    def _known_source(cls, v: str | None) -> str | None:
+        from posttrain.train.data_sources import DATA_SOURCES
+
+        if v is not None and v not in DATA_SOURCES:
+            raise ValueError(f"unknown data source {v!r} (known: {', '.join(sorted(DATA_SOURCES))})")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
-        from posttrain.train.objectives import OBJECTIVES
+        obj = self.objective_cls
+        if obj.estimator_level is None and self.estimator is not None:
+            raise ValueError(f"estimator does not apply to objective {self.objective!r} (it uses no advantages)")
+        if obj.estimator_level is not None:
+            from posttrain.train.advantages import ESTIMATORS
 
-        obj = OBJECTIVES[self.objective]
-        if obj.needs_rewards and self.data in ("expert", "filtered"):
-            raise ValueError(f"objective {self.objective!r} learns from rewards; it needs on_policy data, not {self.data!r}")
-        if self.objective in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            est = ESTIMATORS.get(self.estimator_name)
+            if est is None:
+                raise ValueError(f"unknown advantage estimator {self.estimator_name!r} (known: {', '.join(sorted(ESTIMATORS))})")
+            if est.level != obj.estimator_level:
+                raise ValueError(f"estimator {est.name!r} is {est.level}-level; objective {self.objective!r} "
+                                 f"needs a {obj.estimator_level}-level one")
+        if obj.traits.rl and self.data_source != "on_policy":
+            raise ValueError(f"objective {self.objective!r} learns from rewards; it needs on_policy data, not {self.data_source!r}")
+        if self.kl_mode == "reward" and not obj.traits.rl:
+            raise ValueError(f"kl_mode 'reward' needs an objective that learns from rewards, not {self.objective!r}")
+        self._check_knobs()
+        if self.needs_groups and self.samples_per_prompt < 2:
             raise ValueError(f"{self.objective} needs samples_per_prompt >= 2 (a group)")
-        if self.rounds > self.steps:
-            raise ValueError(f"rounds ({self.rounds}) cannot exceed steps ({self.steps})")
         if self.minibatches > self.prompts_per_step * self.samples_per_prompt:
             raise ValueError("minibatches cannot exceed the number of sequences per step")
+        self.source_cls.check(self)
         return self
 
+    def _owners(self) -> list[tuple[str, type[BaseModel]]]:
+        """(description, Params model) of the registry entries this method uses."""
+        out = [(f"objective {self.objective!r}", self.objective_cls.Params),
+               (f"data source {self.data_source!r}", self.source_cls.Params)]
+        if self.objective_cls.estimator_level is not None:
+            out.append((f"estimator {self.estimator_name!r}", self.estimator_spec.params))
+        return out
+
+    def _check_knobs(self) -> None:
+        extra = dict(self.model_extra or {})
+        mine: set[str] = set()
+        for _, model in self._owners():
+            mine |= set(model.model_fields)
+        for key in extra:
+            if key in mine:
+                continue
+            owner = _knob_owner(key)
+            if owner is None:
+                raise ValueError(f"unknown field {key!r}")
+            raise ValueError(f"{key} does not apply to objective {self.objective!r} with data {self.data_source!r}"
+                             + (f" and estimator {self.estimator_name!r}" if self.objective_cls.estimator_level else "")
+                             + f" (it is a knob of {owner})")
+        for _, model in self._owners():
+            try:
+                model.model_validate({k: v for k, v in extra.items() if k in model.model_fields})
+            except ValidationError as e:
+                first = e.errors()[0]
+                raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+    def _params(self, model: type[BaseModel]) -> BaseModel:
+        extra = self.model_extra or {}
+        return model.model_validate({k: v for k, v in extra.items() if k in model.model_fields})
+
     @property
-    def is_expert_sft(self) -> bool:
-        return self.objective == "sft" and self.data_source == "expert"
+    def objective_cls(self):
+        from posttrain.train.objectives import OBJECTIVES
+
+        return OBJECTIVES[self.objective]
+
+    @property
+    def estimator_name(self) -> str | None:
+        return self.estimator or self.objective_cls.default_estimator
+
+    @property
+    def estimator_spec(self):
+        from posttrain.train.advantages import ESTIMATORS
+
+        return ESTIMATORS[self.estimator_name] if self.estimator_name else None
 
     @property
     def data_source(self) -> str:
-        from posttrain.train.objectives import OBJECTIVES
+        return self.data or self.objective_cls.traits.default_data
 
-        return self.data or OBJECTIVES[self.objective].default_data
+    @property
+    def source_cls(self):
+        from posttrain.train.data_sources import DATA_SOURCES
+
+        return DATA_SOURCES[self.data_source]
+
+    @property
+    def objective_params(self) -> BaseModel:
+        return self._params(self.objective_cls.Params)
+
+    @property
+    def estimator_params(self) -> BaseModel | None:
+        spec = self.estimator_spec
+        return None if spec is None else self._params(spec.params)
+
+    @property
+    def data_params(self) -> BaseModel:
+        return self._params(self.source_cls.Params)
+
+    @property
+    def needs_groups(self) -> bool:
+        spec = self.estimator_spec if self.objective_cls.estimator_level else None
+        return self.objective_cls.traits.needs_groups or bool(spec and spec.needs_groups)
+
+    @property
+    def is_rl(self) -> bool:
+        """Learns from verifier rewards on its own samples (the findings' "RL method")."""
+        return self.objective_cls.traits.rl
+
+    @property
+    def is_expert_sft(self) -> bool:
+        return not self.is_rl and self.data_source == "expert"
+
+    def resolved(self) -> dict[str, Any]:
+        """Every knob of this method with its effective value (the run's resolved config)."""
+        out = self.model_dump(mode="json")
+        for _, model in self._owners():
+            out.update(self._params(model).model_dump(mode="json"))
+        out["estimator"] = self.estimator_name
+        out["data"] = self.data_source
+        return out
+
+
+def _knob_owner(key: str) -> str | None:
+    """Which registry entries declare `key` as a knob (for the error message), or None."""
+    from posttrain.train.advantages import ESTIMATORS
+    from posttrain.train.data_sources import DATA_SOURCES
+    from posttrain.train.objectives import OBJECTIVES
+
+    owners = [f"objective {n!r}" for n, c in OBJECTIVES.items() if key in c.Params.model_fields]
+    owners += [f"estimator {n!r}" for n, e in ESTIMATORS.items() if key in e.params.model_fields]
+    owners += [f"data source {n!r}" for n, c in DATA_SOURCES.items() if key in c.Params.model_fields]
+    return ", ".join(owners) or None
 
 
 # Named recipes: `{method: ei}` in a study expands to these settings (explicit fields win).
@@ -299,8 +408,9 @@ class StudyConfig(Strict):
             for fmt in ref.formats:
                 task.check_format(fmt)
         for name, m in self.methods.items():
-            if m.expert_format is not None:
-                build_task(m.task, self.world.get(m.task, {})).check_format(m.expert_format)
+            fmt = getattr(m.data_params, "expert_format", None)
+            if fmt is not None:
+                build_task(m.task, self.world.get(m.task, {})).check_format(fmt)
             if m.init not in ("base", *self.methods) and not Path(m.init).exists():
                 raise ValueError(f"methods.{name}.init: {m.init!r} is neither 'base', a method, nor a directory")
             if m.init == name:

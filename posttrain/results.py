@@ -38,21 +38,12 @@ def training_summary(run, name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-# per-model diagnostics copied into results.json: the contract's keys and what the report and the
-# findings read; the per-tensor tables stay in diagnostics/diff/
-DIAGNOSTIC_KEYS = (
-    "rel_update_total", "rel_update_by_module", "rel_update_by_layer", "rel_update_by_layer_module",
-    "changed_frac", "unchanged_frac", "principal_angle_top", "principal_angle_bottom", "sv_rel_change_top",
-    "sv_rel_change_bottom", "energy_rotation", "principal_angle_top_by_module", "principal_angle_top_by_layer",
-    "principal_angle_top_by_layer_module", "principal_angle_bottom_by_module", "sv_rel_change_top_by_module",
-    "sv_rel_change_top_by_layer_module", "energy_rotation_by_module", "effective_rank_delta_by_module",
-    "alpha_by_module", "alpha_base_by_module", "angle_curve", "spectra",
-)
-
-
 def assemble_results(cfg: StudyConfig, evals: dict[str, dict], diagnostics: dict[str, dict], run,
                      wall_seconds: float, diag_extra: dict | None = None) -> dict[str, Any]:
+    from posttrain.analysis.diagnostics import results_keys
+
     models = {name: model_entry(cfg, scores) for name, scores in evals.items()}
+    keys = results_keys()
     return {
         "study": cfg.name,
         "seed": cfg.seed,
@@ -62,9 +53,9 @@ def assemble_results(cfg: StudyConfig, evals: dict[str, dict], diagnostics: dict
         "retention_tasks": [r.key for r in cfg.retention],
         "models": models,
         "forgetting": {n: forgetting(models["base"], m) for n, m in models.items() if n != "base"},
-        "diagnostics": {
-            name: {k: d[k] for k in DIAGNOSTIC_KEYS if k in d} for name, d in diagnostics.items()
-        },
+        # the per-model aggregates the diagnostics table marks for results.json; the per-tensor
+        # tables stay in diagnostics/diff/
+        "diagnostics": {name: {k: d[k] for k in keys if k in d} for name, d in diagnostics.items()},
         # cosine of two methods' updates (dW_a, dW_b), "a|b" -> PairSummary JSON
         "diagnostic_pairs": (diag_extra or {}).get("pairs", {}),
         # per method: diagnostics of each step-<N> checkpoint against the base

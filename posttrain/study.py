@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from posttrain.config import StudyConfig, config_hash, dump_yaml
+from posttrain.config import StudyConfig, TrainConfig, config_hash, dump_yaml
 from posttrain.errors import UserError
 from posttrain.evaluation.evaluate import eval_problems, evaluate_model
 from posttrain.io import atomic_write_json, atomic_write_text, read_json, versions
@@ -108,6 +108,15 @@ def least_used_format(task: Task, shares: dict[str, float]) -> str:
     return min(task.formats, key=lambda f: (shares.get(f, 0.0), task.formats.index(f)))
 
 
+def expert_format_for(m: TrainConfig, task: Task, base_shares: Callable[[], dict[str, float]]) -> str | None:
+    """The solution format of a method's expert demonstrations: None unless it trains on expert data;
+    the method's `expert_format` when set; else the format the base writes least (`base_shares()`
+    gives the base's sampled format shares on the method's task split, computed only when needed)."""
+    if m.data_source != "expert":
+        return None
+    return m.data_params.expert_format or least_used_format(task, base_shares())
+
+
 def base_format_shares(cfg: StudyConfig, task: Task, split: str, model_dir: Path, device: str = "auto") -> dict[str, float]:
     """Sampled format shares of a checkpoint on a task split (used to pick the expert format)."""
     from posttrain.evaluation.evaluate import evaluate_split
@@ -186,11 +195,8 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     for name in method_order(cfg):
         m = cfg.methods[name]
         task = tasks[m.task]
-        expert_format = m.expert_format
-        if expert_format is None:
-            base_eval = evals["base"].get(f"{m.task}/{m.split}")
-            shares = base_eval["format_share"] if base_eval else {}
-            expert_format = least_used_format(task, shares)
+        base_eval = evals["base"].get(f"{m.task}/{m.split}")
+        expert_format = expert_format_for(m, task, lambda: base_eval["format_share"] if base_eval else {})
         init_dir = model_dirs.get(m.init) or Path(m.init)  # "base", an earlier method, or a directory
         upstream = keys.get(m.init, config_hash({"path": str(init_dir)}))
         key = config_hash({"method": m.model_dump(mode="json"), "init": upstream, "base": base_key,

@@ -9,7 +9,6 @@ from safetensors.numpy import load_file
 
 from posttrain.analysis.checkpoints import Checkpoint, classify
 from posttrain.analysis.diff import diff
-from posttrain.analysis.updates import relative_updates
 from posttrain.errors import UserError
 from posttrain.models.loading import load_model
 
@@ -27,6 +26,12 @@ def pair(tiny_checkpoint, tmp_path_factory):
     tok.save_pretrained(root / "ft")
     model.save_pretrained(root / "ft_sharded", safe_serialization=True, max_shard_size="20KB")
     return tiny_checkpoint, root / "ft", root / "ft_sharded"
+
+
+def relative_updates(base, other):
+    """One model's element-wise diff: its summary and per-tensor rows."""
+    res = diff(base, {"m": other}, show_progress=False)
+    return res.summaries["m"], res.tables["m"]
 
 
 def numpy_rel(base_dir, ft_dir):
@@ -393,7 +398,7 @@ def test_nonfinite_weights_with_spectral_are_reported(pair, tmp_path):
                show_progress=False)
     s = res.summaries["inf"]
     assert s.nonfinite == ["model.layers.0.self_attn.v_proj.weight"]
-    assert math.isfinite(s.spectral.principal_angle_top)
+    assert s.has_spectral and math.isfinite(s.principal_angle_top)
     js = json.loads((tmp_path / "out" / "diff.json").read_text())  # strict JSON: no NaN literals
     assert js["models"]["inf"]["nonfinite"] == s.nonfinite
 
@@ -491,7 +496,7 @@ def test_report_plots_from_summaries(planted):
     root, *_ = planted
     res = diff(root / "base", {"rot": root / "rot", "other": root / "other"}, spectral=True, show_progress=False)
     js = {k: v.to_json() for k, v in res.summaries.items()}
-    for fig in (P.angle_curves(js), P.spectra(js), P.angle_heatmaps(js), P.sv_change_heatmaps(js),
+    for fig in (P.angle_curves(js), P.spectra(js), P.layer_module_heatmaps(js, "principal_angle_top_by_layer_module", "t"),
                 P.cosine_heatmaps({"rot vs other": res.pairs[("rot", "other")].to_json()}),
                 P.trajectories([{"run": "a", "step": 1, "rel_update_total": 0.1, "changed_frac": 0.5}])):
         assert P.to_png(fig)[:4] == b"\x89PNG"

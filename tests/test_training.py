@@ -119,8 +119,8 @@ def test_divergence_stops_and_keeps_last_checkpoint(tiny_checkpoint, tmp_path):
         class NanAfter1(SFT):
             calls = 0
 
-            def compute(self, new, old, ref_logp, batch, c):
-                out = super().compute(new, old, ref_logp, batch, c)
+            def compute(self, new, old, ref_logp, batch, targets, c):
+                out = super().compute(new, old, ref_logp, batch, targets, c)
                 type(self).calls += 1
                 if type(self).calls > 1:
                     out.loss = out.loss * float("nan")
@@ -232,7 +232,7 @@ def test_canonical_demos_run_once_per_prompt_with_the_same_loss_and_gradient(tin
             assert len(batch.texts) == (4 if dedupe else 20)
             model.zero_grad(set_to_none=True)
             new = policy_forward(model, batch.packed)
-            loss = SFT().compute(new, new, None, batch, c).loss
+            loss = SFT().compute(new, new, None, batch, SFT().prepare(batch, new, None, c)[0], c).loss
             loss.backward()
             out[dedupe] = (float(loss.detach()), torch.cat([p.grad.flatten() for p in model.parameters()]))
         assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
@@ -274,8 +274,8 @@ def test_zero_advantage_groups_skip_the_backward_with_the_same_loss_and_gradient
         model.zero_grad(set_to_none=True)
         new = policy_forward(model, batch.packed, grad_groups=groups)
         old = PolicyOutputs(new.logp.detach(), None, None)
-        obj.prepare(batch, old, None, c)
-        res = obj.compute(new, old, None, batch, c)
+        targets, _ = obj.prepare(batch, old, None, c)
+        res = obj.compute(new, old, None, batch, targets, c)
         res.loss.backward()
         out[groups is None] = (float(res.loss.detach()), res.metrics["ratio_mean"], new.logp.detach(),
                                torch.cat([p.grad.flatten() for p in model.parameters()]))

@@ -23,7 +23,7 @@ import pandas as pd
 
 from posttrain.analysis.checkpoints import Checkpoint, check_compatible
 from posttrain.analysis.scan import DiffOptions, scan
-from posttrain.analysis.updates import PairSummary, UpdateSummary, summarise, summarise_pair
+from posttrain.analysis.updates import ModelSummary, PairSummary, summarise, summarise_pair
 from posttrain.errors import UserError
 from posttrain.io import atomic_file, atomic_write_bytes, atomic_write_json, atomic_write_text
 from posttrain.progress import progress_bar
@@ -34,7 +34,7 @@ MAX_DEFAULT_PAIRS_MODELS = 6
 @dataclass
 class DiffResult:
     base: str
-    summaries: dict[str, UpdateSummary]
+    summaries: dict[str, ModelSummary]
     tables: dict[str, pd.DataFrame]
     pairs: dict[tuple[str, str], PairSummary] = field(default_factory=dict)
     pair_tables: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
@@ -204,14 +204,17 @@ def write_outputs(result: DiffResult, out: Path, plots: bool = True) -> None:
 
 
 def write_plots(result: DiffResult, out: Path) -> list[Path]:
+    from posttrain.analysis.diagnostics import heatmaps
     from posttrain.report import plots as P
 
     js = {k: v.to_json() for k, v in result.summaries.items()}
-    figs = [(P.update_heatmaps(js), "rel_update_heatmap.png"), (P.module_bars(js), "rel_update_by_module.png")]
-    if any(s.spectral is not None for s in result.summaries.values()):
+    figs = [(P.module_bars(js), "rel_update_by_module.png")]
+    for key, plot in heatmaps():
+        if any(v.get(key) for v in js.values()):
+            figs.append((P.layer_module_heatmaps(js, key, plot.title, cbar_label=plot.cbar, fmt=plot.fmt), plot.file))
+    if any(s.has_spectral for s in result.summaries.values()):
         if result.settings.get("spectral", True):
-            figs += [(P.angle_heatmaps(js), "principal_angle_heatmap.png"), (P.angle_curves(js), "angle_curves.png")]
-        figs.append((P.sv_change_heatmaps(js), "sv_change_heatmap.png"))
+            figs.append((P.angle_curves(js), "angle_curves.png"))
         if any(v.get("spectra") for v in js.values()):
             figs.append((P.spectra(js), "spectra.png"))
     if result.pairs:

@@ -26,7 +26,8 @@ import torch
 from posttrain.analysis import spectral as sp
 from posttrain.analysis.checkpoints import Checkpoint, classify
 from posttrain.analysis.factors import gram, gram_factors, gram_values, singular_values, svd_factors, tall
-from posttrain.analysis.tensor_metrics import SPECTRAL_COLUMNS, from_gram, from_svd, pair_metrics, spectrum_metrics
+from posttrain.analysis.diagnostics import matrix_columns, matrix_diagnostics
+from posttrain.analysis.tensor_metrics import MatrixPair, from_gram, from_svd
 from posttrain.errors import UserError
 
 NAN = float("nan")
@@ -177,6 +178,7 @@ def _scan_tensor(base, models, name, opts, pairs, dev, res) -> None:
         del deltas, raw_b
 
     b_finite = math.isfinite(b_sq)
+    columns = matrix_columns()
     rows = {}
     for m in models:
         finite = b_finite and math.isfinite(d_sq[m])
@@ -187,7 +189,7 @@ def _scan_tensor(base, models, name, opts, pairs, dev, res) -> None:
             "rel_update": math.sqrt(d_sq[m] / b_sq) if finite and b_sq > 0 else NAN, "finite": finite,
             "changed_frac": changed[m] / numel if finite and numel else NAN,
             "unchanged_frac": unchanged[m] / numel if finite and numel else NAN,
-            "svd": "", **{c: NAN for c in SPECTRAL_COLUMNS},
+            "svd": "", **dict.fromkeys(columns, NAN),
         }
     for a, b in pairs:
         ok = rows[a]["finite"] and rows[b]["finite"]
@@ -198,20 +200,16 @@ def _scan_tensor(base, models, name, opts, pairs, dev, res) -> None:
         })
     if spectral and b_finite:
         todo = [m for m in models if rows[m]["finite"]]
+        ctx = _PairContext(opts, shape, rows, d_sq, b_sq)
         if use_gram:
-            _spectral_gram(G, todo, shape, opts, rows, d_sq)
+            out = _spectral_gram(G, todo, ctx)
         else:
-            _spectral_svd(base, models, name, shape, todo, kept, opts, dev, rows, d_sq, edt)
-        for m in todo:
-            r = rows[m]
-            curve = r.pop("_curve", [])
+            out = _spectral_svd(base, models, name, todo, kept, dev, edt, ctx)
+        for m, (curve, sv_base, sv_ft) in out.items():
             res.curves.extend({"model": m, "name": name, "layer": info.layer, "module": info.module, **c} for c in curve)
-            sb, st = r.pop("_sv_base", None), r.pop("_sv_ft", None)
-            if sb is not None:
-                res.spectra.append({"model": m, "name": name, "layer": info.layer, "module": info.module,
-                                    "sv_base": sb, "sv_ft": st})
+            res.spectra.append({"model": m, "name": name, "layer": info.layer, "module": info.module,
+                                "sv_base": sv_base, "sv_ft": sv_ft})
     for m in models:
-        rows[m].pop("_esd_base", None)
         res.rows[m].append(rows[m])
 
 
@@ -253,16 +251,42 @@ def _sumsq(x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(x, dim=-1).double().pow(2).sum())
 
 
-def _spectral_svd(base, models, name, shape, todo, kept, opts, dev, rows, d_sq, edt) -> None:
+@dataclass
+class _PairContext:
+    """What every model's per-matrix pass of one tensor shares (the base's ESD fit among others)."""
+
+    opts: DiffOptions
+    shape: tuple[int, ...]
+    rows: dict[str, dict]
+    d_sq: dict[str, float]
+    b_sq: float
+    base_cache: dict = field(default_factory=dict)
+
+    def fill(self, m: str, fb, ft, ps, method: str) -> tuple[list[dict], list[float], list[float]]:
+        """Run the table's per-matrix diagnostics on one model's pair; returns (curve, sv_base, sv_ft)."""
+        opts = self.opts
+        pair = MatrixPair(fb, ft, opts.k_for(min(self.shape)), bins=opts.bins, delta_sq=self.d_sq[m], base_sq=self.b_sq,
+                          transposed=self.shape[0] < self.shape[1], ps=ps, base_cache=self.base_cache,
+                          min_eval=opts.min_eval)
+        row = self.rows[m]
+        row["k"] = pair.k if ps is not None else max(1, min(opts.k_for(min(self.shape)), fb.S.numel()))
+        for d in matrix_diagnostics(vectors=ps is not None):
+            row.update(d.compute(pair))
+        row["svd"] = method
+        return pair.curve, fb.S.double().cpu().tolist(), ft.S.double().cpu().tolist()
+
+
+def _spectral_svd(base, models, name, todo, kept, dev, edt, ctx: _PairContext) -> dict:
+    opts, shape = ctx.opts, ctx.shape
     dt = opts.dtype_for(math.prod(shape))
     wb_e = kept.get("")
     wb_e = (wb_e if wb_e is not None else base.get(name)).to(dev, edt)
     wb = wb_e.to(dt)
-    tb, transposed = tall(wb)
+    tb, _ = tall(wb)
     r = tb.shape[-1]
     trunc = opts.truncate(r) if opts.spectral else None
     fb = svd_factors(tb, trunc) if opts.spectral else singular_values(tb)
-    esd_base = None
+    out = {}
     for m in todo:
         wt_e = kept.get(m)
         wt_e = (wt_e if wt_e is not None else models[m].get(name)).to(dev, edt).reshape(wb_e.shape)
@@ -270,45 +294,23 @@ def _spectral_svd(base, models, name, shape, todo, kept, opts, dev, rows, d_sq, 
         if opts.spectral:
             ft = svd_factors(tt, trunc)
             dW, _ = tall((wt_e - wb_e).to(dt))  # differenced before rounding to the SVD's dtype
-            row, curve = pair_metrics(from_svd(dW, fb, ft), opts.k_for(r), opts.bins, d_sq[m], transposed,
-                                      esd_base, opts.min_eval)
-            method = "randomized" if trunc else "full"
+            out[m] = ctx.fill(m, fb, ft, from_svd(dW, fb, ft), "randomized" if trunc else "full")
         else:
             ft = singular_values(tt)
-            row, curve, method = _values_row(fb, ft, opts.k_for(r), esd_base, opts), [], "values"
-        esd_base = row.get("_esd_base", esd_base)
-        _store(rows[m], row, curve, fb, ft, method)
+            out[m] = ctx.fill(m, fb, ft, None, "values")
         del wt_e, tt, ft
+    return out
 
 
-def _spectral_gram(G, todo, shape, opts, rows, d_sq) -> None:
-    r = min(shape)
+def _spectral_gram(G, todo, ctx: _PairContext) -> dict:
+    opts = ctx.opts
     fb = gram_factors(G["bb"]) if opts.spectral else gram_values(G["bb"])
-    transposed = shape[0] < shape[1]
-    esd_base = None
+    out = {}
     for m in todo:
         Gtt = G["bb"] + G[("bd", m)] + G[("bd", m)].mT + G[("dd", m)]
         if opts.spectral:
             ft = gram_factors(Gtt)
-            ps = from_gram(G["bb"], G[("bd", m)], G[("dd", m)], fb, ft)
-            row, curve = pair_metrics(ps, opts.k_for(r), opts.bins, d_sq[m], transposed, esd_base, opts.min_eval)
+            out[m] = ctx.fill(m, fb, ft, from_gram(G["bb"], G[("bd", m)], G[("dd", m)], fb, ft), "gram")
         else:
-            ft = gram_values(Gtt)
-            row, curve = _values_row(fb, ft, opts.k_for(r), esd_base, opts), []
-        esd_base = row.get("_esd_base", esd_base)
-        _store(rows[m], row, curve, fb, ft, "gram" if opts.spectral else "gram-values")
-
-
-def _values_row(fb, ft, k, esd_base, opts) -> dict:
-    row = {c: NAN for c in SPECTRAL_COLUMNS}
-    row["k"] = max(1, min(k, fb.S.numel()))
-    row.update(spectrum_metrics(fb, ft, k, esd_base, opts.min_eval))
-    return row
-
-
-def _store(target: dict, row: dict, curve: list[dict], fb, ft, method: str) -> None:
-    target.update(row)
-    target["svd"] = method
-    target["_curve"] = curve
-    target["_sv_base"] = fb.S.double().cpu().tolist()
-    target["_sv_ft"] = ft.S.double().cpu().tolist()
+            out[m] = ctx.fill(m, fb, gram_values(Gtt), None, "gram-values")
+    return out

@@ -2,9 +2,10 @@
 
 `PairSpectra` holds what the metrics need in tall orientation (see `factors`): the two
 factorisations, C = U_b^T dW V_b, the singular values of dW, and a way to form U_b[:, I]^T U_t[:, J]
-(explicitly when both U exist, through the Gram matrices otherwise). `pair_metrics` turns it into
-one table row (left/right named in the matrix's own orientation) and the angle curve over the
-spectrum. Definitions of every quantity are in `spectral`.
+(explicitly when both U exist, through the Gram matrices otherwise). `MatrixPair` wraps it (or,
+in `--esd` mode, the two spectra alone) for the per-matrix diagnostics below, which
+`posttrain.analysis.diagnostics` registers; left/right are named in the matrix's own orientation.
+Definitions of every quantity are in `spectral`.
 """
 
 from __future__ import annotations
@@ -21,17 +22,6 @@ from posttrain.analysis.factors import Factors, gram, lapack_threads, top_singul
 Tensor = torch.Tensor
 NAN = float("nan")
 DEG = 180.0 / math.pi
-
-# the per-tensor spectral columns, in table order (all floats; nan where not computed)
-SPECTRAL_COLUMNS = [
-    "k", "angle_top_left", "angle_top_right", "angle_top_max_left", "angle_top_max_right",
-    "angle_bottom_left", "angle_bottom_right", "proj_dist_top_left", "proj_dist_top_right",
-    "alignment_top_left", "alignment_top_right", "sv_rel_change_top", "sv_rel_change_bottom",
-    "sv_rel_change_all", "energy_diag", "energy_rotation", "update_energy_top",
-    "stable_rank_delta", "effective_rank_delta", "stable_rank_base", "stable_rank_ft",
-    "alpha_base", "alpha_ft", "alpha_weighted_base", "alpha_weighted_ft",
-    "log_spectral_norm_base", "log_spectral_norm_ft",
-]
 
 
 @dataclass
@@ -106,41 +96,55 @@ def _safe_inv(s: Tensor) -> Tensor:
     return torch.where(s > tol, 1.0 / s.clamp(min=tol if tol > 0 else 1e-300), torch.zeros_like(s))
 
 
-def pair_metrics(ps: PairSpectra, k: int, bins: int, delta_sq: float, transposed: bool,
-                 esd_base=None, min_eval: float = 1e-5) -> tuple[dict, list[dict]]:
-    """One row of spectral metrics and the angle curve rows for a pair in tall orientation.
+class MatrixPair:
+    """What a per-matrix diagnostic sees of one (base, fine-tuned) weight pair, in tall orientation.
 
-    `k` is the top/bottom subspace size, `bins` the number of spectrum ranges of the angle curve,
-    `delta_sq` = ||dW||_F^2 (computed exactly while streaming), `transposed` whether tall = W^T (then
-    the tall left side is the matrix's right side). `esd_base` reuses the base's ESD fit across
-    models. Angles are reported in degrees.
+    `fb`, `ft` are the two factorisations (`Factors`; singular values only in `--esd` mode, where
+    `vectors` is False), `ps` the pair view of `from_svd` / `from_gram` (None without vectors), `k`
+    the top/bottom subspace size, `q` the number of comparable triplets, `complete` whether both
+    factorisations hold all min(m, n) triplets (False for a truncated randomised SVD), `delta_sq` =
+    ||dW||_F^2 and `base_sq` = ||W_b||_F^2 from the streamed pass, and `side(i)` the name ("left" or
+    "right", in the matrix's own orientation) of the tall U side (0) or V side (1). Derived
+    quantities are computed once and shared between diagnostics: `angles(side, lo, hi)` (principal
+    angles of the singular subspaces lo..hi), `curve` (the angle curve over `bins` spectrum ranges),
+    `esd(tag)` (the ESD power-law fit of "base" or "ft"; the base's is shared across models through
+    `base_cache`).
     """
-    fb, ft = ps.fb, ps.ft
-    q = min(fb.S.numel(), ft.S.numel())
-    k = max(1, min(k, q))
-    sides = ("right", "left") if transposed else ("left", "right")  # names of the tall (U side, V side)
-    row: dict = {c: NAN for c in SPECTRAL_COLUMNS}
-    row["k"] = k
-    cache: dict[tuple[str, int, int], Tensor] = {}
 
-    def angles(side: int, lo: int, hi: int) -> Tensor:
-        key = (sides[side], lo, hi)
-        if key not in cache:
-            I = slice(lo, hi)
-            if side == 1:
-                cache[key] = sp.principal_angles(fb.V[:, I], ft.V[:, I])
-            elif ps.explicit_left:
-                cache[key] = sp.principal_angles(fb.U[:, I], ft.U[:, I])
-            else:
-                cache[key] = sp.angles_from_cosines(ps.left_cross(I, I))
-        return cache[key]
+    def __init__(self, fb: Factors, ft: Factors, k: int, *, bins: int, delta_sq: float, base_sq: float,
+                 transposed: bool, ps: PairSpectra | None = None, base_cache: dict | None = None,
+                 min_eval: float = 1e-5) -> None:
+        self.fb, self.ft, self.ps = fb, ft, ps
+        self.q = min(fb.S.numel(), ft.S.numel())
+        self.k = max(1, min(k, self.q))
+        self.bins, self.delta_sq, self.base_sq, self.min_eval = bins, delta_sq, base_sq, min_eval
+        self.sides = ("right", "left") if transposed else ("left", "right")  # names of the tall (U side, V side)
+        self.complete = fb.complete and ft.complete
+        self.base_cache = {} if base_cache is None else base_cache
+        self._angles: dict[tuple[int, int, int], Tensor] = {}
+        self._curve: list[dict] | None = None
 
-    complete = fb.complete and ft.complete
-    curve = []
-    if complete:
+    @property
+    def vectors(self) -> bool:
+        return self.ps is not None
+
+    def side(self, i: int) -> str:
+        return self.sides[i]
+
+    @property
+    def curve(self) -> list[dict]:
+        """Mean principal angle (degrees) of each of `bins` spectrum ranges, per side: rows {side, bin,
+        lo, hi, x, angle}; empty unless both factorisations are complete and have vectors."""
+        if self._curve is None:
+            self._curve = self._compute_curve() if self.vectors and self.complete else []
+        return self._curve
+
+    def _compute_curve(self) -> list[dict]:
         # the curve's first and last ranges are the top-k and bottom-k subspaces when k = q / bins
-        # (the default), so they are computed once, batched, and found in the cache below
-        starts, w = sp.bin_starts(q, bins)
+        # (the default), so they are computed once, batched, and found in the cache by `angles`
+        fb, ft, ps, q = self.fb, self.ft, self.ps, self.q
+        starts, w = sp.bin_starts(q, self.bins)
+        curve = []
         for side in (0, 1):
             if side == 1 or ps.explicit_left:
                 Mb, Mt = (fb.V, ft.V) if side == 1 else (fb.U, ft.U)
@@ -152,60 +156,113 @@ def pair_metrics(ps: PairSpectra, k: int, bins: int, delta_sq: float, transposed
                                   for s in starts])
             means = th.mean(dim=-1).tolist()
             for b, s in enumerate(starts):
-                cache[(sides[side], s, s + w)] = th[b]
-                curve.append({"side": sides[side], "bin": b, "lo": s, "hi": s + w, "x": (s + w / 2) / q,
+                self._angles[(side, s, s + w)] = th[b]
+                curve.append({"side": self.sides[side], "bin": b, "lo": s, "hi": s + w, "x": (s + w / 2) / q,
                               "angle": means[b] * DEG})
+        return curve
 
-    for side in (0, 1):
-        name = sides[side]
-        th = angles(side, 0, k)
-        row[f"angle_top_{name}"] = float(th.mean()) * DEG
-        row[f"angle_top_max_{name}"] = float(th.max()) * DEG
-        row[f"proj_dist_top_{name}"] = sp.projection_distance(th)
-        row[f"alignment_top_{name}"] = sp.subspace_alignment(th)
-    row.update(spectrum_metrics(fb, ft, k, esd_base, min_eval))
-    if complete:
-        for side in (0, 1):
-            row[f"angle_bottom_{sides[side]}"] = float(angles(side, q - k, q).mean()) * DEG
-        row["energy_diag"], row["energy_rotation"] = sp.energy_split(ps.c_diag, ps.c_sq)
-    Ck = ps.c_top(k).double()
-    row["update_energy_top"] = float(Ck.pow(2).sum()) / delta_sq if delta_sq > 0 else NAN
-    row["stable_rank_delta"] = delta_sq / ps.delta_top_sv**2 if ps.delta_top_sv > 0 else NAN
-    if ps.delta_sv is not None:
-        row["effective_rank_delta"] = sp.effective_rank(ps.delta_sv)
-    return row, curve
+    def angles(self, side: int, lo: int, hi: int) -> Tensor:
+        """Principal angles (radians, ascending) between the base's and the model's singular subspaces
+        lo..hi-1 of the tall U side (0) or V side (1)."""
+        self.curve  # noqa: B018 - fills the cache with the batched curve ranges first
+        key = (side, lo, hi)
+        if key not in self._angles:
+            fb, ft, ps = self.fb, self.ft, self.ps
+            idx = slice(lo, hi)
+            if side == 1:
+                self._angles[key] = sp.principal_angles(fb.V[:, idx], ft.V[:, idx])
+            elif ps.explicit_left:
+                self._angles[key] = sp.principal_angles(fb.U[:, idx], ft.U[:, idx])
+            else:
+                self._angles[key] = sp.angles_from_cosines(ps.left_cross(idx, idx))
+        return self._angles[key]
 
-
-def spectrum_metrics(fb: Factors, ft: Factors, k: int, esd_base: sp.PowerLawFit | None = None,
-                     min_eval: float = 1e-5) -> dict:
-    """What the two spectra alone tell (no singular vectors needed): relative singular-value changes
-    (mean |s_t,i - s_b,i| / s_b,i over the top k, the bottom k and all), and per matrix the
-    WeightWatcher-style summaries stable rank, log10 lambda_max ("log_spectral_norm", lambda = s^2),
-    ESD power-law alpha and alpha_weighted = alpha * log10 lambda_max. The base's fit is returned
-    under "_esd_base" for reuse across models."""
-    q = min(fb.S.numel(), ft.S.numel())
-    k = max(1, min(k, q))
-    row: dict = {}
-    rel = sp.sv_relative_change(fb.S[:q], ft.S[:q]).abs()
-    row["sv_rel_change_top"] = _mean(rel[:k])
-    complete = fb.complete and ft.complete
-    if complete:
-        row["sv_rel_change_bottom"] = _mean(rel[q - k:])
-        row["sv_rel_change_all"] = _mean(rel)
-    for tag, f in (("base", fb), ("ft", ft)):
-        top = float(f.S[0]) if f.S.numel() else 0.0
-        row[f"log_spectral_norm_{tag}"] = 2 * math.log10(top) if top > 0 else NAN
-        if f.complete:
-            row[f"stable_rank_{tag}"] = sp.stable_rank(f.S)
-    if complete:
+    def esd(self, tag: str) -> sp.PowerLawFit:
+        """The ESD power-law fit of the base ("base") or fine-tuned ("ft") matrix (complete spectra only)."""
+        if tag == "base" and "esd" in self.base_cache:
+            return self.base_cache["esd"]
+        f = self.fb if tag == "base" else self.ft
         with lapack_threads(0):  # small element-wise work: threads only add synchronisation
-            fits = {"base": esd_base if esd_base is not None else sp.esd_powerlaw(fb.S.double() ** 2, min_eval),
-                    "ft": sp.esd_powerlaw(ft.S.double() ** 2, min_eval)}
-        for tag, fit in fits.items():
-            row[f"alpha_{tag}"] = fit.alpha
-            row[f"alpha_weighted_{tag}"] = fit.alpha * row[f"log_spectral_norm_{tag}"]
-        row["_esd_base"] = fits["base"]
-    return row
+            fit = sp.esd_powerlaw(f.S.double() ** 2, self.min_eval)
+        if tag == "base":
+            self.base_cache["esd"] = fit
+        return fit
+
+
+# ------------------------------------------------------------------------------------------------
+# per-matrix diagnostics (registered in `posttrain.analysis.diagnostics`); each returns table columns
+
+
+def top_subspace_angles(m: MatrixPair) -> dict[str, float]:
+    """Per side of the top-k singular subspaces: mean and max principal angle (degrees), projection
+    distance and alignment (definitions in `spectral`)."""
+    out = {}
+    for side in (0, 1):
+        name = m.side(side)
+        th = m.angles(side, 0, m.k)
+        out[f"angle_top_{name}"] = float(th.mean()) * DEG
+        out[f"angle_top_max_{name}"] = float(th.max()) * DEG
+        out[f"proj_dist_top_{name}"] = sp.projection_distance(th)
+        out[f"alignment_top_{name}"] = sp.subspace_alignment(th)
+    return out
+
+
+def bottom_subspace_angles(m: MatrixPair) -> dict[str, float]:
+    """Mean principal angle (degrees) of the bottom-k singular subspaces, per side (complete spectra only)."""
+    if not m.complete:
+        return {}
+    return {f"angle_bottom_{m.side(side)}": float(m.angles(side, m.q - m.k, m.q).mean()) * DEG for side in (0, 1)}
+
+
+def singular_value_changes(m: MatrixPair) -> dict[str, float]:
+    """Mean |s_t,i - s_b,i| / s_b,i over the top k, and (complete spectra) the bottom k and all i."""
+    rel = sp.sv_relative_change(m.fb.S[:m.q], m.ft.S[:m.q]).abs()
+    out = {"sv_rel_change_top": _mean(rel[:m.k])}
+    if m.complete:
+        out["sv_rel_change_bottom"] = _mean(rel[m.q - m.k:])
+        out["sv_rel_change_all"] = _mean(rel)
+    return out
+
+
+def energy_split(m: MatrixPair) -> dict[str, float]:
+    """Diagonal ("magnitude") and off-diagonal ("rotation") shares of ||U_b^T dW V_b||_F^2 (complete only)."""
+    if not m.complete:
+        return {}
+    diag, rot = sp.energy_split(m.ps.c_diag, m.ps.c_sq)
+    return {"energy_diag": diag, "energy_rotation": rot}
+
+
+def update_energy_top(m: MatrixPair) -> dict[str, float]:
+    """Share of ||dW||_F^2 inside the base's top-k singular block: ||U_b,k^T dW V_b,k||_F^2 / ||dW||_F^2."""
+    Ck = m.ps.c_top(m.k).double()
+    return {"update_energy_top": float(Ck.pow(2).sum()) / m.delta_sq if m.delta_sq > 0 else NAN}
+
+
+def update_ranks(m: MatrixPair) -> dict[str, float]:
+    """Stable rank ||dW||_F^2 / ||dW||_2^2 and (when all singular values of dW are known) effective rank of dW."""
+    ps = m.ps
+    out = {"stable_rank_delta": m.delta_sq / ps.delta_top_sv**2 if ps.delta_top_sv > 0 else NAN}
+    if ps.delta_sv is not None:
+        out["effective_rank_delta"] = sp.effective_rank(ps.delta_sv)
+    return out
+
+
+def spectrum_summaries(m: MatrixPair) -> dict[str, float]:
+    """WeightWatcher-style summaries of each matrix: log10 lambda_max ("log_spectral_norm", lambda =
+    s^2), stable rank, and (complete spectra) ESD power-law alpha and alpha_weighted = alpha * log10
+    lambda_max."""
+    out: dict[str, float] = {}
+    for tag, f in (("base", m.fb), ("ft", m.ft)):
+        top = float(f.S[0]) if f.S.numel() else 0.0
+        out[f"log_spectral_norm_{tag}"] = 2 * math.log10(top) if top > 0 else NAN
+        if f.complete:
+            out[f"stable_rank_{tag}"] = sp.stable_rank(f.S)
+    if m.complete:
+        for tag in ("base", "ft"):
+            fit = m.esd(tag)
+            out[f"alpha_{tag}"] = fit.alpha
+            out[f"alpha_weighted_{tag}"] = fit.alpha * out[f"log_spectral_norm_{tag}"]
+    return out
 
 
 def _mean(x: Tensor) -> float:

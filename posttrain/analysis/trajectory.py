@@ -6,8 +6,9 @@ other through their updates: `cosine_prev` = cos(dW_s, dW_prev) tells whether tr
 in the same direction, and `step_distance` = ||W_s - W_prev||_F / ||W_base||_F how far it moved
 since the previous checkpoint. A point per checkpoint:
 
-    {"run", "step", "rel_update_total", "changed_frac", "unchanged_frac", "cosine_prev",
-     "step_distance", "rel_update/<module>", and with spectral: "principal_angle_top",
+    {"run", "step", "checkpoint", "cosine_prev", "step_distance", and the aggregates the diagnostics
+     table marks for trajectories (`diagnostics.trajectory_values`): "rel_update_total",
+     "rel_update/<module>", "changed_frac", "unchanged_frac", and with spectral "principal_angle_top",
      "principal_angle_bottom", "sv_rel_change_top", "energy_rotation"}
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from posttrain.analysis.diagnostics import trajectory_values
 from posttrain.analysis.diff import DiffResult, diff, write_outputs
 from posttrain.errors import UserError
 from posttrain.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -86,9 +88,6 @@ class TrajectoryResult:
         return {"base": self.result.base, "runs": runs}
 
 
-SPECTRAL_KEYS = ("principal_angle_top", "principal_angle_bottom", "sv_rel_change_top", "energy_rotation")
-
-
 def trajectory_plan(runs: dict[str, list[tuple[int, Path]]], key: Callable[[str, int], str] = step_key
                     ) -> tuple[dict[str, Path], list[tuple[str, str]]]:
     """The models ({name: dir}) and consecutive-checkpoint pairs that a diff must cover for the
@@ -114,18 +113,11 @@ def trajectory_points(res: DiffResult, runs: dict[str, list[tuple[int, Path]]],
         prev = None
         for step, path in cks:
             k = key(run, step)
-            s = res.summaries[k].to_json()
-            p = {"run": run, "step": step, "checkpoint": str(path),
-                 "rel_update_total": s["rel_update_total"], "changed_frac": s.get("changed_frac"),
-                 "unchanged_frac": s.get("unchanged_frac"), "cosine_prev": None, "step_distance": None}
+            p = {"run": run, "step": step, "checkpoint": str(path), "cosine_prev": None, "step_distance": None,
+                 **trajectory_values(res.summaries[k].to_json())}
             pair = res.pairs.get((prev, k))
             if pair is not None:
                 p["cosine_prev"], p["step_distance"] = pair.cosine_total, pair.rel_distance_total
-            for name in SPECTRAL_KEYS:
-                if name in s:
-                    p[name] = s[name]
-            for m, v in s["rel_update_by_module"].items():
-                p[f"rel_update/{m}"] = v
             points.append(p)
             prev = k
     return points
@@ -154,13 +146,16 @@ def write_trajectory(tr: TrajectoryResult, out: Path, plots: bool = True) -> Non
     atomic_write_text(out / "trajectory.csv", table.to_csv(index=False))
     atomic_write_json(out / "trajectory.json", tr.to_json())
     if plots:
+        from posttrain.analysis.diagnostics import heatmaps
         from posttrain.report import plots as P
 
         atomic_write_bytes(out / "trajectory.png", P.to_png(P.trajectories(tr.points)))
         # heatmaps of each run's last checkpoint only: one panel per checkpoint would not be readable
         last = {p["run"]: p for p in tr.points}
         js = {run: tr.result.summaries[tr.key(run, p["step"])].to_json() for run, p in last.items()}
-        atomic_write_bytes(out / "rel_update_heatmap.png", P.to_png(P.update_heatmaps(js)))
-        if any("principal_angle_top_by_layer_module" in v for v in js.values()):
-            atomic_write_bytes(out / "principal_angle_heatmap.png", P.to_png(P.angle_heatmaps(js)))
+        for key, plot in heatmaps():
+            if any(v.get(key) for v in js.values()):
+                atomic_write_bytes(out / plot.file, P.to_png(P.layer_module_heatmaps(js, key, plot.title,
+                                                                                      cbar_label=plot.cbar, fmt=plot.fmt)))
+        if any(v.get("principal_angle_top_by_layer_module") for v in js.values()):
             atomic_write_bytes(out / "angle_curves.png", P.to_png(P.angle_curves(js)))

@@ -13,14 +13,14 @@ from posttrain.config import StudyConfig
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-RL_OBJECTIVES = ("grpo", "ppo", "rloo", "reinforce")
 
 
 def pick_methods(cfg: StudyConfig, results: dict) -> tuple[str | None, str | None]:
-    """The first SFT-on-expert-data method and the first RL method of the study, if any."""
+    """The first SFT-on-expert-data method and the first RL method (an objective that learns from
+    rewards, by its declared traits) of the study, if any."""
     done = results["models"]
     sft = next((n for n, m in cfg.methods.items() if n in done and m.is_expert_sft), None)
-    rl = next((n for n, m in cfg.methods.items() if n in done and m.objective in RL_OBJECTIVES), None)
+    rl = next((n for n, m in cfg.methods.items() if n in done and m.is_rl), None)
     return sft, rl
 
 

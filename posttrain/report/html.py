@@ -9,6 +9,7 @@ from typing import Any
 
 from posttrain.errors import UserError
 from posttrain.io import atomic_write_text, read_json
+from posttrain.analysis.diagnostics import heatmaps
 from posttrain.report import plots as P
 
 CSS = """
@@ -126,8 +127,9 @@ def spectral_section(res: dict) -> str:
             "<th>top-k s.v. change</th><th>bottom-k s.v. change</th><th>rotation energy</th>"
             f"<th>entries changed</th></tr>{rows}</table>")
         parts.append(_img(P.angle_curves(diag), "principal-angle curves"))
-        parts.append(_img(P.angle_heatmaps(diag), "principal angle heatmaps"))
-        parts.append(_img(P.sv_change_heatmaps(diag), "singular-value change heatmaps"))
+        parts += [_img(P.layer_module_heatmaps(diag, key, plot.title, cbar_label=plot.cbar, fmt=plot.fmt), key)
+                  for key, plot in heatmaps() if key != "rel_update_by_layer_module"
+                  and any(d.get(key) for d in diag.values())]
         if any(d.get("spectra") for d in diag.values()):
             parts.append(_img(P.spectra(diag), "singular-value spectra"))
     pairs = {k.replace("|", " vs "): v for k, v in res.get("diagnostic_pairs", {}).items()}
@@ -187,7 +189,9 @@ def build_report(run: Path) -> str:
         body.append("<h2>Where the weights moved</h2><p>Relative update ‖W<sub>ft</sub> − W<sub>base</sub>‖<sub>F</sub> / "
                     "‖W<sub>base</sub>‖<sub>F</sub> per layer and module type (cells aggregate their tensors as one "
                     "concatenated weight), streamed tensor by tensor from the safetensors files.</p>")
-        body.append(_img(P.update_heatmaps(diag), "relative update heatmaps"))
+        body.append(_img(P.layer_module_heatmaps(diag, "rel_update_by_layer_module",
+                                                 "relative update ||dW|| / ||W_base|| by layer x module"),
+                         "relative update heatmaps"))
         body.append(_img(P.module_bars(diag), "relative update by module"))
         body.append(spectral_section(res))
     if res.get("repairs"):

@@ -31,40 +31,6 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def update_heatmaps(summaries: dict[str, dict], title: str = "relative update ||dW|| / ||W_base|| by layer x module"):
-    """One heatmap per model (rows = module types, columns = layers), on a shared colour scale."""
-    names = list(summaries)
-    modules = [m for m in dict.fromkeys(m for s in summaries.values() for m in s["rel_update_by_layer_module"])]
-    n_layers = max((len(v) for s in summaries.values() for v in s["rel_update_by_layer_module"].values()), default=0)
-    vmax = max((x for s in summaries.values() for v in s["rel_update_by_layer_module"].values()
-                for x in v if x is not None and not math.isnan(x)), default=1.0) or 1.0
-    fig, axes = plt.subplots(1, len(names), figsize=(1.2 + 0.55 * max(n_layers, 4) * len(names), 0.42 * len(modules) + 1.6),
-                             squeeze=False)
-    im = None
-    for ax, name in zip(axes[0], names):
-        cells = summaries[name]["rel_update_by_layer_module"]
-        grid = np.full((len(modules), n_layers), np.nan)
-        for i, m in enumerate(modules):
-            for j, x in enumerate(cells.get(m, [])):
-                if x is not None:
-                    grid[i, j] = x
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
-        ax.set_title(name)
-        ax.set_xticks(range(n_layers))
-        ax.set_xlabel("layer")
-        ax.set_yticks(range(len(modules)))
-        ax.set_yticklabels(modules if ax is axes[0][0] else [])
-        for i in range(len(modules)):
-            for j in range(n_layers):
-                if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=6,
-                            color="white" if grid[i, j] < 0.6 * vmax else "black")
-    if im is not None:
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.suptitle(title, fontsize=10)
-    return fig
-
-
 def module_bars(summaries: dict[str, dict]):
     """Relative update per module type, one bar group per module, one bar per model."""
     names = list(summaries)
@@ -219,20 +185,6 @@ def layer_module_heatmaps(summaries: dict[str, dict], key: str, title: str, cbar
             cb.set_label(cbar_label)
     fig.suptitle(title, fontsize=10)
     return fig
-
-
-def angle_heatmaps(summaries: dict[str, dict]):
-    """Mean principal angle (degrees) between base and fine-tuned top-k singular subspaces, layer x module."""
-    return layer_module_heatmaps(summaries, "principal_angle_top_by_layer_module",
-                                 "principal angle of the top-k singular subspaces (degrees, mean of left and right)",
-                                 cbar_label="degrees", fmt="{:.2f}")
-
-
-def sv_change_heatmaps(summaries: dict[str, dict]):
-    """Mean |relative change| of the top-k singular values, layer x module."""
-    return layer_module_heatmaps(summaries, "sv_rel_change_top_by_layer_module",
-                                 "relative change of the top-k singular values |s_ft - s_base| / s_base",
-                                 fmt="{:.3f}")
 
 
 def cosine_heatmaps(pairs: dict[str, dict]):

@@ -8,7 +8,9 @@
                  from the base, Self-SFT.
 
 All sources read the same prompt schedule: step t of every method sees the same prompts, so
-methods differ only in what they do with them.
+methods differ only in what they do with them. A source is one registered class with its own
+typed knobs (`Params`, field names = config keys) and a `build` constructor from the method's
+config (`SourceContext` carries what the loop knows: task, seed, schedule, output directory).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, ClassVar, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
+from posttrain.errors import UserError
 from posttrain.tasks import Problem, Task, Verdict
 from posttrain.train.rollout import generate
 from posttrain.train.sequences import PackedBatch, encode_completions, encode_prompts, pack
@@ -48,8 +52,6 @@ class Batch:
     rewards: torch.Tensor | None = None  # [N] when scored
     verdicts: list[Verdict] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    advantages: torch.Tensor | None = None  # set by the objective's prepare()
-    returns: torch.Tensor | None = None
 
     def select(self, idx: list[int]) -> "Batch":
         """The rows `idx` of the batch (for minibatches); group structure is not kept."""
@@ -59,13 +61,8 @@ class Batch:
         width = int(sub.attention_mask.sum(-1).max())
         sub = PackedBatch(sub.input_ids[:, :width], sub.attention_mask[:, :width], sub.target_mask[:, : width - 1])
         pick = lambda x: None if x is None else x[t.to(x.device)]  # noqa: E731
-        out = Batch(sub, self.group_size, [self.problems[i] for i in idx], [self.texts[i] for i in idx],
-                    pick(self.rewards), None if self.verdicts is None else [self.verdicts[i] for i in idx])
-        adv = pick(self.advantages)
-        out.advantages = adv[:, : width - 1] if adv is not None and adv.dim() == 2 else adv
-        if self.returns is not None:
-            out.returns = self.returns[t.to(self.returns.device)][:, : width - 1]
-        return out
+        return Batch(sub, self.group_size, [self.problems[i] for i in idx], [self.texts[i] for i in idx],
+                     pick(self.rewards), None if self.verdicts is None else [self.verdicts[i] for i in idx])
 
 
 def score(task: Task, problems: list[Problem], texts: list[str], finished: list[bool]) -> list[Verdict]:
@@ -86,10 +83,55 @@ def verdict_metrics(verdicts: list[Verdict], prefix: str = "") -> dict[str, floa
     return out
 
 
-class DataSource:
-    """Makes the batch of step `t` from that step's prompts."""
+@dataclass
+class SourceContext:
+    """What the training loop gives a data source when it builds one."""
 
-    on_policy = False
+    task: Task
+    seed: int
+    max_length: int | None
+    schedule: list[list[Problem]]
+    out_dir: Path | None
+    expert_format: str | None = None  # resolved by the caller (the study picks the base's least-used format)
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+DATA_SOURCES: dict[str, type["DataSource"]] = {}
+
+
+def register_source(name: str):
+    """Class decorator: make a `DataSource` subclass available as `data: <name>`."""
+
+    def deco(cls):
+        if name in DATA_SOURCES:
+            raise ValueError(f"data source {name!r} registered twice")
+        cls.name = name
+        DATA_SOURCES[name] = cls
+        return cls
+
+    return deco
+
+
+class DataSource:
+    """Makes the batch of step `t` from that step's prompts.
+
+    `on_policy`: its batches are samples of the current policy (scored); `Params`: its knobs.
+    """
+
+    name: ClassVar[str] = ""
+    on_policy: ClassVar[bool] = False
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Cross-field validation against the method's config; raise ValueError."""
+
+    @classmethod
+    def build(cls, cfg, ctx: SourceContext) -> "DataSource":
+        raise NotImplementedError
 
     def batch(self, step: int, problems: list[Problem], n: int, model, tok, cfg) -> Batch | None:
         raise NotImplementedError
@@ -99,6 +141,14 @@ class DataSource:
         return False
 
 
+class ExpertParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    expert_format: str | None = None  # None: the task's format the base uses least (chosen by the study)
+    # the expert writes one canonical solution per problem (a consistent teacher) or a random one
+    expert_solutions: Literal["canonical", "random"] = "canonical"
+
+
+@register_source("expert")
 class ExpertSource(DataSource):
     """`samples_per_prompt` solver demonstrations per prompt, in format `fmt` (canonical: the same
     solution each time, as a consistent teacher writes; otherwise random valid solutions).
@@ -109,7 +159,14 @@ class ExpertSource(DataSource):
     because a minibatch of copies is a different sample.
     """
 
-    on_policy = False
+    Params = ExpertParams
+
+    @classmethod
+    def build(cls, cfg, ctx: SourceContext) -> "ExpertSource":
+        if ctx.expert_format is None:
+            raise UserError("expert data needs an expert_format")
+        return cls(ctx.task, ctx.expert_format, ctx.seed, ctx.max_length,
+                   canonical=cfg.data_params.expert_solutions == "canonical", dedupe=cfg.minibatches == 1)
 
     def __init__(self, task: Task, fmt: str, seed: int, max_length: int | None, canonical: bool = True,
                  dedupe: bool = False) -> None:
@@ -126,10 +183,15 @@ class ExpertSource(DataSource):
         return Batch(packed, n, rows, texts)
 
 
+@register_source("on_policy")
 class OnPolicySource(DataSource):
     """`samples_per_prompt` samples per prompt from the current policy, scored by the verifier."""
 
     on_policy = True
+
+    @classmethod
+    def build(cls, cfg, ctx: SourceContext) -> "OnPolicySource":
+        return cls(ctx.task, ctx.seed, ctx.max_length)
 
     def __init__(self, task: Task, seed: int, max_length: int | None) -> None:
         self.task, self.seed, self.max_length = task, seed, max_length
@@ -150,6 +212,14 @@ class OnPolicySource(DataSource):
         return Batch(packed, n, rows, ro.texts, rewards, verdicts, metrics)
 
 
+class FilteredParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rounds: Annotated[int, Field(ge=1)] = 1
+    restart_from_base: bool = False  # each round trains from the init weights (Echo Chamber / ReST-EM)
+    filter_samples: Annotated[int, Field(ge=1)] | None = None  # k samples per prompt to filter; None: samples_per_prompt
+
+
+@register_source("filtered")
 class FilteredSource(DataSource):
     """Verified-correct samples of the policy, generated once per round for the round's prompts.
 
@@ -158,6 +228,20 @@ class FilteredSource(DataSource):
     step whose prompts yielded nothing correct returns None (no update, the schedule still moves).
     Round data is written to `out_dir/rounds/` so a resumed run trains on exactly the same data.
     """
+
+    on_policy = True  # the policy's own (filtered) samples
+    Params = FilteredParams
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.data_params.rounds > cfg.steps:
+            raise ValueError(f"rounds ({cfg.data_params.rounds}) cannot exceed steps ({cfg.steps})")
+
+    @classmethod
+    def build(cls, cfg, ctx: SourceContext) -> "FilteredSource":
+        p = cfg.data_params
+        return cls(ctx.task, ctx.seed, ctx.max_length, ctx.schedule, p.rounds, p.filter_samples or cfg.samples_per_prompt,
+                   p.restart_from_base, ctx.out_dir)
 
     def __init__(self, task: Task, seed: int, max_length: int | None, schedule: list[list[Problem]], rounds: int,
                  k: int, restart: bool, out_dir: Path | None) -> None:
@@ -222,6 +306,3 @@ class FilteredSource(DataSource):
                       tok.pad_token_id, self.max_length)
         return Batch(packed, 1, rows, texts, metrics={**self.stats[r], "filtered/batch": float(len(items))})
 
-
-DATA_SOURCES: dict[str, Callable[..., DataSource]] = {"expert": ExpertSource, "on_policy": OnPolicySource,
-                                                      "filtered": FilteredSource}

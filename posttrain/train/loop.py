@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from posttrain.config import TrainConfig, dump_yaml
+from posttrain.config import TrainConfig
 from posttrain.errors import TrainingDiverged, UserError
 from posttrain.io import atomic_write_json, atomic_write_text, versions
 from posttrain.models.loading import load_model, save_checkpoint
@@ -40,17 +41,7 @@ from posttrain.train.checkpointing import (
     save_training_checkpoint,
     truncate_metrics,
 )
-from posttrain.train.data_sources import (
-    Batch,
-    DataSource,
-    ExpertSource,
-    FilteredSource,
-    OnPolicySource,
-    prompt_schedule,
-    score,
-    step_seed,
-    verdict_metrics,
-)
+from posttrain.train.data_sources import Batch, SourceContext, prompt_schedule, score, step_seed, verdict_metrics
 from posttrain.train.freezing import apply_freezing
 from posttrain.train.objectives import OBJECTIVES, PolicyOutputs
 from posttrain.train.policy import ValueHead, policy_forward
@@ -119,20 +110,6 @@ def quick_eval(model, tok, tasks: dict[str, Task], problems: dict[str, list[Prob
     return out
 
 
-def make_source(cfg: TrainConfig, task: Task, expert_format: str | None, seed: int, max_length: int | None,
-                schedule: list[list[Problem]], out_dir: Path) -> DataSource:
-    data = cfg.data_source
-    if data == "expert":
-        if expert_format is None:
-            raise UserError("expert data needs an expert_format")
-        return ExpertSource(task, expert_format, seed, max_length, canonical=cfg.expert_solutions == "canonical",
-                            dedupe=cfg.minibatches == 1)
-    if data == "on_policy":
-        return OnPolicySource(task, seed, max_length)
-    return FilteredSource(task, seed, max_length, schedule, cfg.rounds, cfg.filter_samples or cfg.samples_per_prompt,
-                          cfg.restart_from_base, out_dir)
-
-
 def _slice(o: PolicyOutputs, idx: torch.Tensor, width: int) -> PolicyOutputs:
     cut = lambda x: None if x is None else x[idx.to(x.device)][:, : width - 1]  # noqa: E731
     return PolicyOutputs(cut(o.logp), cut(o.entropy), cut(o.values))
@@ -167,7 +144,7 @@ def train(
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
     atomic_write_json(out_dir / "versions.json", versions())
     seed_everything(seed)
     objective = OBJECTIVES[cfg.objective]()
@@ -177,10 +154,10 @@ def train(
     if ref_dir is not None:
         ref, _ = load_model(ref_dir, device="cpu")
         ref.requires_grad_(False)
-    value_head = ValueHead(model.config.hidden_size) if objective.needs_values else None
+    value_head = ValueHead(model.config.hidden_size) if objective.traits.needs_critic else None
     max_length = getattr(model.config, "max_position_embeddings", None)
     schedule = prompt_schedule(task, cfg.split, seed, cfg.steps, cfg.prompts_per_step)
-    source = make_source(cfg, task, expert_format, seed, max_length, schedule, out_dir)
+    source = cfg.source_cls.build(cfg, SourceContext(task, seed, max_length, schedule, out_dir, expert_format))
 
     params = [p for p in model.parameters() if p.requires_grad]
     if value_head is not None:
@@ -284,7 +261,7 @@ def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, o
     single = cfg.num_iterations == 1 and cfg.minibatches == 1
     if single:
         # one update: the behaviour policy is the current one, so old = current (ratio exactly 1)
-        new = policy_forward(model, batch.packed, cfg.temperature, objective.needs_entropy, value_head,
+        new = policy_forward(model, batch.packed, cfg.temperature, objective.traits.needs_entropy, value_head,
                              objective.grad_groups(batch, cfg))
         old = PolicyOutputs(new.logp.detach(), None, None if new.values is None else new.values.detach())
     else:
@@ -292,7 +269,7 @@ def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, o
         # first ratio is 1 to the last bit
         with torch.no_grad():
             old = policy_forward(model, batch.packed.padded(), cfg.temperature, False, value_head)
-    metrics = objective.prepare(batch, old, ref_logp, cfg)
+    targets, metrics = objective.prepare(batch, old, ref_logp, cfg)
     n = batch.packed.input_ids.shape[0]
     losses = []
     out = None
@@ -303,7 +280,7 @@ def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, o
         for k in range(cfg.minibatches):
             idx = sorted(order[k * n // cfg.minibatches : (k + 1) * n // cfg.minibatches])
             if single:
-                sub, sub_old, sub_ref = batch, old, ref_logp
+                sub, sub_old, sub_ref, sub_targets = batch, old, ref_logp, targets
             else:
                 sub = batch.select(idx)
                 width = sub.packed.input_ids.shape[1]
@@ -311,8 +288,9 @@ def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, o
                 sub.packed = sub.packed.to(dev)
                 sub_old = _slice(old, t, width)
                 sub_ref = None if ref_logp is None else ref_logp[t.to(dev)][:, : width - 1]
-                new = policy_forward(model, sub.packed, cfg.temperature, objective.needs_entropy, value_head)
-            out = objective.compute(new, sub_old, sub_ref, sub, cfg)
+                sub_targets = targets.select(t, width)
+                new = policy_forward(model, sub.packed, cfg.temperature, objective.traits.needs_entropy, value_head)
+            out = objective.compute(new, sub_old, sub_ref, sub, sub_targets, cfg)
             loss_value = float(out.loss.detach())
             _check_finite(loss_value, "loss", step, out_dir)
             accelerator.backward(out.loss)

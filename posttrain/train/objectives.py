@@ -2,14 +2,34 @@
 
 Conventions: `logp`, `old_logp`, `ref_logp` and `mask` are [B, T] over target positions (see
 `train.sequences`); `mask` is 1.0 on completion tokens. Every function states its formula.
+
+An objective is one registered class that declares what it needs (`Traits`) and the knobs it
+reads (`Params`, a pydantic model whose field names are config keys)::
+
+    @register_objective("my_pg")
+    class MyPG(Objective):
+        traits = Traits(rl=True, default_data="on_policy")
+        estimator_level = "sequence"          # it optimises a registered advantage estimator's output
+        default_estimator = "grpo"
+
+        class Params(BaseModel):
+            my_temperature: float = 1.0
+
+        def prepare(self, batch, old, ref_logp, cfg):   # once per batch: advantages, no mutation
+            return self.sequence_targets(batch, old, ref_logp, cfg), {}
+
+        def compute(self, new, old, ref_logp, batch, targets, cfg):
+            adv = targets.advantages.unsqueeze(-1) * cfg.objective_params.my_temperature
+            return LossOutput(masked_mean(-adv * new.logp, batch.packed.target_mask), {})
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, Annotated, Callable, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from posttrain.config import TrainConfig
@@ -18,6 +38,12 @@ if TYPE_CHECKING:
 
 # ----------------------------------------------------------------------------------------------
 # pure functions
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(x * m) / max(sum(m), 1): the mean over the masked entries (0 when there are none)."""
+    m = mask.float()
+    return (x * m).sum() / m.sum().clamp(min=1.0)
 
 
 def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", norm_len: int | None = None) -> torch.Tensor:
@@ -30,7 +56,7 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", 
     """
     m = mask.float()
     if mode == "token-mean":
-        return (loss * m).sum() / m.sum().clamp(min=1.0)
+        return masked_mean(loss, m)
     if mode == "seq-mean-token-mean":
         per_seq = (loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)
         return per_seq.mean()
@@ -85,13 +111,8 @@ def clipped_policy_loss(
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     loss = torch.maximum(unclipped, clipped)
-    m = mask.float()
-    clipfrac = ((clipped > unclipped).float() * m).sum() / m.sum().clamp(min=1.0)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
     return aggregate(loss, mask, mode), clipfrac
-
-
-# ----------------------------------------------------------------------------------------------
-# objectives: how the loop turns a batch into a loss
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -108,8 +129,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         return 0.5 * aggregate(unclipped, mask, mode), values.new_zeros(())
     v_clip = old_values + (values - old_values).clamp(-clip, clip)
     clipped = (v_clip - returns).pow(2)
-    m = mask.float()
-    frac = ((clipped > unclipped).float() * m).sum() / m.sum().clamp(min=1.0)
+    frac = masked_mean((clipped > unclipped).float(), mask)
     return 0.5 * aggregate(torch.maximum(unclipped, clipped), mask, mode), frac
 
 
@@ -136,27 +156,66 @@ class PolicyOutputs:
 
 
 @dataclass
+class Targets:
+    """What an objective derives from a batch before any update: advantages ([B] per sequence or
+    [B, T] per token) and value targets ([B, T]); None where the objective has none."""
+
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def select(self, idx: torch.Tensor, width: int) -> "Targets":
+        """The rows `idx`, cut to `width - 1` target positions (a minibatch of `Batch.select`)."""
+        def cut(x):
+            if x is None:
+                return None
+            x = x[idx.to(x.device)]
+            return x[:, : width - 1] if x.dim() == 2 else x
+        return Targets(cut(self.advantages), cut(self.returns))
+
+
+@dataclass
 class LossOutput:
     loss: torch.Tensor
     metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What an objective needs. `rl`: it learns from verifier rewards (so it needs on-policy data,
+    may put the KL in the reward, and counts as "the RL method" in the findings); `needs_groups`:
+    several samples per prompt; `needs_critic`: a value model; `needs_entropy`: token entropies;
+    `default_data`: the data source when a method names none."""
+
+    rl: bool = False
+    needs_groups: bool = False
+    needs_critic: bool = False
+    needs_entropy: bool = False
+    default_data: str = "expert"
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
 class Objective:
     """Turns policy outputs on a batch into a loss.
 
     `prepare` runs once per batch, before any update, with the behaviour policy's outputs (`old`)
-    and the reference log-probs: advantages and returns are computed there and kept on the batch.
-    `compute` then runs for each of the `num_iterations` x `minibatches` updates.
+    and the reference log-probs, and returns the `Targets` (advantages, returns) and metrics; it
+    does not modify the batch. `compute` then runs for each of the `num_iterations` x `minibatches`
+    updates. `estimator_level` is None for objectives without advantages, else the level
+    ("sequence" or "token") of the registered estimators it accepts.
     """
 
     name: ClassVar[str] = ""
-    default_data: ClassVar[str] = "expert"
-    needs_rewards: ClassVar[bool] = False
-    needs_values: ClassVar[bool] = False
-    needs_entropy: ClassVar[bool] = False
+    traits: ClassVar[Traits] = Traits()
+    Params: ClassVar[type[BaseModel]] = NoParams
+    estimator_level: ClassVar[str | None] = None
+    default_estimator: ClassVar[str | None] = None
 
-    def prepare(self, batch: "Batch", old: PolicyOutputs, ref_logp: torch.Tensor | None, cfg: "TrainConfig") -> dict[str, float]:
-        return {}
+    def prepare(self, batch: "Batch", old: PolicyOutputs, ref_logp: torch.Tensor | None,
+                cfg: "TrainConfig") -> tuple[Targets, dict[str, float]]:
+        return Targets(), {}
 
     def grad_groups(self, batch: "Batch", cfg: "TrainConfig") -> list[int] | None:
         """The prompt groups whose share of the loss can have a nonzero gradient, when every other
@@ -164,7 +223,7 @@ class Objective:
         return None
 
     def compute(self, new: PolicyOutputs, old: PolicyOutputs, ref_logp: torch.Tensor | None,
-                batch: "Batch", cfg: "TrainConfig") -> LossOutput:
+                batch: "Batch", targets: Targets, cfg: "TrainConfig") -> LossOutput:
         raise NotImplementedError
 
 
@@ -186,8 +245,7 @@ def measured_kl(logp: torch.Tensor, ref_logp: torch.Tensor | None, mask: torch.T
     """Mean k1 estimate of KL(pi || pi_ref) per token on the batch: always logged, whatever kl_coef."""
     if ref_logp is None:
         return float("nan")
-    m = mask.float()
-    return float(((logp.detach() - ref_logp) * m).sum() / m.sum().clamp(min=1.0))
+    return float(masked_mean(logp.detach() - ref_logp, mask))
 
 
 def kl_loss_term(logp: torch.Tensor, ref_logp: torch.Tensor | None, mask: torch.Tensor, cfg) -> torch.Tensor:
@@ -210,9 +268,9 @@ def sequence_rewards(batch: "Batch", old: PolicyOutputs, ref_logp: torch.Tensor 
 class SFT(Objective):
     """Supervised fine-tuning: completion-only NLL, plus an optional KL-to-base anchor (loss term)."""
 
-    default_data = "expert"
+    traits = Traits(default_data="expert")
 
-    def compute(self, new, old, ref_logp, batch, cfg):
+    def compute(self, new, old, ref_logp, batch, targets, cfg):
         mask = batch.packed.target_mask
         nll = nll_loss(new.logp, mask, cfg.loss_agg)
         kl = kl_loss_term(new.logp, ref_logp, mask, cfg)
@@ -224,19 +282,31 @@ def _zero_groups(advantages: torch.Tensor, group_size: int) -> torch.Tensor:
     return (advantages.view(-1, group_size) == 0).all(-1)
 
 
-class _ClippedPG(Objective):
-    """Shared part of the critic-free policy-gradient objectives (GRPO, RLOO)."""
+class ClipParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    clip_eps_low: Annotated[float, Field(ge=0)] = 0.2
+    clip_eps_high: Annotated[float, Field(ge=0)] = 0.2
 
-    default_data = "on_policy"
-    needs_rewards = True
+
+class ClippedPG(Objective):
+    """The clipped policy-gradient surrogate on outcome advantages from a registered sequence-level
+    estimator (`posttrain.train.advantages.ESTIMATORS`): GRPO and RLOO are this objective with the
+    "grpo" and "rloo" estimators (`estimator:` picks another)."""
+
+    traits = Traits(rl=True, default_data="on_policy")
+    Params = ClipParams
+    estimator_level = "sequence"
 
     def advantages(self, rewards: torch.Tensor, batch: "Batch", cfg) -> torch.Tensor:
-        raise NotImplementedError
+        est = cfg.estimator_spec
+        return est.fn(rewards, batch.group_size, **cfg.estimator_params.model_dump())
 
     def prepare(self, batch, old, ref_logp, cfg):
-        batch.advantages = self.advantages(sequence_rewards(batch, old, ref_logp, cfg), batch, cfg)
-        zero = _zero_groups(batch.advantages, batch.group_size)
-        return {"adv_abs_mean": float(batch.advantages.abs().mean()), "groups_zero_adv": float(zero.float().mean())}
+        adv = self.advantages(sequence_rewards(batch, old, ref_logp, cfg), batch, cfg)
+        metrics = {"adv_abs_mean": float(adv.abs().mean())}
+        if cfg.estimator_spec.needs_groups:
+            metrics["groups_zero_adv"] = float(_zero_groups(adv, batch.group_size).float().mean())
+        return Targets(advantages=adv), metrics
 
     def grad_groups(self, batch, cfg):
         """Without a KL term the loss is the clipped surrogate alone, and a group whose advantages
@@ -248,80 +318,77 @@ class _ClippedPG(Objective):
             return None
         return live.nonzero().squeeze(-1).tolist()
 
-    def compute(self, new, old, ref_logp, batch, cfg):
+    def compute(self, new, old, ref_logp, batch, targets, cfg):
         mask = batch.packed.target_mask
-        pg, clipfrac = clipped_policy_loss(new.logp, old.logp, batch.advantages, mask, cfg.clip_eps_low,
-                                           cfg.clip_eps_high, cfg.loss_agg)
+        p = cfg.objective_params
+        pg, clipfrac = clipped_policy_loss(new.logp, old.logp, targets.advantages, mask, p.clip_eps_low,
+                                           p.clip_eps_high, cfg.loss_agg)
         kl = kl_loss_term(new.logp, ref_logp, mask, cfg)
         ratio = torch.exp(new.logp.detach() - old.logp)
-        m = mask.float()
         return LossOutput(pg + kl, {
             "pg_loss": float(pg.detach()),
             "clipfrac": float(clipfrac),
-            "ratio_mean": float((ratio * m).sum() / m.sum().clamp(min=1.0)),
+            "ratio_mean": float(masked_mean(ratio, mask)),
             "kl_ref": measured_kl(new.logp, ref_logp, mask),
         })
 
 
 @register_objective("grpo")
-class GRPO(_ClippedPG):
-    """GRPO: group-normalised outcome advantages in the clipped surrogate (std switchable: Dr. GRPO)."""
+class GRPO(ClippedPG):
+    """GRPO: the clipped surrogate on group-normalised advantages (Shao et al., 2024)."""
 
-    def advantages(self, rewards, batch, cfg):
-        from posttrain.train.advantages import grpo_advantages
-
-        return grpo_advantages(rewards, batch.group_size, cfg.adv_norm_std, cfg.adv_eps)
+    default_estimator = "grpo"
 
 
 @register_objective("rloo")
-class RLOO(_ClippedPG):
+class RLOO(ClippedPG):
     """REINFORCE with a leave-one-out baseline; with num_iterations=1 the clip is inactive and this
     is plain REINFORCE on A_i = r_i - mean_{j != i} r_j."""
 
-    def advantages(self, rewards, batch, cfg):
-        from posttrain.train.advantages import rloo_advantages
+    default_estimator = "rloo"
 
-        return rloo_advantages(rewards, batch.group_size)
+
+class PPOParams(ClipParams):
+    vf_coef: Annotated[float, Field(ge=0)] = 0.1
+    value_clip: Annotated[float, Field(gt=0)] | None = 0.2
+    entropy_coef: Annotated[float, Field(ge=0)] = 0.0
 
 
 @register_objective("ppo")
 class PPO(Objective):
-    """PPO with a learned critic (a value head on the policy's last hidden state) and GAE.
+    """PPO with a learned critic (a value head on the policy's last hidden state) and a token-level
+    estimator (GAE by default).
 
-    Token rewards: the verifier's reward on the last completion token, minus kl_coef * k(y_t) on
-    every token when kl_mode is "reward" (the classic RLHF shaping). Advantages are whitened over
-    the batch; the loss is clipped surrogate + vf_coef * clipped value loss - entropy_coef * H.
+    Token rewards: `ppo_token_rewards` (the verifier's reward on the last completion token, minus
+    kl_coef * k(y_t) on every token when kl_mode is "reward", the classic RLHF shaping). Advantages
+    are whitened over the batch; the loss is clipped surrogate + vf_coef * clipped value loss -
+    entropy_coef * H.
     """
 
-    default_data = "on_policy"
-    needs_rewards = True
-    needs_values = True
-    needs_entropy = True
+    traits = Traits(rl=True, needs_critic=True, needs_entropy=True, default_data="on_policy")
+    Params = PPOParams
+    estimator_level = "token"
+    default_estimator = "gae"
 
     def prepare(self, batch, old, ref_logp, cfg):
-        from posttrain.train.advantages import gae
+        from posttrain.train.advantages import ppo_token_rewards
 
         mask = batch.packed.target_mask
-        token_r = torch.zeros_like(old.logp)
-        last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # last completion token
-        token_r[last] = batch.rewards.to(token_r.device)[last.any(-1)]
-        if ref_logp is not None and cfg.kl_coef and cfg.kl_mode == "reward":
-            token_r = token_r - cfg.kl_coef * kl_penalty(old.logp, ref_logp, cfg.kl_estimator) * mask
-        adv, returns = gae(token_r, old.values, mask, cfg.gamma, cfg.lam)
-        batch.advantages = masked_whiten(adv, mask)
-        batch.returns = returns
-        m = mask.float()
-        return {"value_mean": float((old.values * m).sum() / m.sum().clamp(min=1.0)),
-                "return_mean": float((returns * m).sum() / m.sum().clamp(min=1.0))}
+        kl = kl_penalty(old.logp, ref_logp, cfg.kl_estimator) if ref_logp is not None and cfg.kl_mode == "reward" else None
+        token_r = ppo_token_rewards(batch.rewards, mask, kl, cfg.kl_coef)
+        adv, returns = cfg.estimator_spec.fn(token_r, old.values, mask, **cfg.estimator_params.model_dump())
+        return Targets(masked_whiten(adv, mask), returns), {
+            "value_mean": float(masked_mean(old.values, mask)), "return_mean": float(masked_mean(returns, mask))}
 
-    def compute(self, new, old, ref_logp, batch, cfg):
+    def compute(self, new, old, ref_logp, batch, targets, cfg):
         mask = batch.packed.target_mask
-        pg, clipfrac = clipped_policy_loss(new.logp, old.logp, batch.advantages, mask, cfg.clip_eps_low,
-                                           cfg.clip_eps_high, cfg.loss_agg)
-        vl, vclip = value_loss(new.values, old.values, batch.returns, mask, cfg.value_clip, cfg.loss_agg)
+        p = cfg.objective_params
+        pg, clipfrac = clipped_policy_loss(new.logp, old.logp, targets.advantages, mask, p.clip_eps_low,
+                                           p.clip_eps_high, cfg.loss_agg)
+        vl, vclip = value_loss(new.values, old.values, targets.returns, mask, p.value_clip, cfg.loss_agg)
         ent = aggregate(new.entropy, mask, cfg.loss_agg)
         kl = kl_loss_term(new.logp, ref_logp, mask, cfg)
-        loss = pg + cfg.vf_coef * vl - cfg.entropy_coef * ent + kl
+        loss = pg + p.vf_coef * vl - p.entropy_coef * ent + kl
         return LossOutput(loss, {
             "pg_loss": float(pg.detach()), "value_loss": float(vl.detach()), "entropy": float(ent.detach()),
             "clipfrac": float(clipfrac), "value_clipfrac": float(vclip),
