@@ -125,7 +125,7 @@ def train(
 
 
 def _train_progress(total: int):
-    from posttrain.study import progress_logger
+    from posttrain.progress import progress_logger
 
     return progress_logger(lambda msg: typer.echo(f"posttrain {msg}", err=True), "train", total)
 
@@ -265,18 +265,6 @@ repair_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exce
                          help="Cheap repairs of fine-tuning damage; each writes a complete HF checkpoint.")
 app.add_typer(repair_app, name="repair")
 
-_BASE = typer.Option(..., "--base", help="The model to restore from (usually the pre-fine-tuning base).")
-_TARGET = typer.Option(..., "--target",
-                       help="The fine-tuned (damaged) checkpoint; its config, tokenizer and sharding are kept.")
-_OUT = typer.Option(..., "--out", help="Output checkpoint directory (must not exist unless --overwrite).")
-_OVERWRITE = typer.Option(False, "--overwrite", help="Replace --out if it is an earlier repair output.")
-_INCLUDE = typer.Option([], help="Only tensors whose name matches this glob (repeatable).")
-_EXCLUDE = typer.Option([], help="Skip tensors whose name matches this glob (repeatable).")
-_LAYERS_HELP = "Only these decoder layers, e.g. 0:6, 3 or 0:2,5 (half-open ranges)."
-_MODULES_HELP = ("Only these module types, comma-separated "
-                 "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,embed,lm_head,norm,...).")
-
-
 def _run_repair(method: str, base: Path, targets: list[Path], out: Path, overwrite: bool, device: str,
                 params: dict) -> None:
     import torch
@@ -297,100 +285,87 @@ def _run_repair(method: str, base: Path, targets: list[Path], out: Path, overwri
     typer.echo(str(out))
 
 
-def _selection(layers, first_frac, last_frac, embeddings, head, modules, include, exclude) -> dict:
-    return {"layers": layers, "first_frac": first_frac, "last_frac": last_frac, "embeddings": embeddings or None,
-            "head": head or None, "modules": modules, "include": list(include) or None,
-            "exclude": list(exclude) or None}
+def _repair_command(cls) -> None:
+    """`posttrain repair <name>` for a registered repair, its options generated from the repair's
+    declared `Params` and the shared `Selection` (types, defaults and help text come from there).
+
+    A field may carry `json_schema_extra={"cli_flags": {"--flag": value, ...}}` (each flag sets the
+    field to that value; flags exclude each other) or `{"cli_name": "--name"}`; a bool field with
+    default True is `--x/--no-x`.
+    """
+    import inspect
+    import typing
+
+    from posttrain.repair.base import SELECTION, is_list_param
+
+    kw = inspect.Parameter.KEYWORD_ONLY
+    sig = [inspect.Parameter("base", kw, annotation=Path, default=typer.Option(
+               ..., "--base", help="The model to restore from (usually the pre-fine-tuning base).")),
+           inspect.Parameter("target", kw, annotation=List[Path] if cls.multi_target else Path, default=typer.Option(
+               ..., "--target", help="The fine-tuned (damaged) checkpoint; its config, tokenizer and sharding are kept"
+               + (" (repeatable)." if cls.multi_target else ".")))]
+    flags: dict[str, tuple[str, object]] = {}  # python name -> (field, value)
+    for name, field in {**cls.Params.model_fields, **SELECTION}.items():
+        extra = field.json_schema_extra or {}
+        help_ = field.description or ""
+        if "cli_flags" in extra:
+            for flag, value in extra["cli_flags"].items():
+                var = flag.lstrip("-").replace("-", "_")
+                flags[var] = (name, value)
+                sig.append(inspect.Parameter(var, kw, annotation=bool, default=typer.Option(
+                    False, flag, help=f"Set {name} to {value!r}. " + help_)))
+            continue
+        decl = extra.get("cli_name", "--" + name.replace("_", "-"))
+        if field.annotation is bool or typing.get_args(field.annotation)[:1] == (bool,):
+            decl = f"{decl}/--no-{decl[2:]}" if field.default is True else decl
+            ann, default = bool, bool(field.default)
+        elif is_list_param(field):
+            inner = float if "float" in str(field.annotation) else str
+            ann, default = List[inner], []
+        elif typing.get_origin(field.annotation) is typing.Literal or "Literal" in str(field.annotation):
+            ann, default = Optional[str], None
+        elif "float" in str(field.annotation):
+            ann, default = Optional[float], None
+        else:
+            ann, default = Optional[str], None
+        required = field.is_required()
+        shown = None if required or field.default is None else field.default
+        sig.append(inspect.Parameter(name, kw, annotation=ann, default=typer.Option(
+            ... if required else default, decl, help=help_, show_default=shown is not None and str(shown))))
+    sig += [inspect.Parameter("out", kw, annotation=Path, default=typer.Option(
+                ..., "--out", help="Output checkpoint directory (must not exist unless --overwrite).")),
+            inspect.Parameter("overwrite", kw, annotation=bool, default=typer.Option(
+                False, "--overwrite", help="Replace --out if it is an earlier repair output.")),
+            inspect.Parameter("device", kw, annotation=str, default=typer.Option(
+                "cpu", help="Where the computation runs: cpu, cuda or auto."))]
+
+    def command(**kw_args) -> None:
+        chosen = [f for f in flags if kw_args.pop(f)]
+        if len(chosen) > 1:
+            raise UserError(" and ".join("--" + f.replace("_", "-") for f in chosen) + " exclude each other")
+        base, target, out = kw_args.pop("base"), kw_args.pop("target"), kw_args.pop("out")
+        overwrite, device = kw_args.pop("overwrite"), kw_args.pop("device")
+        params = {k: v for k, v in kw_args.items() if v not in (None, [], False) or k in cls.Params.model_fields}
+        params = {k: (v or None) if isinstance(v, list) else v for k, v in params.items()}
+        for f in chosen:
+            field, value = flags[f]
+            params[field] = value
+        targets = list(target) if cls.multi_target else [target]
+        _run_repair(cls.name, base, targets, out, overwrite, device, params)
+
+    command.__signature__ = inspect.Signature(sig)
+    command.__doc__ = cls.help or " ".join((cls.__doc__ or cls.name).strip().split("\n\n")[0].split())
+    repair_app.command(cls.name.replace("_", "-"))(command)
 
 
-@repair_app.command("uv-merge")
-def repair_uv_merge(
-    base: Path = _BASE,
-    target: Path = _TARGET,
-    top: float = typer.Option(..., help="Fraction of the spectrum (of min(m, n) triplets) taken from the base "
-                              "at the top; counts round half up."),
-    bottom: float = typer.Option(0.0, help="Fraction taken from the base at the bottom of the spectrum."),
-    direction_only: bool = typer.Option(False, "--direction-only",
-                                        help="Base singular vectors, target singular values."),
-    magnitude_only: bool = typer.Option(False, "--magnitude-only",
-                                        help="Target singular vectors, base singular values."),
-    svd_dtype: str = typer.Option("auto", help="auto (float64, float32 for huge matrices), float64 or float32."),
-    layers: Optional[str] = typer.Option(None, help=_LAYERS_HELP),
-    first_frac: Optional[float] = typer.Option(None, help="Only the first fraction of the layers."),
-    last_frac: Optional[float] = typer.Option(None, help="Only the last fraction of the layers."),
-    embeddings: bool = typer.Option(False, "--embeddings",
-                                    help="With a layer restriction: also the embeddings."),
-    head: bool = typer.Option(False, "--head",
-                              help="With a layer restriction: also lm_head and the final norm."),
-    modules: Optional[str] = typer.Option(None, help=_MODULES_HELP),
-    include: List[str] = _INCLUDE,
-    exclude: List[str] = _EXCLUDE,
-    out: Path = _OUT,
-    overwrite: bool = _OVERWRITE,
-    device: str = typer.Option("cpu", help="Where the SVDs run: cpu, cuda or auto."),
-) -> None:
-    """Restore the base's singular triplets (or only directions / only magnitudes) for the top and bottom
-    of the spectrum of every selected 2-D weight; norms and biases stay the target's."""
-    if direction_only and magnitude_only:
-        raise UserError("--direction-only and --magnitude-only exclude each other")
-    mode = "direction" if direction_only else "magnitude" if magnitude_only else "full"
-    _run_repair("uv_merge", base, [target], out, overwrite, device,
-                {"top": top, "bottom": bottom, "mode": mode, "svd_dtype": svd_dtype,
-                 **_selection(layers, first_frac, last_frac, embeddings, head, modules, include, exclude)})
+def _register_repair_commands() -> None:
+    from posttrain.repair import REPAIRS
+
+    for cls in REPAIRS.values():
+        _repair_command(cls)
 
 
-@repair_app.command("reset-layers")
-def repair_reset_layers(
-    base: Path = _BASE,
-    target: Path = _TARGET,
-    layers: Optional[str] = typer.Option(None, help="Layers to reset, e.g. 0:6, 3 or 0:2,5 (half-open ranges)."),
-    first_frac: Optional[float] = typer.Option(None, help="Reset the first fraction of the layers, e.g. 0.25."),
-    last_frac: Optional[float] = typer.Option(None, help="Reset the last fraction of the layers."),
-    embeddings: bool = typer.Option(False, "--embeddings", help="Also reset the token/position embeddings."),
-    head: bool = typer.Option(False, "--head", help="Also reset lm_head and the final norm."),
-    modules: Optional[str] = typer.Option(None, help="Within those layers, only these module types. " + _MODULES_HELP),
-    include: List[str] = _INCLUDE,
-    exclude: List[str] = _EXCLUDE,
-    out: Path = _OUT,
-    overwrite: bool = _OVERWRITE,
-) -> None:
-    """Copy the base's weights (norms included) into the named layers; everything else is the target's."""
-    _run_repair("reset_layers", base, [target], out, overwrite, "cpu",
-                _selection(layers, first_frac, last_frac, embeddings, head, modules, include, exclude))
-
-
-@repair_app.command("interpolate")
-def repair_interpolate(
-    base: Path = _BASE,
-    target: Path = _TARGET,
-    alpha: float = typer.Option(..., help="Weight of the target: W = (1 - alpha) W_base + alpha W_target, "
-                                "in [0, 1]."),
-    layers: Optional[str] = typer.Option(None, help=_LAYERS_HELP),
-    modules: Optional[str] = typer.Option(None, help=_MODULES_HELP),
-    include: List[str] = _INCLUDE,
-    exclude: List[str] = _EXCLUDE,
-    out: Path = _OUT,
-    overwrite: bool = _OVERWRITE,
-) -> None:
-    """WiSE-FT weight interpolation between base and target (every floating-point tensor)."""
-    _run_repair("interpolate", base, [target], out, overwrite, "cpu",
-                {"alpha": alpha, **_selection(layers, None, None, False, False, modules, include, exclude)})
-
-
-@repair_app.command("task-arithmetic")
-def repair_task_arithmetic(
-    base: Path = _BASE,
-    target: List[Path] = typer.Option(..., "--target", help="A fine-tuned checkpoint of the base (repeatable)."),
-    lambda_: List[float] = typer.Option(..., "--lambda", help="Scale of each target's task vector, one per --target "
-                                        "in order, or one for all (repeatable; any finite number)."),
-    layers: Optional[str] = typer.Option(None, help=_LAYERS_HELP),
-    modules: Optional[str] = typer.Option(None, help=_MODULES_HELP),
-    out: Path = _OUT,
-    overwrite: bool = _OVERWRITE,
-) -> None:
-    """Task arithmetic: W = W_base + sum_i lambda_i (W_i - W_base); config and tokenizer of the first target."""
-    _run_repair("task_arithmetic", base, list(target), out, overwrite, "cpu",
-                {"lambdas": list(lambda_), **_selection(layers, None, None, False, False, modules, [], [])})
+_register_repair_commands()
 
 
 def main() -> None:

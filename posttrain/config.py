@@ -482,8 +482,32 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_study_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A study YAML with its `extends:` resolved: the named packaged preset (`extends: default`) or
+    YAML file (relative to this one) is read first and this file's keys merge on top of it."""
+    p = Path(path)
+    data = read_yaml(p)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise UserError(f"{p}: extends must be a preset name or a YAML path, got {parent!r}")
+    target = (p.parent / parent) if parent.endswith((".yaml", ".yml")) else preset_path(parent)
+    if target.resolve() in _seen or target.resolve() == p.resolve():
+        raise UserError(f"{p}: extends forms a cycle through {target}")
+    return deep_merge(read_study_yaml(target, (*_seen, p.resolve())), data)
+
+
 def load_study_config(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
-    return build_study_config(read_yaml(path), overrides)
+    return build_study_config(read_study_yaml(path), overrides)
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"

@@ -19,6 +19,7 @@ from posttrain.config import StudyConfig, TrainConfig, config_hash, dump_yaml
 from posttrain.errors import UserError
 from posttrain.evaluation.evaluate import eval_problems, evaluate_model
 from posttrain.io import atomic_write_json, atomic_write_text, read_json, versions
+from posttrain.progress import progress_logger
 from posttrain.tasks import Problem, Task, build_task
 
 console = Console(stderr=True, soft_wrap=True)
@@ -349,21 +350,3 @@ def repair_sweep(cfg: StudyConfig, damaged: str, run: Run, tasks: dict[str, Task
         if path.is_relative_to(run.root):
             entry["path"] = str(path.relative_to(run.root))
     return out
-
-
-def progress_logger(say: Callable[[str], None], what: str, total: int) -> Callable[[int, dict], None]:
-    """Log a line about every tenth of a stage (progress that also reads well in CI logs)."""
-    t0 = time.time()
-    last = [0]
-
-    def cb(step: int, row: dict) -> None:
-        tenth = step * 10 // max(total, 1)
-        if step == 0 or (tenth <= last[0] and step != total):
-            return
-        last[0] = tenth
-        parts = [f"{k}={row[k]:.3g}" for k in ("loss", "rollout/reward", "kl_ref") if isinstance(row.get(k), float)]
-        acc = [f"{k.split('/')[1]}/{k.split('/')[2]}={v:.2f}" for k, v in row.items() if k.startswith("eval/")]
-        eta = (time.time() - t0) / step * (total - step)
-        say(f"  {what} {step}/{total} " + " ".join(parts + acc) + f"  eta {eta:.0f}s")
-
-    return cb

@@ -141,11 +141,11 @@ def test_uv_merge_bf16_and_bad_input():
     wb, wt = random_pair(dtype=torch.bfloat16)
     got = uv_merge_matrix(wb, wt, top=0.2, mode="direction")
     assert got.dtype == torch.bfloat16 and got.shape == wt.shape and torch.isfinite(got.float()).all()
-    with pytest.raises(UserError, match="top must be in"):
+    with pytest.raises(ValueError, match="top must be in"):
         uv_merge_matrix(wb, wt, top=1.5)
-    with pytest.raises(UserError, match="equal shape"):
+    with pytest.raises(ValueError, match="equal shape"):
         uv_merge_matrix(wb, wt.T, top=0.2)
-    with pytest.raises(UserError, match="mode"):
+    with pytest.raises(ValueError, match="mode"):
         uv_merge_matrix(wb, wt, top=0.2, mode="angles")
 
 

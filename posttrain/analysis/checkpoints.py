@@ -132,6 +132,17 @@ class Checkpoint:
             yield name, self.get(name)
 
 
+STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, directory) of the `step-<N>` subdirectories of `root`, by step (none if `root` is absent)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.fullmatch(p.name)))
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

@@ -114,11 +114,9 @@ def diff(base: str | Path, others: dict[str, str | Path], out_dir: str | Path | 
     """
     if not others:
         raise UserError("diff needs at least one checkpoint to compare with the base")
-    opts = DiffOptions(spectral=spectral, esd=esd, rank=rank, top_frac=top_frac, svd=svd, svd_dtype=svd_dtype, bins=bins,
-                       tol=tol, device=str(device))
-    if chunk_elems is not None:
-        opts.chunk_elems = chunk_elems
-    opts.validate()
+    opts = DiffOptions.parse(spectral=spectral, esd=esd, rank=rank, top_frac=top_frac, svd=svd, svd_dtype=svd_dtype,
+                             bins=bins, tol=tol, device=str(device),
+                             **({} if chunk_elems is None else {"chunk_elems": chunk_elems}))
     pairs = _pairs(list(others), compare_pairs)
     b = Checkpoint(base)
     cks = {name: Checkpoint(p) for name, p in others.items()}

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from posttrain.analysis import spectral as sp
 from posttrain.analysis.checkpoints import Checkpoint, classify
@@ -34,41 +35,42 @@ NAN = float("nan")
 DEFAULT_TOP_FRAC = 0.05
 
 
-@dataclass
-class DiffOptions:
+class DiffOptions(BaseModel):
     """Knobs of a diff. See `posttrain.analysis.diff.diff` for the user-facing description."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     spectral: bool = False
     esd: bool = False  # singular values only: spectrum changes and ESD summaries (implied by spectral)
-    rank: int | None = None  # top-k = rank; truncated SVD for large matrices (svd="auto")
-    top_frac: float | None = None  # top-k = ceil(top_frac * min(m, n)); truncated SVD for large matrices
-    svd: str = "auto"  # auto | full (LAPACK SVD wherever it fits, never truncated) | randomized
-    svd_dtype: str = "auto"  # auto (float64 up to 2^18 entries, else float32) | float32 | float64
-    bins: int = 20  # spectrum ranges of the principal-angle curves
-    tol: float = 1e-5  # |dW_ij| above this counts as changed
+    rank: int | None = Field(None, ge=1)  # top-k = rank; truncated SVD for large matrices (svd="auto")
+    top_frac: float | None = Field(None, gt=0, le=1)  # top-k = ceil(top_frac * min(m, n)); truncated SVD for large matrices
+    svd: Literal["auto", "full", "randomized"] = "auto"  # full: LAPACK SVD wherever it fits, never truncated
+    svd_dtype: Literal["auto", "float32", "float64"] = "auto"  # auto: float64 up to 2^18 entries, else float32
+    bins: int = Field(20, ge=1)  # spectrum ranges of the principal-angle curves
+    tol: float = Field(1e-5, ge=0)  # |dW_ij| above this counts as changed
     device: str = "cpu"
     min_eval: float = 1e-5  # ESD eigenvalues at or below are dropped (WeightWatcher's default)
     gram_min_numel: int = 2**24  # matrices at least this big and this elongated always use the Gram path
     gram_min_aspect: float = 4.0  # (an in-memory SVD of them would take several times their size)
     fast_gram_aspect: float = 2.0  # float32-mode matrices this elongated use it too (svd="auto"): faster
-    chunk_elems: int = 2**24  # elements per streamed block, summed over all checkpoints
+    chunk_elems: int = Field(2**24, ge=1)  # elements per streamed block, summed over all checkpoints
     randomized_min_dim: int = 256  # truncated SVD only pays off from about this size
 
-    def validate(self) -> None:
-        if self.svd not in ("auto", "full", "randomized"):
-            raise UserError(f"svd must be auto, full or randomized, not {self.svd!r}")
-        if self.svd_dtype not in ("auto", "float32", "float64"):
-            raise UserError(f"svd_dtype must be auto, float32 or float64, not {self.svd_dtype!r}")
-        if self.rank is not None and self.rank < 1:
-            raise UserError(f"rank must be a positive integer, not {self.rank}")
-        if self.top_frac is not None and not 0 < self.top_frac <= 1:
-            raise UserError(f"top_frac must be in (0, 1], not {self.top_frac}")
+    @model_validator(mode="after")
+    def _one_k(self) -> "DiffOptions":
         if self.rank is not None and self.top_frac is not None:
-            raise UserError("give either rank or top_frac, not both")
-        if self.bins < 1:
-            raise UserError(f"bins must be at least 1, not {self.bins}")
-        if not self.tol >= 0:
-            raise UserError(f"tol must be >= 0, not {self.tol}")
+            raise ValueError("give either rank or top_frac, not both")
+        return self
+
+    @classmethod
+    def parse(cls, **kw) -> "DiffOptions":
+        """Validated options; a bad value is a one-line `UserError` naming the option."""
+        try:
+            return cls(**kw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(map(str, first["loc"])) or "options"
+            raise UserError(f"diff: {loc}: {first['msg'].removeprefix('Value error, ')}") from None
 
     def k_for(self, r: int) -> int:
         if self.rank is not None:
@@ -105,7 +107,6 @@ _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float1
 def scan(base: Checkpoint, models: dict[str, Checkpoint], names: list[str], opts: DiffOptions,
          pairs: list[tuple[str, str]] = (), progress: Callable[[int], None] | None = None) -> ScanResult:
     """Stream every tensor in `names` once; returns per-tensor rows for each model and each pair."""
-    opts.validate()
     dev = torch.device(opts.device)
     res = ScanResult({m: [] for m in models}, {p: [] for p in pairs})
     for name in names:

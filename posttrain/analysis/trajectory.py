@@ -14,30 +14,24 @@ since the previous checkpoint. A point per checkpoint:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from posttrain.analysis.checkpoints import step_dirs
 from posttrain.analysis.diagnostics import trajectory_values
 from posttrain.analysis.diff import DiffResult, diff, write_outputs
 from posttrain.errors import UserError
 from posttrain.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-_STEP = re.compile(r"step-(\d+)")
-
-
 def find_checkpoints(path: str | Path) -> list[tuple[int, Path]]:
     """(step, dir) of the `step-<N>` checkpoints in `path` or `path/checkpoints`, by step."""
     path = Path(path)
     for root in (path / "checkpoints", path):
-        if root.is_dir():
-            found = sorted((int(m.group(1)), p) for p in root.iterdir()
-                           if p.is_dir() and (m := _STEP.fullmatch(p.name)))
-            if found:
-                return found
+        if found := step_dirs(root):
+            return found
     return []
 
 

@@ -5,15 +5,19 @@ A repair method is one class in one file::
     @register_repair("my_repair")
     class MyRepair(Repair):
         axis = "strength"                          # the parameter a sweep varies (x of the curves)
-        PARAMS = {"strength": Param("frac", required=True)}
+
+        class Params(Params):                      # typed parameters (pydantic); the CLI and the
+            strength: Fraction = Field(description="How much to restore.")   # sweeps read them
+
 
         def eligible(self, t): ...                 # which selected tensors it can change
         def apply(self, name, base, targets): ...  # one output tensor from one base/target(s) tensor
 
 The writer (`posttrain.repair.writer`) streams the checkpoint and calls `apply` once per tensor
 that is both selected and eligible; every other tensor is copied bit for bit from the (first)
-target. Parameters arrive from the CLI or from YAML, so they are validated here into one
-normalised, JSON-safe dict (`Repair.params`) that `repair.json` records and the sweep cache compares.
+target. Parameters arrive from the CLI (whose `posttrain repair <name>` command is generated from
+`Params` and `Selection`) or from YAML, so they are validated here by pydantic into one normalised,
+JSON-safe dict (`Repair.params`) that `repair.json` records and the sweep cache compares.
 
 Selection parameters, common to all repairs (a tensor is repaired when it passes all of them):
 
@@ -33,9 +37,10 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, get_args, get_origin
 
 import torch
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from posttrain.analysis.checkpoints import MODULE_ORDER
 from posttrain.errors import UserError
@@ -69,72 +74,101 @@ def round_half_up(x: float) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# parameters
+# parameters: pydantic field types with the messages a user sees
 
 
-@dataclass(frozen=True)
-class Param:
-    """One parameter: kind in frac (number in [0, 1]), float, bool, choice, str_list, float_list, layers."""
-
-    kind: str
-    default: Any = None
-    required: bool = False
-    choices: tuple[str, ...] = ()
+def _number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"must be a number, got {v!r}")
+    return float(v)
 
 
-SELECTION: dict[str, Param] = {
-    "layers": Param("layers"),
-    "first_frac": Param("frac"),
-    "last_frac": Param("frac"),
-    "embeddings": Param("bool", False),
-    "head": Param("bool", False),
-    "modules": Param("str_list"),
-    "include": Param("str_list"),
-    "exclude": Param("str_list"),
-}
+def _fraction(v: Any) -> float:
+    v = _number(v)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"must be in [0, 1], got {v!r}")
+    return v
 
 
-def _coerce(method: str, key: str, p: Param, v: Any) -> Any:
-    where = f"{method}: {key}"
-    if v is None:
-        if p.required:
-            raise UserError(f"{where} is required")
-        return None
-    if p.kind in ("frac", "float"):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise UserError(f"{where} must be a number, got {v!r}")
-        if p.kind == "frac" and not 0.0 <= v <= 1.0:
-            raise UserError(f"{where} must be in [0, 1], got {v!r}")
-        return float(v)
-    if p.kind == "bool":
-        if not isinstance(v, bool):
-            raise UserError(f"{where} must be true or false, got {v!r}")
-        return v
-    if p.kind == "choice":
-        if v not in p.choices:
-            raise UserError(f"{where} must be one of {', '.join(p.choices)}, got {v!r}")
-        return v
-    if p.kind == "str_list":
-        items = v.split(",") if isinstance(v, str) else v
-        if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
-            raise UserError(f"{where} must be a list of strings or a comma-separated string, got {v!r}")
-        items = [x.strip() for x in items if x.strip()]
-        if not items:
-            raise UserError(f"{where} is empty")
-        return items
-    if p.kind == "float_list":
-        items = v if isinstance(v, (list, tuple)) else [v]
-        if not items:
-            raise UserError(f"{where} is empty")
-        return [_coerce(method, key, Param("float"), x) for x in items]
-    if p.kind == "layers":
-        # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124, so integers are refused outright
-        if not isinstance(v, str):
-            raise UserError(f"{where} must be a string like '0:6', '3' or '0:2,5' (quote it in YAML), got {v!r}")
-        spec = str(v).replace(" ", "")
-        parse_layers(spec, None, where)  # syntax now; the range is checked against the model later
-        return spec
-    raise AssertionError(p.kind)
+def _strict_bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"must be true or false, got {v!r}")
+    return v
+
+
+def _str_list(v: Any) -> list[str]:
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+        raise ValueError(f"must be a list of strings or a comma-separated string, got {v!r}")
+    items = [y.strip() for x in items for y in x.split(",") if y.strip()]
+    if not items:
+        raise ValueError("is empty")
+    return items
+
+
+def _float_list(v: Any) -> list[float]:
+    items = v if isinstance(v, (list, tuple)) else [v]
+    if not items:
+        raise ValueError("is empty")
+    return [_number(x) for x in items]
+
+
+def _layer_spec(v: Any) -> str:
+    # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124, so integers are refused outright
+    if not isinstance(v, str):
+        raise ValueError(f"must be a string like '0:6', '3' or '0:2,5' (quote it in YAML), got {v!r}")
+    spec = v.replace(" ", "")
+    parse_layers(spec, None, "layers")  # syntax now; the range is checked against the model later
+    return spec
+
+
+Fraction = Annotated[float, BeforeValidator(_fraction)]
+Number = Annotated[float, BeforeValidator(_number)]
+Flag = Annotated[bool, BeforeValidator(_strict_bool)]
+StrList = Annotated[list[str], BeforeValidator(_str_list)]
+FloatList = Annotated[list[float], BeforeValidator(_float_list)]
+LayerSpec = Annotated[str, BeforeValidator(_layer_spec)]
+
+
+class Params(BaseModel):
+    """Base of every repair's typed parameters (strict: unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Selection(Params):
+    """Which tensors a repair touches (shared by every repair; see the module docstring)."""
+
+    layers: LayerSpec | None = Field(None, description="Only these decoder layers, e.g. 0:6, 3 or 0:2,5 (half-open ranges).")
+    first_frac: Fraction | None = Field(None, description="Only the first fraction of the layers (e.g. 0.25).")
+    last_frac: Fraction | None = Field(None, description="Only the last fraction of the layers.")
+    embeddings: Flag = Field(False, description="With a layer restriction: also the token/position embeddings.")
+    head: Flag = Field(False, description="With a layer restriction: also lm_head and the final norm.")
+    modules: StrList | None = Field(None, description="Only these module types, comma-separated "
+                                    "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,embed,lm_head,norm,...).")
+    include: StrList | None = Field(None, description="Only tensors whose name matches this glob (repeatable).")
+    exclude: StrList | None = Field(None, description="Skip tensors whose name matches this glob (repeatable).")
+
+
+SELECTION = Selection.model_fields
+
+
+def is_list_param(field) -> bool:
+    """Whether a parameter's value is itself a list (so a sweep over it is a list of lists)."""
+    ann = field.annotation
+    args = [a for a in get_args(ann) if a is not type(None)] or [ann]
+    return any(get_origin(a) is list or get_origin(get_args(a)[0] if get_args(a) else a) is list for a in args)
+
+
+def _message(method: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{method}: unknown parameter {loc}"
+    if first["type"] == "missing":
+        return f"{method}: {loc} is required"
+    return f"{method}: {loc} {msg}"
 
 
 def parse_layers(spec: str, n_layers: int | None, what: str = "layers") -> list[int]:
@@ -214,17 +248,21 @@ class Repair:
     name: ClassVar[str] = ""
     axis: ClassVar[str] = ""
     multi_target: ClassVar[bool] = False
-    PARAMS: ClassVar[dict[str, Param]] = {}
+    help: ClassVar[str] = ""  # one line for `posttrain repair --help` (default: the docstring's first paragraph)
+    Params: ClassVar[type[Params]] = Params
 
     def __init__(self, **params: Any) -> None:
-        spec = {**self.PARAMS, **SELECTION}
-        unknown = sorted(set(params) - set(spec))
+        own = {k: v for k, v in params.items() if k not in SELECTION and v is not None}
+        sel = {k: v for k, v in params.items() if k in SELECTION and v is not None}
+        unknown = sorted(set(own) - set(self.Params.model_fields))
         if unknown:
-            raise UserError(f"{self.name}: unknown parameter(s) {', '.join(unknown)} (known: {', '.join(spec)})")
-        self.params: dict[str, Any] = {}
-        for key, p in spec.items():
-            v = params.get(key)
-            self.params[key] = p.default if v is None and not p.required else _coerce(self.name, key, p, v)
+            known = [*self.Params.model_fields, *SELECTION]
+            raise UserError(f"{self.name}: unknown parameter(s) {', '.join(unknown)} (known: {', '.join(known)})")
+        try:
+            own_p, sel_p = self.Params.model_validate(own), Selection.model_validate(sel)
+        except ValidationError as e:
+            raise UserError(_message(self.name, e)) from None
+        self.params: dict[str, Any] = {**own_p.model_dump(), **sel_p.model_dump()}
         given = [k for k in ("layers", "first_frac", "last_frac") if self.params[k] is not None]
         if len(given) > 1:
             raise UserError(f"{self.name}: give only one of layers, first_frac, last_frac (got {', '.join(given)})")
@@ -302,4 +340,4 @@ class Repair:
         return ", ".join(parts) or "all tensors"
 
     def own_params(self) -> dict[str, Any]:
-        return {k: v for k, v in self.params.items() if k in self.PARAMS}
+        return {k: v for k, v in self.params.items() if k in self.Params.model_fields}

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 from posttrain.errors import UserError
-from posttrain.repair.base import Param, Repair, TensorInfo, register_repair
+from pydantic import Field
+
+from posttrain.repair.base import FloatList, Fraction, Params, Repair, TensorInfo, register_repair
 
 
 def interpolate_tensor(w_base: torch.Tensor, w_target: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -45,7 +47,9 @@ class Interpolate(Repair):
     alpha = 0 not the base). Integer/bool buffers, if any, are the target's."""
 
     axis = "alpha"
-    PARAMS = {"alpha": Param("frac", required=True)}
+    help = "WiSE-FT weight interpolation between base and target (every floating-point tensor)."
+    class Params(Params):
+        alpha: Fraction = Field(description="Weight of the target: W = (1 - alpha) W_base + alpha W_target, in [0, 1].")
 
     def eligible(self, t: TensorInfo) -> bool:
         return t.is_float
@@ -61,8 +65,12 @@ class TaskArithmetic(Repair):
     first target's. λ may be any finite number (negative = task negation, > 1 = extrapolation)."""
 
     axis = "lambdas"
+    help = "Task arithmetic: W = W_base + sum_i lambda_i (W_i - W_base); config and tokenizer of the first target."
     multi_target = True
-    PARAMS = {"lambdas": Param("float_list", required=True)}
+    class Params(Params):
+        lambdas: FloatList = Field(description="Scale of each target's task vector, one per --target in order, or one "
+                                               "for all (repeatable; any finite number).",
+                                   json_schema_extra={"cli_name": "--lambda"})
 
     def eligible(self, t: TensorInfo) -> bool:
         return t.is_float

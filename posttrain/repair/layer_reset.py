@@ -22,7 +22,7 @@ class ResetLayers(Repair):
     """
 
     axis = "first_frac"
-    PARAMS = {}
+    help = "Copy the base's weights (norms included) into the named layers; everything else is the target's."
 
     def check(self) -> None:
         if not self.restricted:

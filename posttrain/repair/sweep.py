@@ -35,11 +35,10 @@ from typing import Any, Callable
 
 from posttrain.errors import UserError
 from posttrain.io import atomic_write_json
-from posttrain.repair.base import REPAIRS, SELECTION, Repair, get_repair
+from posttrain.repair.base import REPAIRS, SELECTION, Repair, get_repair, is_list_param
 from posttrain.repair.writer import is_cached, model_info, open_inputs, read_record, record_key, write_repair
 
 EvaluateFn = Callable[[Path], dict]
-_LIST_KINDS = ("str_list", "float_list")
 EVAL_FILE = "eval.json"
 
 
@@ -81,14 +80,14 @@ def expand_grid(grid: list[dict[str, Any]]) -> list[SweepItem]:
         if prefix is not None and (not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", prefix)):
             raise UserError(f"{where}: name must be a plain identifier, got {prefix!r}")
         cls = REPAIRS[method]
-        spec = {**cls.PARAMS, **SELECTION}
+        spec = {**cls.Params.model_fields, **SELECTION}
         params = {k: v for k, v in entry.items() if k not in ("method", "name")}
         unknown = sorted(set(params) - set(spec))
         if unknown:
             raise UserError(f"{where} ({method}): unknown parameter(s) {', '.join(unknown)} "
                             f"(known: {', '.join(spec)})")
         swept = [k for k, v in params.items() if isinstance(v, list) and
-                 (spec[k].kind not in _LIST_KINDS or (v and all(isinstance(x, list) for x in v)))]
+                 (not is_list_param(spec[k]) or (v and all(isinstance(x, list) for x in v)))]
         for k in swept:
             if not params[k]:
                 raise UserError(f"{where} ({method}): {k} is an empty list")
@@ -97,7 +96,8 @@ def expand_grid(grid: list[dict[str, Any]]) -> list[SweepItem]:
             p = {**params, **dict(zip(swept, values))}
             shown = [k for k in p if k in swept] if prefix else list(p)
             name = "_".join([prefix or method, *(f"{k}-{_fmt(p[k])}" for k in shown)])
-            x = p.get(axis, cls.PARAMS.get(axis).default if axis in cls.PARAMS else None)
+            field = spec.get(axis)
+            x = p.get(axis, None if field is None or field.is_required() else field.default)
             if isinstance(x, list):
                 x = x[0] if len(x) == 1 else None
             fixed = [f"{k}={_fmt(v)}" for k, v in p.items() if k != axis]

@@ -11,7 +11,11 @@ from __future__ import annotations
 import torch
 
 from posttrain.errors import UserError
-from posttrain.repair.base import Param, Repair, TensorInfo, register_repair, round_half_up
+from typing import Literal
+
+from pydantic import Field
+
+from posttrain.repair.base import Fraction, Params, Repair, TensorInfo, register_repair, round_half_up
 
 MODES = ("full", "direction", "magnitude")
 
@@ -82,13 +86,13 @@ def uv_merge_matrix(W_base: torch.Tensor, W_target: torch.Tensor, top: float, bo
     to W_target's dtype.
     """
     if W_base.ndim != 2 or W_base.shape != W_target.shape:
-        raise UserError(f"uv_merge needs two matrices of equal shape, "
-                        f"got {list(W_base.shape)} and {list(W_target.shape)}")
+        raise ValueError(f"uv_merge needs two matrices of equal shape, "
+                         f"got {list(W_base.shape)} and {list(W_target.shape)}")
     for key, v in (("top", top), ("bottom", bottom)):
         if not 0.0 <= v <= 1.0:
-            raise UserError(f"uv_merge: {key} must be in [0, 1], got {v!r}")
+            raise ValueError(f"uv_merge: {key} must be in [0, 1], got {v!r}")
     if mode not in MODES:
-        raise UserError(f"uv_merge: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise ValueError(f"uv_merge: mode must be one of {', '.join(MODES)}, got {mode!r}")
     out_dtype = W_target.dtype
     r = min(W_base.shape)
     from_base = base_mask(r, top, bottom)
@@ -140,12 +144,19 @@ class UVMerge(Repair):
     """
 
     axis = "top"
-    PARAMS = {
-        "top": Param("frac", required=True),
-        "bottom": Param("frac", 0.0),
-        "mode": Param("choice", "full", choices=MODES),
-        "svd_dtype": Param("choice", "auto", choices=("auto", "float64", "float32")),
-    }
+    help = ("Restore the base's singular triplets (or only directions / only magnitudes) for the top and bottom "
+            "of the spectrum of every selected 2-D weight; norms and biases stay the target's.")
+
+    class Params(Params):
+        top: Fraction = Field(description="Fraction of the spectrum (of min(m, n) triplets) taken from the base at "
+                                          "the top; counts round half up.")
+        bottom: Fraction = Field(0.0, description="Fraction taken from the base at the bottom of the spectrum.")
+        mode: Literal["full", "direction", "magnitude"] = Field(
+            "full", description="full: base singular triplets; direction: base singular vectors, target singular "
+            "values; magnitude: target singular vectors, base singular values.",
+            json_schema_extra={"cli_flags": {"--direction-only": "direction", "--magnitude-only": "magnitude"}})
+        svd_dtype: Literal["auto", "float64", "float32"] = Field(
+            "auto", description="auto (float64, float32 for huge matrices), float64 or float32.")
 
     def eligible(self, t: TensorInfo) -> bool:
         return len(t.shape) == 2 and t.is_float

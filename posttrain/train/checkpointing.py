@@ -10,18 +10,16 @@ exactly as an uninterrupted one would. Checkpoints are written atomically.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
-from posttrain.analysis.checkpoints import Checkpoint
+from posttrain.analysis.checkpoints import Checkpoint, step_dirs
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir, atomic_write_text
 
 STATE_FILE = "trainer_state.pt"
 VALUE_HEAD_FILE = "value_head.safetensors"
-_STEP_DIR = re.compile(r"step-(\d+)")
 
 
 def save_training_checkpoint(path: Path, model, tok, optimizer, scheduler, step: int, value_head=None) -> Path:
@@ -40,8 +38,27 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
-    return max(found)[1] if found else None
+    found = [(step, p) for step, p in step_dirs(root) if (p / STATE_FILE).is_file()]
+    return found[-1][1] if found else None
+
+
+def resume_latest(out_dir: Path, model, optimizer, scheduler, metrics_path: Path, value_head=None) -> int:
+    """Continue a run from its latest resumable checkpoint under `out_dir`: weights, optimizer and
+    scheduler state, torch RNG state and (PPO) the value head are restored and the metrics logged
+    after that step dropped. Returns the checkpoint's step, or 0 when there is none."""
+    ck = latest_checkpoint(out_dir)
+    if ck is None:
+        return 0
+    load_weights_into(model, ck)
+    state = load_training_state(ck)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if value_head is not None:
+        value_head.load(ck / VALUE_HEAD_FILE)
+    step = int(state["step"])
+    truncate_metrics(metrics_path, step)
+    return step
 
 
 def truncate_metrics(path: Path, step: int) -> None:

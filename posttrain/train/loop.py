@@ -34,13 +34,7 @@ from posttrain.errors import TrainingDiverged, UserError
 from posttrain.io import atomic_write_json, atomic_write_text, versions
 from posttrain.models.loading import load_model, save_checkpoint
 from posttrain.tasks import Problem, Task
-from posttrain.train.checkpointing import (
-    latest_checkpoint,
-    load_training_state,
-    load_weights_into,
-    save_training_checkpoint,
-    truncate_metrics,
-)
+from posttrain.train.checkpointing import latest_checkpoint, load_weights_into, resume_latest, save_training_checkpoint
 from posttrain.train.data_sources import Batch, SourceContext, prompt_schedule, score, step_seed, verdict_metrics
 from posttrain.train.freezing import apply_freezing
 from posttrain.train.objectives import OBJECTIVES, PolicyOutputs
@@ -174,22 +168,11 @@ def train(
         value_head.to(dev)
     policy = accelerator.unwrap_model(model)
 
-    start = 0
     metrics_path = out_dir / "metrics.jsonl"
-    ck = latest_checkpoint(out_dir) if resume else None
-    if ck is not None:
-        load_weights_into(policy, ck)
-        state = load_training_state(ck)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if value_head is not None:
-            value_head.load(ck / "value_head.safetensors")
-        start = int(state["step"])
-        truncate_metrics(metrics_path, start)
-    elif resume and (out_dir / "model" / "config.json").is_file() and (out_dir / "train.json").is_file():
+    start = resume_latest(out_dir, policy, optimizer, scheduler, metrics_path, value_head) if resume else 0
+    if resume and not start and (out_dir / "model" / "config.json").is_file() and (out_dir / "train.json").is_file():
         raise UserError(f"{out_dir} already holds a finished run (model/); nothing to resume")
-    log = metrics_path.open("a" if ck is not None else "w")
+    log = metrics_path.open("a" if start else "w")
     hparams = {k: v for k, v in cfg.model_dump(mode="json").items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers("posttrain", config=hparams)
     curve_tasks = curve_tasks or {}

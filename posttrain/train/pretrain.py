@@ -22,13 +22,7 @@ from posttrain.io import atomic_write_json, atomic_write_text, versions
 from posttrain.models.loading import save_checkpoint
 from posttrain.models.tiny import build_char_tokenizer, build_tiny_model
 from posttrain.tasks import Task
-from posttrain.train.checkpointing import (
-    latest_checkpoint,
-    load_training_state,
-    load_weights_into,
-    save_training_checkpoint,
-    truncate_metrics,
-)
+from posttrain.train.checkpointing import resume_latest, save_training_checkpoint
 from posttrain.train.data_sources import step_seed
 from posttrain.train.loop import make_accelerator, make_optimizer, make_scheduler, seed_everything
 from posttrain.train.sequences import encode_completions, encode_prompts, pack_documents
@@ -77,17 +71,9 @@ def pretrain(
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    start = 0
     metrics = out_dir / "metrics.jsonl"
-    ck = latest_checkpoint(out_dir) if resume else None
-    if ck is not None:
-        load_weights_into(accelerator.unwrap_model(model), ck)
-        state = load_training_state(ck)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = int(state["step"])
-        truncate_metrics(metrics, start)
-    with metrics.open("a" if ck is not None else "w") as log:
+    start = resume_latest(out_dir, accelerator.unwrap_model(model), optimizer, scheduler, metrics) if resume else 0
+    with metrics.open("a" if start else "w") as log:
         for step in range(start, cfg.steps):
             rng = random.Random(step_seed(seed, step, "pretrain"))
             prompts, completions = mixture_texts(tasks, cfg.mixture, rng, cfg.batch_size)
