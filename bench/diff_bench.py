@@ -238,10 +238,10 @@ def main() -> None:
           f"Qwen2.5-0.5B shapes with {args.layers} layers", flush=True)
     base, ft = ck / "base", ck / "ft"
     if args.reuse and (ft / "model.safetensors.index.json").is_file():
-        print(f"reusing {ck}")
+        print(f"reusing {os.path.relpath(ck)}")
     else:
         t, _, _ = run_measured([sys.executable, __file__, "--_build", str(ck), str(args.layers)], env)
-        print(f"built checkpoints in {t:.0f}s: {ck}", flush=True)
+        print(f"built checkpoints in {t:.0f}s: {os.path.relpath(ck)}", flush=True)
     result: dict = {"threads": info["threads"], "layers": args.layers, "cpus": os.cpu_count(), "torch": info["torch"]}
     try:
         runs = {}
@@ -339,7 +339,7 @@ def main() -> None:
                 print(f"  alpha agreement: {agree}/{len(diffs)} layers within 1e-3, max |diff| "
                       f"{max(diffs) if diffs else float('nan'):.2e}")
         (out / "diff_bench.json").write_text(json.dumps(result, indent=2))
-        print(f"wrote {out / 'diff_bench.json'}")
+        print(f"wrote {os.path.relpath(out / 'diff_bench.json')}")
     finally:
         if not args.keep:
             shutil.rmtree(ck, ignore_errors=True)

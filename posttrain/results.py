@@ -1,4 +1,4 @@
-"""Assemble `results.json` (the contract in DESIGN.md) from a study's stage outputs."""
+"""Assemble `results.json` (the contract in docs/architecture.md) from a study's stage outputs."""
 
 from __future__ import annotations
 

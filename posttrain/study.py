@@ -26,7 +26,7 @@ console = Console(stderr=True, soft_wrap=True)
 
 
 class Run:
-    """Paths of a run directory (see DESIGN.md, "Run directory")."""
+    """Paths of a run directory (docs/architecture.md, "Run directory")."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -231,7 +231,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         repairs = repair_sweep(cfg, damaged, run, tasks, problem_sets, evals, model_dirs, keys, eval_key, device, say)
 
     # ---- results and report -----------------------------------------------------------------
-    from posttrain.report.findings import evaluate_findings
+    from posttrain.findings import evaluate_findings
     from posttrain.results import assemble_results
 
     results = assemble_results(cfg, evals, diagnostics, run, wall_seconds=time.time() - t0, diag_extra=diag_extra)
@@ -251,7 +251,7 @@ def weight_diagnostics(cfg: StudyConfig, run: Run, stages: Stages, base_dir: Pat
     (base tensors read once): the updates of each pair of methods compared by cosine, and each
     method's trajectory over its checkpoints.
 
-    Writes diagnostics/base__<m>.json and <a>__<b>.json (DESIGN.md), diagnostics/diff/ (tables and
+    Writes diagnostics/base__<m>.json and <a>__<b>.json, diagnostics/diff/ (tables and
     plots of `posttrain diff`) and diagnostics/trajectory/. Returns ({method: summary JSON},
     {"pairs": {"a|b": pair JSON}, "trajectory": {method: [points]}}).
     """

@@ -1,0 +1,44 @@
+"""Where in the weights each method changed the model (Scalpel vs Hammer, arXiv 2507.10616)."""
+
+from __future__ import annotations
+
+from posttrain.findings import Context, finding
+
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def mid_layer_mlp(diag: dict) -> float | None:
+    """Relative update of the MLP weights of the middle third of the layers (norm-aggregated
+    as sqrt(mean of squared per-cell values), i.e. equal weight per cell)."""
+    cells = diag.get("rel_update_by_layer_module", {})
+    n = max((len(v) for v in cells.values()), default=0)
+    if n == 0:
+        return None
+    lo, hi = n // 3, max(n // 3 + 1, (2 * n + 2) // 3)
+    vals = [cells[m][i] for m in MLP if m in cells for i in range(lo, hi) if cells[m][i] is not None]
+    return (sum(v * v for v in vals) / len(vals)) ** 0.5 if vals else None
+
+
+@finding("sft_moves_mlp_more", "SFT moves mid-layer MLP weights more than RL (relative update ratio > 1.5).",
+         paper="arXiv 2507.10616")
+def sft_moves_mlp_more(ctx: Context):
+    if ctx.sft is None or ctx.rl is None:
+        return None, ctx.missing("sft", "rl")
+    ms, mr = (mid_layer_mlp(ctx.diagnostics.get(n, {})) for n in (ctx.sft, ctx.rl))
+    if ms is None or mr is None or mr == 0:
+        return None, "no per-layer MLP diagnostics"
+    return ms / mr > 1.5, f"mid-layer MLP rel. update {ctx.sft} {ms:.2e} vs {ctx.rl} {mr:.2e} (ratio {ms / mr:.2f})"
+
+
+@finding("qk_change_most", "Attention query/key weights change most (top linear module is q_proj or k_proj, for every method).",
+         paper="arXiv 2507.10616")
+def qk_change_most(ctx: Context):
+    qk = []
+    diag = ctx.diagnostics
+    for name in (n for n in (ctx.sft, ctx.rl) if n is not None and n in diag):
+        by_mod = {m: v for m, v in diag[name].get("rel_update_by_module", {}).items() if m in LINEAR}
+        if by_mod and max(by_mod.values()) > 0:  # a method that never updated has no "top" module
+            ranked = sorted(by_mod, key=by_mod.get, reverse=True)
+            qk.append((name, ranked[0] in ("q_proj", "k_proj"), ", ".join(f"{m} {by_mod[m]:.2e}" for m in ranked[:3])))
+    return (all(h for _, h, _ in qk) if qk else None), ("; ".join(f"{n}: top {ev}" for n, _, ev in qk) or "no diagnostics")
