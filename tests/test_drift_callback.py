@@ -113,9 +113,10 @@ def _lm_rows(tok, n: int = 16, length: int = 24) -> list[dict]:
 def _plain_trainer(tmp_path, model, tok, **kw):
     from transformers import Trainer, TrainingArguments, default_data_collator
 
+    kw = {"save_strategy": "no", **kw}
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
-                             learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                             seed=0, disable_tqdm=True, **kw)
+                             learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                             disable_tqdm=True, **kw)
     return Trainer(model=model, args=args, train_dataset=_lm_rows(tok), data_collator=default_data_collator)
 
 
@@ -184,3 +185,24 @@ def test_drift_callback_in_trl_grpo_trainer_keeps_grpos_own_metrics(tmp_path):
     _assert_matches_diff(logged[3], tmp_path / "drift/start", tmp_path / "drift/checkpoints/step-3")
     # GRPO's per-step metrics (averaged in its own `log`) are still logged at every step
     assert sorted(r["step"] for r in trainer.state.log_history if "reward" in r and "loss" in r) == [1, 2, 3]
+
+
+@pytest.mark.slow  # two short trainings
+def test_resumed_training_measures_from_the_original_start(tmp_path):
+    model, tok = _model_and_tok()
+    trainer = _plain_trainer(tmp_path, model, tok, save_strategy="steps", save_steps=2)
+    DriftCallback(trainer, every=1, out_dir=tmp_path / "drift").attach(trainer)
+    trainer.train()
+    full = _drift_logs(trainer.state.log_history)
+
+    model2, _ = _model_and_tok()
+    resumed = _plain_trainer(tmp_path, model2, tok, save_strategy="steps", save_steps=2)
+    cb = DriftCallback(resumed, every=1, save_every=1, out_dir=tmp_path / "drift").attach(resumed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out/checkpoint-2"))
+    logged = _drift_logs(resumed.state.log_history)  # steps 1 and 2 come back with the restored state
+    assert sorted(logged) == [1, 2, 3] and [h["step"] for h in cb.history] == [3]
+    _assert_matches_diff(logged[3], tmp_path / "drift/start", tmp_path / "drift/checkpoints/step-3")
+    # from the weights before step 1, not from the resumed step-2 weights: as far as the full run got
+    assert logged[3]["drift/rel_update"] == pytest.approx(full[3]["drift/rel_update"], rel=1e-3)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "drift/drift.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3]  # the resumed run appends
