@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from posttrain.errors import UserError
 
@@ -51,6 +52,50 @@ class TaskRef(Strict):
     @property
     def key(self) -> str:
         return f"{self.task}/{self.split}"
+
+
+class LmEvalRef(Strict):
+    """A retention benchmark scored through lm-evaluation-harness on the model in process
+    (`posttrain.evaluation.lm_eval_bridge`): `{lm_eval: mmlu, limit: 500}`."""
+
+    lm_eval: str = Field(min_length=1)  # an lm-eval task, group or tag name
+    limit: int | float | None = None  # examples per (sub)task; a float below 1 is a fraction; None: all
+    num_fewshot: int | None = Field(None, ge=0)  # None: the task's own default
+    metric: str | None = None  # "acc_norm", "exact_match,flexible-extract"; None: the task's first metric
+    include_path: str | None = None  # a directory of local task YAMLs (their data must be local files)
+    batch_size: int = Field(16, ge=1)
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | float | None) -> int | float | None:
+        count = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        if v is not None and not (count or isinstance(v, float) and 0 < v < 1):
+            raise ValueError(f"limit must be a count >= 1 or a fraction in (0, 1), not {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _known_task(self) -> "LmEvalRef":
+        # offline: lm-eval's own task index (and the include_path) know every name it can run
+        from posttrain.evaluation.lm_eval_bridge import resolve_task
+
+        try:
+            resolve_task(self.lm_eval, self.include_path)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    @property
+    def key(self) -> str:
+        return f"lm_eval:{self.lm_eval}" + (f":{self.num_fewshot}shot" if self.num_fewshot is not None else "")
+
+
+def _retention_kind(v: Any) -> str:
+    return "lm_eval" if isinstance(v, LmEvalRef) or (isinstance(v, dict) and "lm_eval" in v) else "task"
+
+
+# a retention probe: a built-in task split or an lm-eval task
+RetentionRef = Annotated[Union[Annotated[TaskRef, Tag("task")], Annotated[LmEvalRef, Tag("lm_eval")]],
+                         Discriminator(_retention_kind)]
 
 
 def _default_mixture() -> list[TaskRef]:
@@ -369,7 +414,7 @@ class StudyConfig(Strict):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     id_task: TaskRef = Field(default_factory=lambda: TaskRef(task="points24", split="id"))
     ood_task: TaskRef = Field(default_factory=lambda: TaskRef(task="points24", split="ood"))
-    retention: list[TaskRef] = Field(
+    retention: list[RetentionRef] = Field(
         default_factory=lambda: [TaskRef(task="facts"), TaskRef(task="strings"), TaskRef(task="arith")]
     )
     methods: dict[str, TrainConfig] = Field(
@@ -400,7 +445,7 @@ class StudyConfig(Strict):
     def _check_refs(self) -> "StudyConfig":
         from posttrain.tasks import build_task
 
-        refs = [self.id_task, self.ood_task, *self.retention, *self.pretrain.mixture]
+        refs = [self.id_task, self.ood_task, *self.task_retention, *self.pretrain.mixture]
         refs += [TaskRef(task=m.task, split=m.split) for m in self.methods.values()]
         for ref in refs:
             task = build_task(ref.task, self.world.get(ref.task, {}))
@@ -415,6 +460,9 @@ class StudyConfig(Strict):
                 raise ValueError(f"methods.{name}.init: {m.init!r} is neither 'base', a method, nor a directory")
             if m.init == name:
                 raise ValueError(f"methods.{name}.init refers to itself")
+        keys = [r.key for r in self.lm_eval_retention]
+        if dup := sorted({k for k in keys if keys.count(k) > 1}):
+            raise ValueError(f"retention lists {dup[0]!r} twice (each lm_eval task once per num_fewshot)")
         rep = self.repair
         if rep.damaged not in (None, "auto") and rep.damaged not in self.methods:
             raise ValueError(f"repair.damaged: {rep.damaged!r} is not a method of this study "
@@ -422,6 +470,16 @@ class StudyConfig(Strict):
         if rep.reference not in ("base", *self.methods):
             raise ValueError(f"repair.reference: {rep.reference!r} is neither 'base' nor a method of this study")
         return self
+
+    @property
+    def task_retention(self) -> list[TaskRef]:
+        """The retention probes that are built-in task splits."""
+        return [r for r in self.retention if isinstance(r, TaskRef)]
+
+    @property
+    def lm_eval_retention(self) -> list[LmEvalRef]:
+        """The retention probes run through lm-evaluation-harness."""
+        return [r for r in self.retention if isinstance(r, LmEvalRef)]
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from posttrain.config import StudyConfig
+from posttrain.config import LmEvalRef, StudyConfig, TaskRef
 
 
 def model_entry(cfg: StudyConfig, scores: dict[str, dict]) -> dict[str, Any]:
     """The per-model record: accuracies, retention per probe, format shares of the in-domain task."""
     id_s, ood_s = scores[cfg.id_task.key], scores[cfg.ood_task.key]
-    retention = {r.task if sum(x.task == r.task for x in cfg.retention) == 1 else r.key: scores[r.key]["acc"]
-                 for r in cfg.retention}
+    labels = [retention_label(r) for r in cfg.retention]
+    retention = {lab if labels.count(lab) == 1 else r.key: scores[r.key]["acc"] for lab, r in zip(labels, cfg.retention)}
     return {
         "id_acc": id_s["acc"],
         "ood_acc": ood_s["acc"],
@@ -25,6 +25,11 @@ def model_entry(cfg: StudyConfig, scores: dict[str, dict]) -> dict[str, Any]:
         "id_pass_at_k": id_s.get("pass_at_k", {}),
         "ood_pass_at_k": ood_s.get("pass_at_k", {}),
     }
+
+
+def retention_label(ref: TaskRef | LmEvalRef) -> str:
+    """A retention probe's name in results.json: the task ("facts", "mmlu"); its key when two share it."""
+    return ref.lm_eval if isinstance(ref, LmEvalRef) else ref.task
 
 
 def forgetting(base: dict[str, Any], model: dict[str, Any]) -> float:

@@ -18,6 +18,7 @@ from rich.console import Console
 from posttrain.config import StudyConfig, TrainConfig, config_hash, dump_yaml
 from posttrain.errors import UserError
 from posttrain.evaluation.evaluate import eval_problems, evaluate_model
+from posttrain.evaluation.lm_eval_bridge import evaluate_lm_eval_refs, local_tasks_digest
 from posttrain.io import atomic_write_json, atomic_write_text, read_json, versions
 from posttrain.progress import progress_logger
 from posttrain.tasks import Problem, Task, build_task
@@ -78,7 +79,7 @@ class Stages:
 
 
 def build_tasks(cfg: StudyConfig) -> dict[str, Task]:
-    names = {cfg.id_task.task, cfg.ood_task.task, *(r.task for r in cfg.retention),
+    names = {cfg.id_task.task, cfg.ood_task.task, *(r.task for r in cfg.task_retention),
              *(r.task for r in cfg.pretrain.mixture), *(m.task for m in cfg.methods.values())}
     return {n: build_task(n, cfg.world.get(n, {})) for n in sorted(names)}
 
@@ -164,10 +165,13 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
 
     # ---- evaluation sets --------------------------------------------------------------------
     refs = {cfg.id_task.key: cfg.id_task, cfg.ood_task.key: cfg.ood_task}
-    for r in cfg.retention:
+    for r in cfg.task_retention:
         refs.setdefault(r.key, r)
     problem_sets = {k: eval_problems(tasks[r.task], r.split, cfg.eval.n_per_split, cfg.seed) for k, r in refs.items()}
-    eval_key = config_hash({"eval": cfg.eval.model_dump(), "refs": sorted(refs), "world": cfg.world, "seed": cfg.seed})
+    lm_refs = cfg.lm_eval_retention
+    eval_key = config_hash({"eval": cfg.eval.model_dump(), "refs": sorted(refs), "world": cfg.world, "seed": cfg.seed,
+                            **({"lm_eval": [r.model_dump(mode="json") for r in lm_refs],
+                                "local_tasks": local_tasks_digest(lm_refs)} if lm_refs else {})})
 
     def evaluate(name: str, model_dir: Path, upstream: str) -> dict:
         key = config_hash({"upstream": upstream, "eval": eval_key})
@@ -179,6 +183,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         say(f"eval {name}")
         model, tok = load_model(model_dir, device=device)
         scores = evaluate_model(model, tok, tasks, problem_sets, cfg.eval, cfg.seed)
+        scores.update(evaluate_lm_eval_refs(model, tok, lm_refs, cfg.seed))
         atomic_write_json(run.eval(name), scores)
         stages.finish(f"eval-{name}", key)
         return scores
@@ -336,7 +341,8 @@ def repair_sweep(cfg: StudyConfig, damaged: str, run: Run, tasks: dict[str, Task
 
     def evaluate_fn(model_dir: Path) -> dict:
         model, tok = load_model(model_dir, device=device)
-        return summary(evaluate_model(model, tok, tasks, problem_sets, greedy, cfg.seed))
+        scores = evaluate_model(model, tok, tasks, problem_sets, greedy, cfg.seed)
+        return summary({**scores, **evaluate_lm_eval_refs(model, tok, cfg.lm_eval_retention, cfg.seed)})
 
     anchors = {"base": summary(evals["base"]), "damaged": summary(evals[damaged]),
                "reference": summary(evals[rep.reference])}
