@@ -41,7 +41,8 @@ from transformers import Trainer, TrainerCallback
 from posttrain.analysis.checkpoints import Checkpoint, check_compatible, classify
 from posttrain.analysis.live import LiveWeights
 from posttrain.analysis.scan import DiffOptions, scan
-from posttrain.analysis.updates import default_spectra_names, summarise
+from posttrain.analysis.diagnostics import default_spectra_names
+from posttrain.analysis.updates import summarise
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir
 
@@ -67,7 +68,7 @@ class DriftCallback(TrainerCallback):
             raise UserError(f"DriftCallback: every must be a positive number of steps, not {every!r}")
         if not isinstance(save_every, int) or save_every < 0:
             raise UserError(f"DriftCallback: save_every must be >= 0 steps, not {save_every!r}")
-        DiffOptions(spectral=True, rank=rank, top_frac=top_frac, tol=tol).validate()
+        DiffOptions.parse(spectral=True, rank=rank, top_frac=top_frac, tol=tol)
         self.trainer = trainer
         self.every, self.save_every = every, save_every
         self.out_dir = None if out_dir is None else Path(out_dir)
