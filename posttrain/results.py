@@ -27,6 +27,15 @@ def model_entry(cfg: StudyConfig, scores: dict[str, dict]) -> dict[str, Any]:
     }
 
 
+def problem_counts(cfg: StudyConfig, scores: dict[str, dict]) -> dict[str, Any]:
+    """How many problems each accuracy was measured on (the same for every model of a study): the
+    basis of the findings' binomial noise rule. None where an evaluation did not report it."""
+    labels = [retention_label(r) for r in cfg.retention]
+    return {"id": scores[cfg.id_task.key].get("n"), "ood": scores[cfg.ood_task.key].get("n"),
+            "retention": {lab if labels.count(lab) == 1 else r.key: scores[r.key].get("n")
+                          for lab, r in zip(labels, cfg.retention)}}
+
+
 def retention_label(ref: TaskRef | LmEvalRef) -> str:
     """A retention probe's name in results.json: the task ("facts", "mmlu"); its key when two share it."""
     return ref.lm_eval if isinstance(ref, LmEvalRef) else ref.task
@@ -57,6 +66,7 @@ def assemble_results(cfg: StudyConfig, evals: dict[str, dict], diagnostics: dict
         "ood_task": cfg.ood_task.key,
         "retention_tasks": [r.key for r in cfg.retention],
         "models": models,
+        "n_problems": problem_counts(cfg, evals["base"]),
         "forgetting": {n: forgetting(models["base"], m) for n, m in models.items() if n != "base"},
         # the per-model aggregates the diagnostics table marks for results.json; the per-tensor
         # tables stay in diagnostics/diff/

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from posttrain.findings import Context, finding
+from posttrain.findings import Context, Measured, finding
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -28,7 +28,8 @@ def sft_moves_mlp_more(ctx: Context):
     ms, mr = (mid_layer_mlp(ctx.diagnostics.get(n, {})) for n in (ctx.sft, ctx.rl))
     if ms is None or mr is None or mr == 0:
         return None, "no per-layer MLP diagnostics"
-    return ms / mr > 1.5, f"mid-layer MLP rel. update {ctx.sft} {ms:.2e} vs {ctx.rl} {mr:.2e} (ratio {ms / mr:.2f})"
+    return Measured(ms / mr, 1.5, None,
+                    f"mid-layer MLP rel. update {ctx.sft} {ms:.2e} vs {ctx.rl} {mr:.2e} (ratio {ms / mr:.2f})")
 
 
 @finding("qk_change_most", "Attention query/key weights change most (top linear module is q_proj or k_proj, for every method).",
