@@ -13,7 +13,8 @@ Two operators (`orthonormalize`):
   concatenated as they are and the product is used without re-orthonormalisation;
 - our variant (``orthonormalize: true``): the mixed bases are re-orthonormalised by QR with the
   restored base columns held fixed (`_merge_basis`), so "direction" keeps the target's spectrum
-  exactly. On a random 128x128 pair at top 0.2 the two differ by 60-73% of the reference's own edit.
+  exactly. On the default study's SFT model (seed 0), direction mode at top 0.2, the two differ by
+  51-96% (median 71%) of the reference's own edit, ||QR - ref|| / ||ref - target||, per matrix.
 """
 
 from __future__ import annotations
