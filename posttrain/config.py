@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from posttrain.errors import UserError
+from posttrain.tasks import Task, build_task
+from posttrain.tasks.spec import TaskSpec
 
 
 class Strict(BaseModel):
@@ -257,6 +259,30 @@ class StudyConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     # task name -> constructor parameters; a task's own signature holds its defaults
     world: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # dataset tasks by name: a task YAML path, {file: PATH, <overrides>} or an inline spec (posttrain/tasks/spec.py)
+    tasks: dict[str, TaskSpec] = Field(default_factory=dict)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _read_task_files(cls, v: Any) -> Any:
+        from posttrain.tasks.spec import resolve_entries
+
+        return resolve_entries(v)
+
+    def make_task(self, name: str) -> Task:
+        """The task called `name`: a dataset task of `tasks`, else a built-in one with `world` parameters."""
+        if name in self.tasks:
+            from posttrain.tasks.dataset import DatasetTask
+
+            return DatasetTask(name, self.tasks[name])
+        return build_task(name, self.world.get(name, {}))
+
+    @property
+    def world_key(self) -> Any:
+        """What stage hashes see of the task world (unchanged from `world` when there are no dataset tasks)."""
+        if not self.tasks:
+            return self.world
+        return {"world": self.world, "tasks": {k: v.model_dump(mode="json") for k, v in self.tasks.items()}}
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     id_task: TaskRef = Field(default_factory=lambda: TaskRef(task="points24", split="id"))
     ood_task: TaskRef = Field(default_factory=lambda: TaskRef(task="points24", split="ood"))
@@ -289,18 +315,30 @@ class StudyConfig(Strict):
 
     @model_validator(mode="after")
     def _check_refs(self) -> "StudyConfig":
-        from posttrain.tasks import build_task
+        from posttrain.tasks import TASKS
 
+        for name in self.tasks:
+            if name in TASKS:
+                raise ValueError(f"tasks.{name}: {name!r} is a built-in task; give the dataset task another name")
+            if name in self.world:
+                raise ValueError(f"world.{name}: dataset task {name!r} takes no parameters (its YAML holds them)")
         refs = [self.id_task, self.ood_task, *self.retention, *self.pretrain.mixture]
         refs += [TaskRef(task=m.task, split=m.split) for m in self.methods.values()]
         for ref in refs:
-            task = build_task(ref.task, self.world.get(ref.task, {}))
+            task = self.make_task(ref.task)
             task.check_split(ref.split)
             for fmt in ref.formats:
                 task.check_format(fmt)
         for name, m in self.methods.items():
+            task = self.make_task(m.task)
             if m.expert_format is not None:
-                build_task(m.task, self.world.get(m.task, {})).check_format(m.expert_format)
+                task.check_format(m.expert_format)
+            if m.is_expert_sft and not task.solution_formats:
+                raise ValueError(f"methods.{name}: task {m.task!r} has no reference solutions, so it cannot be used "
+                                 "for SFT on expert data")
+            if m.is_expert_sft and m.expert_format is not None and m.expert_format not in task.solution_formats:
+                raise ValueError(f"methods.{name}.expert_format: task {m.task!r} has reference solutions in format(s) "
+                                 f"{', '.join(task.solution_formats)} only")
             if m.init not in ("base", *self.methods) and not Path(m.init).exists():
                 raise ValueError(f"methods.{name}.init: {m.init!r} is neither 'base', a method, nor a directory")
             if m.init == name:
