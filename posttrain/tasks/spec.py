@@ -123,7 +123,7 @@ class Rule(BaseModel):
             raise ValueError("a where rule has exactly one test: `in`, `not_in`, `op` (with `value`) or `regex`")
         if self.op is not None and "value" not in self.model_fields_set:
             raise ValueError(f"op {self.op!r} needs a `value`")
-        if self.op is None and "value" in self.model_fields_set:
+        if self.op is None and self.value is not None:
             raise ValueError("`value` goes with `op`")
         return self
 
@@ -172,7 +172,7 @@ class SplitSpec(Strict):
                 raise ValueError("give either `data` (one dataset split, held out by hashing) or `train` and `test`")
         elif self.train is None or self.test is None:
             raise ValueError("give either `data` (one dataset split, held out by hashing) or both `train` and `test`")
-        elif "holdout" in self.model_fields_set:
+        elif self.holdout:
             raise ValueError("`holdout` applies to `data`; with `train` and `test` the test split is held out")
         return self
 
