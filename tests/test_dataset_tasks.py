@@ -436,3 +436,22 @@ def test_sft_and_grpo_train_on_a_dataset_task(tiny_checkpoint, tmp_path, gsm_fil
         assert 0 <= r["rollout/reward"] <= 1 and 0 <= r["rollout/malformed"] <= 1
         assert abs(r["rollout/malformed"] + sum(v for k, v in r.items() if k.startswith("rollout/format/")) - 1) < 1e-9
     assert (grpo.model_dir / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_study_on_dataset_tasks(tiny_checkpoint, tmp_path, gsm_files, math_file):
+    from posttrain.study import run_study
+
+    small = {"steps": 2, "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 8, "trackers": ["none"]}
+    data = _study(gsm_files, math_file, base_model=str(tiny_checkpoint), retention=[{"task": "mth", "split": "id"}],
+                  methods={"sft": {"method": "sft", "task": "gsm", **small}, "grpo": {"method": "grpo", "task": "gsm", **small}},
+                  eval={"n_per_split": 4, "n_sampled_problems": 2, "n_samples": 2, "pass_k": [1], "max_new_tokens": 8},
+                  diagnostics={"spectral": False}, repair={"damaged": None})
+    data["tasks"]["mth"] = {"file": str(TASKS / "math500.yaml"), "source": {"data_files": {"test": math_file}},
+                            "prompt": "{problem} Answer:"}  # the tiny tokenizer knows no newline
+    res = run_study(build_study_config(data), tmp_path / "run", device="cpu", log=lambda msg: None)
+    assert set(res["models"]) == {"base", "sft", "grpo"}
+    scores = json.loads((tmp_path / "run" / "eval" / "sft.json").read_text())
+    assert set(scores) == {"gsm/id", "mth/ood", "mth/id"} and scores["gsm/id"]["n"] == 4
+    # the expert format is chosen among the formats the reference solutions are written in
+    assert json.loads((tmp_path / "run" / "methods" / "sft" / "train.json").read_text())["expert_format"] == "hash"
