@@ -329,6 +329,13 @@ class StudyConfig(Strict):
             task.check_split(ref.split)
             for fmt in ref.formats:
                 task.check_format(fmt)
+        for i, ref in enumerate(self.pretrain.mixture if self.base_model is None else []):
+            fmts = self.make_task(ref.task).solution_formats
+            bad = [f for f in ref.formats if f not in fmts]
+            if not fmts or bad:
+                raise ValueError(f"pretrain.mixture.{i}: task {ref.task!r} has reference solutions in format(s) "
+                                 f"{', '.join(fmts) or 'none'}, so it cannot be written in pretraining"
+                                 + (f" as {', '.join(bad)}" if bad and fmts else ""))
         for name, m in self.methods.items():
             task = self.make_task(m.task)
             if m.expert_format is not None:

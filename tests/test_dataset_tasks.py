@@ -323,7 +323,8 @@ def test_hub_failure_is_one_line_with_a_hint(monkeypatch):
     with pytest.raises(UserError) as e:
         task.eval_set("id", 4, 0)
     msg = str(e.value)
-    assert "\n" not in msg and "cannot load dataset 'openai/gsm8k'" in msg and "source.data_files" in msg
+    assert "\n" not in msg and msg.startswith(f"{TASKS / 'gsm8k.yaml'}: source: cannot load dataset 'openai/gsm8k'")
+    assert msg.endswith("--set 'tasks.gsm8k.source={data_files: {train: FILE.jsonl, test: FILE.jsonl}}'")
 
 
 # -- shipped examples -------------------------------------------------------------------------------
@@ -385,9 +386,15 @@ def test_study_config_names_dataset_tasks(gsm_files, math_file):
         build_study_config({"tasks": {"cd": str(TASKS / "countdown.yaml")}, "methods": {"sft": {"method": "sft", "task": "cd"}}})
     with pytest.raises(UserError, match=r"methods\.sft\.expert_format: task 'gsm' has reference solutions in format\(s\) hash"):
         build_study_config(_study(gsm_files, math_file, methods={"sft": {"method": "sft", "task": "gsm", "expert_format": "plain"}}))
-    with pytest.raises(UserError, match=r"^/nonexistent\.yaml|task file not found: /nonexistent\.yaml"):
+    cd = {"cd": str(TASKS / "countdown.yaml")}
+    with pytest.raises(UserError, match=r"pretrain\.mixture\.1: task 'cd' has reference solutions in format\(s\) none"):
+        build_study_config({"tasks": cd, "pretrain": {"mixture": [{"task": "facts"}, {"task": "cd"}]}})
+    with pytest.raises(UserError, match=r"pretrain\.mixture\.0: task 'gsm' .* in format\(s\) hash, .* as plain"):
+        build_study_config(_study(gsm_files, math_file, pretrain={"mixture": [{"task": "gsm", "formats": {"plain": 1}}]}))
+    build_study_config(_study(gsm_files, math_file, pretrain={"mixture": [{"task": "gsm"}]}))  # hash demos: fine
+    with pytest.raises(UserError, match=r"task file not found: /nonexistent\.yaml"):
         build_study_config({"tasks": {"x": "/nonexistent.yaml"}})
-    with pytest.raises(UserError, match=r"^invalid config: ood_task|no split 'nope'"):
+    with pytest.raises(UserError, match=r"task 'mth' has no split 'nope'"):
         build_study_config(_study(gsm_files, math_file, ood_task={"task": "mth", "split": "nope"}))
 
 
@@ -455,3 +462,13 @@ def test_study_on_dataset_tasks(tiny_checkpoint, tmp_path, gsm_files, math_file)
     assert set(scores) == {"gsm/id", "mth/ood", "mth/id"} and scores["gsm/id"]["n"] == 4
     # the expert format is chosen among the formats the reference solutions are written in
     assert json.loads((tmp_path / "run" / "methods" / "sft" / "train.json").read_text())["expert_format"] == "hash"
+
+
+def test_pretraining_mixture_writes_reference_solutions(gsm_files):
+    from posttrain.config import TaskRef
+    from posttrain.train.pretrain import mixture_texts
+
+    task = gsm_task(gsm_files)
+    prompts, completions = mixture_texts({"gsm8k": task}, [TaskRef(task="gsm8k")], random.Random(0), 6)
+    train = {r["question"]: r["answer"] for r in gsm_rows(1, 12)}
+    assert [train[p[3:-3]] for p in prompts] == completions  # the training rows' own solutions

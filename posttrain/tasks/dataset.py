@@ -46,8 +46,9 @@ def _files(data_files: Any) -> list[str]:
     return [f for v in data_files.values() for f in _files(v)]
 
 
-def load_source(src: Source, where: str):
-    """`datasets.load_dataset` of a source, as a DatasetDict; failures are one line naming the file."""
+def load_source(src: Source, where: str, name: str = "NAME", splits: tuple[str, ...] = ("train",)):
+    """`datasets.load_dataset` of a source, as a DatasetDict; failures are one line naming the file
+    (and, for a hub id, how to point the task `name` at local files for its dataset `splits`)."""
     import datasets
 
     from posttrain.progress import enabled_by_default
@@ -75,8 +76,9 @@ def load_source(src: Source, where: str):
         first = (str(e).strip().splitlines() or [""])[0][:300]
         hint = ""
         if isinstance(e, (ConnectionError, OSError)) and src.data_files is None:
-            hint = ("; if the hub is unreachable, point source.data_files at local JSONL/parquet/CSV files "
-                    "(e.g. --set tasks.NAME.source.data_files.train=FILE)")
+            files = ", ".join(f"{sp}: FILE.jsonl" for sp in splits)
+            hint = (f"; to use local JSONL/parquet/CSV files instead: --set 'tasks.{name}.source={{data_files: "
+                    f"{{{files}}}}}'")
         raise UserError(f"{where}: source: cannot load dataset {path!r}: {type(e).__name__}: {first}{hint}") from None
     if not isinstance(dd, datasets.DatasetDict):
         raise UserError(f"{where}: source: expected a dataset with named splits, got {type(dd).__name__}")
@@ -120,8 +122,8 @@ class DatasetTask(Task):
     # -- data -----------------------------------------------------------------------------------
     def _data(self):
         if self._dd is None:
-            dd = load_source(self.spec.source, self.where)
             used = {n for s in self.spec.splits.values() for n in (s.train, s.test, s.data) if n is not None}
+            dd = load_source(self.spec.source, self.where, self.name, tuple(sorted(used, reverse=True)))
             for split_name, s in self.spec.splits.items():
                 for key in ("train", "test", "data"):
                     ds_name = getattr(s, key)
