@@ -269,20 +269,6 @@ class StudyConfig(Strict):
 
         return resolve_entries(v)
 
-    def make_task(self, name: str) -> Task:
-        """The task called `name`: a dataset task of `tasks`, else a built-in one with `world` parameters."""
-        if name in self.tasks:
-            from posttrain.tasks.dataset import DatasetTask
-
-            return DatasetTask(name, self.tasks[name])
-        return build_task(name, self.world.get(name, {}))
-
-    @property
-    def world_key(self) -> Any:
-        """What stage hashes see of the task world (unchanged from `world` when there are no dataset tasks)."""
-        if not self.tasks:
-            return self.world
-        return {"world": self.world, "tasks": {k: v.model_dump(mode="json") for k, v in self.tasks.items()}}
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     id_task: TaskRef = Field(default_factory=lambda: TaskRef(task="points24", split="id"))
     ood_task: TaskRef = Field(default_factory=lambda: TaskRef(task="points24", split="ood"))
@@ -357,6 +343,25 @@ class StudyConfig(Strict):
         if rep.reference not in ("base", *self.methods):
             raise ValueError(f"repair.reference: {rep.reference!r} is neither 'base' nor a method of this study")
         return self
+
+    def make_task(self, name: str) -> Task:
+        """The task called `name`: a dataset task of `tasks`, else a built-in one with `world` parameters."""
+        if name in self.tasks:
+            from posttrain.tasks.dataset import DatasetTask
+
+            return DatasetTask(name, self.tasks[name])
+        return build_task(name, self.world.get(name, {}))
+
+    @property
+    def world_key(self) -> Any:
+        """What stage hashes see of the task world: `world` alone when there are no dataset tasks, else
+        also their specs and the contents of their local data files (so changed data is not cached)."""
+        if not self.tasks:
+            return self.world
+        from posttrain.tasks.spec import data_fingerprint
+
+        return {"world": self.world, "tasks": {k: {"spec": v.model_dump(mode="json", exclude={"origin"}),
+                                                   "data": data_fingerprint(v.source)} for k, v in self.tasks.items()}}
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -472,3 +472,16 @@ def test_pretraining_mixture_writes_reference_solutions(gsm_files):
     prompts, completions = mixture_texts({"gsm8k": task}, [TaskRef(task="gsm8k")], random.Random(0), 6)
     train = {r["question"]: r["answer"] for r in gsm_rows(1, 12)}
     assert [train[p[3:-3]] for p in prompts] == completions  # the training rows' own solutions
+
+
+def test_stage_hashes_see_spec_and_data_changes(tmp_path, gsm_files, math_file):
+    from posttrain.config import config_hash
+
+    key = lambda: config_hash({"w": build_study_config(_study(gsm_files, math_file)).world_key})  # noqa: E731
+    before = key()
+    assert key() == before
+    Path(gsm_files["test"]).write_text(Path(gsm_files["test"]).read_text().replace("#### 203", "#### 2030"))
+    assert key() != before  # the same file with changed rows
+    changed = _study(gsm_files, math_file)
+    changed["tasks"]["gsm"]["prompt"] = "Question: {question} Answer:"
+    assert config_hash({"w": build_study_config(changed).world_key}) not in (before, key())

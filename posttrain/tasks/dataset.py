@@ -20,7 +20,7 @@ from typing import Any
 
 from posttrain.errors import UserError
 from posttrain.tasks.base import MALFORMED, Problem, Task, Verdict, held_out
-from posttrain.tasks.spec import Source, TaskSpec, render, template_fields
+from posttrain.tasks.spec import Source, TaskSpec, file_list, local_files, render, template_fields
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -38,14 +38,6 @@ def last_match(pattern: str, text: str) -> str | None:
     return m.group(1) if m.re.groups else m.group(0)
 
 
-def _files(data_files: Any) -> list[str]:
-    if isinstance(data_files, str):
-        return [data_files]
-    if isinstance(data_files, list):
-        return list(data_files)
-    return [f for v in data_files.values() for f in _files(v)]
-
-
 def load_source(src: Source, where: str, name: str = "NAME", splits: tuple[str, ...] = ("train",)):
     """`datasets.load_dataset` of a source, as a DatasetDict; failures are one line naming the file
     (and, for a hub id, how to point the task `name` at local files for its dataset `splits`)."""
@@ -55,14 +47,13 @@ def load_source(src: Source, where: str, name: str = "NAME", splits: tuple[str, 
 
     path = src.path
     if src.data_files is not None:
-        files = _files(src.data_files)
-        import glob
         import os
 
-        for f in files:
-            if "://" not in f and not glob.has_magic(f) and not os.path.isfile(f):
+        for f in local_files(src.data_files):
+            if not os.path.isfile(f):
                 raise UserError(f"{where}: source.data_files: file not found: {f}")
         if path is None:
+            files = file_list(src.data_files)
             kinds = {_BUILDERS.get(os.path.splitext(f)[1].lower()) for f in files}
             if None in kinds or len(kinds) != 1:
                 raise UserError(f"{where}: source.data_files: cannot tell the file type of {files} "

@@ -12,8 +12,11 @@ as code. See configs/tasks/*.yaml for commented examples.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from pathlib import Path
+import hashlib
 import operator
+import os
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -344,4 +347,44 @@ def resolve_entries(entries: Any) -> Any:
         else:
             raise UserError(f"tasks.{name}: expected a task file path or a mapping, got {type(value).__name__}")
         out[name] = value
+    return out
+
+
+def file_list(data_files: Any) -> list[str]:
+    """Every entry of `source.data_files` (paths, URLs, glob patterns) as one list."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        return [f for v in data_files.values() for f in file_list(v)]
+    return list(data_files)
+
+
+def local_files(data_files: Any) -> list[str]:
+    """The plain local paths among `source.data_files` (not URLs or glob patterns)."""
+    import glob
+
+    return [f for f in file_list(data_files) if "://" not in f and not glob.has_magic(f)]
+
+
+@lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_fingerprint(src: Source) -> dict[str, str | None]:
+    """sha256 of each local data file (None for a missing one: loading it reports the error)."""
+    out: dict[str, str | None] = {}
+    for f in local_files(src.data_files):
+        try:
+            st = os.stat(f)
+        except OSError:
+            out[f] = None
+            continue
+        out[f] = _sha256(os.path.abspath(f), st.st_size, st.st_mtime_ns)
     return out
