@@ -485,3 +485,12 @@ def test_stage_hashes_see_spec_and_data_changes(tmp_path, gsm_files, math_file):
     changed = _study(gsm_files, math_file)
     changed["tasks"]["gsm"]["prompt"] = "Question: {question} Answer:"
     assert config_hash({"w": build_study_config(changed).world_key}) not in (before, key())
+
+
+def test_unreadable_data_file_is_one_line(tmp_path):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"question": "a", "answer": "#### 1"}\n{"question": \n')
+    task = gsm_task({"train": str(bad), "test": str(bad)})
+    with pytest.raises(UserError) as e:
+        task.eval_set("id", 2, 0)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{TASKS / 'gsm8k.yaml'}: source: cannot load dataset 'json'")

@@ -13,6 +13,7 @@ holds at most `n` rows).
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -47,8 +48,6 @@ def load_source(src: Source, where: str, name: str = "NAME", splits: tuple[str, 
 
     path = src.path
     if src.data_files is not None:
-        import os
-
         for f in local_files(src.data_files):
             if not os.path.isfile(f):
                 raise UserError(f"{where}: source.data_files: file not found: {f}")

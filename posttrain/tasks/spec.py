@@ -92,7 +92,7 @@ class Source(Strict):
     data_files: str | list[str] | dict[str, str | list[str]] | None = None
 
     @model_validator(mode="after")
-    def _something(self) -> "Source":
+    def _needs_data(self) -> "Source":
         if self.path is None and self.data_files is None:
             raise ValueError("set source.path (a hub id or dataset directory) or source.data_files (local files)")
         return self
