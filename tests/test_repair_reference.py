@@ -411,3 +411,21 @@ def test_default_grid_runs_both_operators_at_the_same_points():
             assert "orthonormalize" in r.params
         if it.method == "reset_layers":
             assert r.params["scope"] in ("reference", "layers")
+
+
+def test_report_repair_table_names_the_operator():
+    from posttrain.report.html import repair_operator, repair_section
+
+    base, sft = {"id_acc": 0.2, "ood_acc": 0.30, "ood_n": 200}, {"id_acc": 0.5, "ood_acc": 0.40, "ood_n": 200}
+    reps = {}
+    for name, method, params in (("uv", "uv_merge", UV_REF), ("uvqr", "uv_merge", UV_QR), ("reset", "reset_layers", RESET)):
+        rep = {"id_acc": 0.4, "ood_acc": 0.32, "ood_n": 200}
+        reps[name] = {**_entry(method, params, 0.32, recovery_scores(rep, sft, base, base)), "series": name,
+                      "axis": "top", "x": 0.2}
+    assert [repair_operator(r) for r in reps.values()] == ["direction, published", "direction, QR", "scope reference"]
+    # results written before this change: no orthonormalize (they used QR), no scope (whole layers)
+    assert repair_operator({"method": "uv_merge", "params": {"mode": "direction"}}) == "direction, QR"
+    assert repair_operator({"method": "reset_layers", "params": {}}) == "scope layers"
+    html = repair_section({"repairs": reps})
+    assert "direction, published" in html and "scope reference" in html
+    assert "not a loss beyond noise" in html and "+10.0 points" not in html and "-10.0 points" in html

@@ -112,7 +112,8 @@ def repair_section(res: dict) -> str:
         note = (f'<p class="meta">SFT\'s OOD gap to the reference is {100 * gap:+.1f} points{noise}: not a loss beyond '
                 "noise, so no recovered fraction is computed and the repair findings cannot be tested.</p>")
     elif gap is not None and abs(gap) < 0.05:
-        note = f'<p class="meta">The OOD gap to recover is only {100 * gap:+.1f} points: recovered fractions are noisy.</p>'
+        note = (f'<p class="meta">The OOD gap to recover is only {100 * gap:+.1f} points: recovered fractions '
+                "are noisy.</p>")
     else:
         note = ""
     return ("<h2>Repairing SFT's damage</h2><p>Each repair starts from the SFT model and restores part of the base: "
