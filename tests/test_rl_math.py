@@ -324,3 +324,32 @@ def test_filtered_source_drops_duplicate_pairs(tiny_checkpoint, monkeypatch, ded
         assert batch.metrics["filtered/duplicate_frac"] == 0.0
     assert batch.metrics["filtered/prompts_solved"] == 1.0 and batch.metrics["filtered/kept"] == len(pairs)
     assert TrainConfig(objective="sft", data="filtered", task="coin").data_params.dedupe is True
+
+
+def test_ppo_shared_critic_resumes_bitwise(coin_checkpoint, tmp_path):
+    """`critic: shared` (value head on the policy trunk, its own lr as a second parameter group)
+    cut after its step-2 checkpoint and resumed ends bit-identical, value head included."""
+    import json
+    import shutil
+
+    from posttrain.train.loop import train
+
+    c = TrainConfig(objective="ppo", critic="shared", critic_lr=3e-3, task="coin", steps=3, prompts_per_step=2,
+                    samples_per_prompt=4, max_new_tokens=4, lr=1e-3, checkpoint_every=2, trackers=["none"])
+    run = lambda out, resume=False: train(c, init_dir=coin_checkpoint, ref_dir=coin_checkpoint, out_dir=out,  # noqa: E731
+                                          task=build_task("coin"), expert_format=None, seed=0, device="cpu", resume=resume)
+    full = run(tmp_path / "a")
+    cut = tmp_path / "b" / "checkpoints"
+    cut.mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-2", cut / "step-2")
+    assert (cut / "step-2" / "value_head.safetensors").is_file() and not (cut / "step-2" / "critic").exists()
+    (tmp_path / "b" / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[:3]))
+    resumed = run(tmp_path / "b", resume=True)
+    assert json.loads((tmp_path / "b" / "train.json").read_text())["resumed_from_step"] == 2
+    for f in ("model/model.safetensors", "value_head.safetensors"):
+        x, y = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    strip = lambda p: [{k: v for k, v in json.loads(r).items() if k != "step_seconds"}  # noqa: E731
+                       for r in p.read_text().splitlines()]
+    assert strip(full.metrics_path) == strip(resumed.metrics_path)
