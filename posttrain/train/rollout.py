@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, TopPLogitsWarper
 
 from posttrain.train.sequences import encode_prompts
 
@@ -28,22 +28,14 @@ class Rollouts:
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus (top-p) filtering of [N, V] logits (Holtzman et al., 2020), exactly as transformers'
-    `TopPLogitsWarper` (min_tokens_to_keep=1, filter value -inf):
-
-        sort the logits ascending, c_j = cumulative softmax mass up to sorted token j;
-        drop every token with c_j <= 1 - top_p, never the most probable one.
-
-    What remains is the smallest set of most probable tokens whose mass is >= top_p; sampling from
-    softmax of the result renormalises over it. top_p = 1 keeps every token.
-    """
+    """Nucleus (top-p) filtering of [N, V] logits (Holtzman et al., 2020) by transformers'
+    `TopPLogitsWarper` (min_tokens_to_keep=1): the smallest set of most probable tokens whose mass
+    is >= top_p keeps its logits, every other token gets -inf; top_p = 1 keeps every token."""
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], not {top_p}")
-    sorted_logits, sorted_idx = torch.sort(logits, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= (1 - top_p)
-    remove[..., -1:] = False
-    return logits.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
+    if top_p == 1.0:
+        return logits
+    return TopPLogitsWarper(top_p)(None, logits)
 
 
 @torch.no_grad()
