@@ -61,3 +61,22 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_value, next_mask = values[:, t], m[:, t]
         last = last * m[:, t]
     return adv, (adv + values) * m
+
+
+def ppo_token_rewards(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None,
+                      kl_coef: float = 0.0) -> torch.Tensor:
+    """Per-token rewards of PPO from one outcome reward per sequence (the RLHF shaping of Ziegler et
+    al., 2019, "Fine-Tuning Language Models from Human Preferences", and Ouyang et al., 2022):
+
+        r_t = R * 1[t = last completion token]  -  kl_coef * k_t * m_t
+
+    `rewards` is [B] (the verifier's), `mask` [B, T] marks the completion tokens, `kl` [B, T] is the
+    per-token KL estimate k_t (None, or kl_coef 0: no KL shaping). A row without completion tokens
+    gets no outcome reward.
+    """
+    token_r = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # last completion token
+    token_r[last] = rewards.to(token_r.device)[last.any(-1)]
+    if kl is not None and kl_coef:
+        token_r = token_r - kl_coef * kl * mask
+    return token_r

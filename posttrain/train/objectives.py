@@ -299,14 +299,13 @@ class PPO(Objective):
     needs_entropy = True
 
     def prepare(self, batch, old, ref_logp, cfg):
-        from posttrain.train.advantages import gae
+        from posttrain.train.advantages import gae, ppo_token_rewards
 
         mask = batch.packed.target_mask
-        token_r = torch.zeros_like(old.logp)
-        last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # last completion token
-        token_r[last] = batch.rewards.to(token_r.device)[last.any(-1)]
+        kl = None
         if ref_logp is not None and cfg.kl_coef and cfg.kl_mode == "reward":
-            token_r = token_r - cfg.kl_coef * kl_penalty(old.logp, ref_logp, cfg.kl_estimator) * mask
+            kl = kl_penalty(old.logp, ref_logp, cfg.kl_estimator)
+        token_r = ppo_token_rewards(batch.rewards, mask, kl, cfg.kl_coef)
         adv, returns = gae(token_r, old.values, mask, cfg.gamma, cfg.lam)
         batch.advantages = masked_whiten(adv, mask)
         batch.returns = returns
