@@ -326,3 +326,83 @@ def test_assemble_results_computes_forgetting_for_every_method(tmp_path):
     extra = {"pairs": {"a|b": 1}, "trajectory": {"sft": [2]}}
     res = assemble_results(CFG, evals, {}, Run(), 1.0, diag_extra=extra)
     assert res["diagnostic_pairs"] == {"a|b": 1} and res["trajectories"] == {"sft": [2]}
+
+
+# The report shows each claim and its evidence as written here: a changed threshold or rule in
+# the text must come with a deliberate change of this table.
+CLAIMS = {
+    "sft_gains_id": "SFT raises in-domain accuracy over the base.",
+    "rl_gains_id": "RL raises in-domain accuracy over the base.",
+    "sft_gains_more_id": "SFT on expert data gains more in-domain than RL.",
+    "sft_forgets_more": "SFT forgets more than RL (larger mean drop on retention probes).",
+    "rl_forgets_little": "RL forgets little: mean retention drop below 0.05.",
+    "rl_generalizes_ood": "RL generalises better out of domain than SFT (larger OOD change).",
+    "sft_moves_mlp_more": "SFT moves mid-layer MLP weights more than RL (relative update ratio > 1.5).",
+    "qk_change_most": "Attention query/key weights change most (top linear module is q_proj or k_proj, for every method).",
+    "sft_rotates_not_rescales": "SFT mostly rotates singular vectors rather than rescaling singular values (mean top-k "
+                                "principal angle, in radians, exceeds the mean top-k relative singular-value change).",
+    "rotation_at_spectrum_ends": "The rotation concentrates at the top and bottom of the spectrum (SFT's principal angle "
+                                 "in both the top and the bottom 10% of the spectrum exceeds its mean over the middle 50%).",
+    "uv_top20_recovers_ood": "Restoring the base's top-20% singular directions recovers >= 70% of SFT's lost OOD accuracy.",
+    "reset_first_quarter_recovers_ood": "Resetting the first 25% of layers to the base recovers >= 70% of SFT's lost OOD "
+                                        "accuracy.",
+    "sft_damage_is_rotation": "SFT's damage is a rotation of singular vectors, not a change of singular values: restoring "
+                              "all base directions recovers more OOD accuracy than restoring all base singular values.",
+    "rl_format_collapse": "RL collapses outputs onto one format (top format share >= 0.9 and above the base's).",
+}
+
+
+def test_claims_and_evidence_text():
+    res = results(**{"diagnostics__grpo__principal_angle_top": 9.0, "diagnostics__grpo__sv_rel_change_top": 0.25,
+                     "repairs__uv20__id_kept_frac": None})
+    out = evaluate_findings(res, CFG)
+    assert {f["id"]: f["claim"] for f in out} == CLAIMS
+    assert {f["id"]: f["evidence"] for f in out} == {
+        "sft_gains_id": "sft: id_acc 0.300 -> 0.600 (+0.300)",
+        "rl_gains_id": "grpo: id_acc 0.300 -> 0.500 (+0.200)",
+        "sft_gains_more_id": "id gain sft +0.300 vs grpo +0.200",
+        "sft_forgets_more": "forgetting sft +0.200 vs grpo +0.010",
+        "rl_forgets_little": "forgetting grpo +0.010",
+        "rl_generalizes_ood": "ood change sft -0.150 vs grpo +0.050 (base ood 0.200)",
+        "sft_moves_mlp_more": "mid-layer MLP rel. update sft 3.00e+00 vs grpo 1.00e+00 (ratio 3.00)",
+        "qk_change_most": "sft: top q_proj 5.00e-01, k_proj 1.00e-01, v_proj 1.00e-01; "
+                          "grpo: top k_proj 5.00e-01, q_proj 1.00e-01, v_proj 1.00e-01",
+        "sft_rotates_not_rescales": "sft: top-k angle 30.00 deg = 0.524 rad vs top-k s.v. change 0.100 "
+                                    "(grpo: 0.157 rad vs 0.250)",
+        "rotation_at_spectrum_ends": "sft: mean angle top 10% 10.00 deg, bottom 10% 12.00, middle 50% 2.00",
+        "uv_top20_recovers_ood": "uv20: OOD 0.150 (gap to recover +0.150), recovered 80%, in-domain gain kept n/a",
+        "reset_first_quarter_recovers_ood": "reset25: OOD 0.150 (gap to recover +0.150), recovered 75%, "
+                                            "in-domain gain kept 50%",
+        "sft_damage_is_rotation": "directions restored: 90% recovered; singular values restored: 20% recovered",
+        "rl_format_collapse": "sampled format shares: base top eq 0.60; grpo top eq 0.95",
+    }
+
+
+def test_untestable_evidence_text():
+    neither = StudyConfig(methods={"ei": TrainConfig(objective="sft", data="filtered")})
+    res = results(repairs={}, diagnostics={})
+    del res["models"]["sft"], res["models"]["grpo"]
+    out = evaluate_findings(res, neither)
+    assert {f["id"]: f["claim"] for f in out} == CLAIMS
+    both = "this run has no SFT method and no RL method"
+    assert {f["id"]: (f["holds"], f["evidence"]) for f in out} == {
+        **{cid: (None, both) for cid in ("sft_gains_id", "rl_gains_id", "sft_gains_more_id", "sft_forgets_more",
+                                          "rl_forgets_little", "rl_generalizes_ood", "sft_moves_mlp_more",
+                                          "rl_format_collapse")},
+        "qk_change_most": (None, "no diagnostics"),
+        "sft_rotates_not_rescales": (None, "this run has no SFT method"),
+        "rotation_at_spectrum_ends": (None, "this run has no SFT method"),
+        "uv_top20_recovers_ood": (None, "no such repair in this run's sweep"),
+        "reset_first_quarter_recovers_ood": (None, "no such repair in this run's sweep"),
+        "sft_damage_is_rotation": (None, "needs uv_merge direction and magnitude repairs at top=1.0"),
+    }
+    # an SFT method without spectral diagnostics or a curve, an RL method without layer cells
+    res = results(**{"diagnostics__sft__principal_angle_top": DELETE, "diagnostics__sft__angle_curve": DELETE,
+                     "diagnostics__grpo__rel_update_by_layer_module": DELETE})
+    ev = {f["id"]: f["evidence"] for f in evaluate_findings(res, CFG)}
+    assert ev["sft_rotates_not_rescales"] == "no spectral diagnostics (diagnostics.spectral: false)"
+    assert ev["rotation_at_spectrum_ends"] == "no principal-angle curve"
+    assert ev["sft_moves_mlp_more"] == "no per-layer MLP diagnostics"
+    res = results(**{"repairs__uv20__ood_recovered_frac": None})
+    ev = {f["id"]: f["evidence"] for f in evaluate_findings(res, CFG)}
+    assert ev["uv_top20_recovers_ood"] == "uv20: OOD 0.150 (gap to recover +0.150), recovered n/a, in-domain gain kept 90%"

@@ -93,7 +93,8 @@ def test_ppo_token_rewards_subtract_the_kl_per_completion_token():
     out = ppo_token_rewards(torch.tensor([1.0, 0.0]), mask, kl, kl_coef=0.5)
     expected = T([0, -0.05, -0.1, 1.0 - 0.15], [0, 0.2, -0.25, 0])
     assert torch.allclose(out, expected, atol=1e-7)
-    # kl_coef 0 switches the shaping off even when a KL is given
+    # kl_coef 0 (the default) switches the shaping off even when a KL is given
+    assert torch.equal(ppo_token_rewards(torch.tensor([1.0, 0.0]), mask, kl), T([0, 0, 0, 1.0], [0, 0, 0, 0]))
     assert torch.equal(ppo_token_rewards(torch.tensor([1.0, 0.0]), mask, kl, kl_coef=0.0),
                        T([0, 0, 0, 1.0], [0, 0, 0, 0]))
 
@@ -115,6 +116,16 @@ def test_gae_with_discount_hand_computed():
     assert torch.allclose(adv, T([0.04, 0.03, 0.3]), atol=1e-6)
     adv, _ = gae(r, v, m, gamma=0.9, lam=1.0)
     assert torch.allclose(adv, T([0.81 - 0.5, 0.9 - 0.6, 0.3]), atol=1e-6)
+
+
+def test_gae_defaults_and_output_dtype():
+    r = T([0.0, 0.0, 1.0]).double()
+    v = T([0.5, 0.6, 0.7]).double()
+    # defaults gamma = 1, lam = 0.95: A2 = 0.3, A1 = 0.1 + 0.95 * 0.3, A0 = 0.1 + 0.95 * 0.385
+    adv, ret = gae(r, v, torch.ones(1, 3))
+    assert adv.dtype == torch.float32
+    assert torch.allclose(adv, T([0.46575, 0.385, 0.3]), atol=1e-6)
+    assert torch.allclose(ret.float(), T([0.96575, 0.985, 1.0]), atol=1e-6)
 
 
 def test_gae_masked_positions_neither_bootstrap_nor_propagate():
@@ -211,6 +222,15 @@ def test_aggregate_handles_empty_rows_and_rejects_unknown_modes():
 
 # ---- group advantages, more shapes --------------------------------------------------------------
 
+def test_grpo_advantages_defaults_and_errors():
+    # default: normalised by the unbiased std plus eps 1e-6
+    adv = grpo_advantages(torch.tensor([3.0, 1.0]), 2)
+    assert torch.allclose(adv, torch.tensor([1.0, -1.0]) / (math.sqrt(2) + 1e-6), atol=1e-7)
+    assert adv.dtype == torch.float32 and grpo_advantages(torch.tensor([1, 0]), 2).dtype == torch.float32
+    with pytest.raises(ValueError, match="^5 rewards do not split into groups of 4$"):
+        grpo_advantages(torch.zeros(5), 4)
+
+
 def test_grpo_advantages_eps_and_group_of_one():
     r = torch.tensor([3.0, 1.0])
     # mean 2, unbiased std sqrt(2); eps enters the denominator
@@ -223,5 +243,5 @@ def test_rloo_advantages_three_per_group_and_rejects_groups_of_one():
     adv = rloo_advantages(torch.tensor([3.0, 0.0, 0.0, 1.0, 1.0, 4.0]), 3)
     # group 0: 3 - 0, 0 - 1.5, 0 - 1.5 ; group 1: 1 - 2.5, 1 - 2.5, 4 - 1
     assert torch.allclose(adv, torch.tensor([3.0, -1.5, -1.5, -1.5, -1.5, 3.0]))
-    with pytest.raises(ValueError, match="group_size >= 2"):
+    with pytest.raises(ValueError, match="^RLOO needs group_size >= 2$"):
         rloo_advantages(torch.tensor([1.0]), 1)
