@@ -263,3 +263,18 @@ def test_strings_sampling_and_parameters():
         with pytest.raises(UserError, match="strings"):
             build_task("strings", params)
     build_task("strings", {"min_len": 1, "max_len": 1, "ood_len": 40})
+
+
+def test_task_errors_name_the_task_and_the_value():
+    import random
+
+    with pytest.raises(UserError, match=r"^strings: alphabet must be non-empty lowercase ascii letters$"):
+        build_task("strings", {"alphabet": "aB"})
+    with pytest.raises(UserError, match=r"^points24: n_cards must be in 2\.\.5, got 1$"):
+        build_task("points24", {"n_cards": 1})
+    with pytest.raises(UserError, match=r"^points24: no solvable hand found for n_cards=2, target=200$"):
+        build_task("points24", {"n_cards": 2, "target": 200, "max_tries": 5}).sample(random.Random(0), "id")
+    with pytest.raises(UserError, match=r"^arith: max_operand must be in 2\.\.10000, got 1$"):
+        build_task("arith", {"max_operand": 1})
+    with pytest.raises(UserError, match=r"^facts: unknown relations \['height'\] \(known: color, city, pet\)$"):
+        build_task("facts", {"relations": ["height"]})
