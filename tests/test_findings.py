@@ -39,9 +39,9 @@ def results(**over):
     r = {
         "models": {"base": model(0.3, 0.2, top=0.6), "sft": model(0.6, 0.05), "grpo": model(0.5, 0.25, top=0.95)},
         "forgetting": {"sft": 0.2, "grpo": 0.01},
-        "diagnostics": {"sft": diag(3.0, "q_proj", angle=30.0, svc=0.1,
+        "diagnostics": {"sft": diag(6.0, "q_proj", angle=30.0, svc=0.1,
                                     curve={"x": [0.05, 0.5, 0.95], "left": [10.0, 2.0, 12.0], "right": [10.0, 2.0, 12.0]}),
-                        "grpo": diag(1.0, "k_proj")},
+                        "grpo": diag(2.0, "k_proj")},
         "repairs": {
             "uv20": {"method": "uv_merge", "params": {"mode": "direction", "top": 0.2, "bottom": 0.0},
                      "ood_recovered_frac": 0.8, "id_kept_frac": 0.9, "ood_acc": 0.15, "ood_gap": 0.15},
@@ -110,8 +110,15 @@ CASES = [
     ("rl_generalizes_ood", {"models__grpo__ood_acc": 0.06}, True),
     ("rl_generalizes_ood", {"models__sft__ood_acc": 0.3}, False),
     # mid-layer MLP ratio strictly above 1.5; 1.5 exactly is not
-    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 1.5, 0.0]}}, False),
-    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 1.51, 0.0]}}, True),
+    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 3.0, 0.0]}}, False),
+    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 3.02, 0.0]}}, True),
+    # a ratio, not a product: 1.0 / 0.5 = 2 holds, 0.5 / 0.25 = 2 as well, 0.7 / 0.5 = 1.4 does not
+    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 1.0, 0.0]},
+                            "diagnostics__grpo__rel_update_by_layer_module": {"up_proj": [0.0, 0.5, 0.0]}}, True),
+    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 0.5, 0.0]},
+                            "diagnostics__grpo__rel_update_by_layer_module": {"up_proj": [0.0, 0.25, 0.0]}}, True),
+    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 3.5, 0.0]},
+                            "diagnostics__grpo__rel_update_by_layer_module": {"up_proj": [0.0, 2.5, 0.0]}}, False),
     ("sft_moves_mlp_more", {"diagnostics__grpo__rel_update_by_layer_module": {"up_proj": [0.0, 0.0, 0.0]}}, None),
     ("sft_moves_mlp_more", {"diagnostics__grpo__rel_update_by_layer_module": DELETE}, None),
     ("sft_moves_mlp_more", {"diagnostics__sft": {}}, None),
@@ -121,7 +128,9 @@ CASES = [
     # a non-linear module (embeddings) does not compete
     ("qk_change_most", {"diagnostics__sft__rel_update_by_module__embed": 5.0}, True),
     # a method that never moved has no top module and is left out; none left: untestable
-    ("qk_change_most", {"diagnostics__grpo__rel_update_by_module": dict.fromkeys(("q_proj", "v_proj"), 0.0)}, True),
+    ("qk_change_most", {"diagnostics__grpo__rel_update_by_module": dict.fromkeys(("v_proj", "q_proj"), 0.0)}, True),
+    ("qk_change_most", {"diagnostics__grpo__rel_update_by_module": dict.fromkeys(("v_proj", "q_proj"), 0.0),
+                        "diagnostics__sft__rel_update_by_module": dict.fromkeys(("v_proj", "q_proj"), 0.0)}, None),
     ("qk_change_most", {"diagnostics": {}}, None),
     # rotation vs rescaling: angle in radians against the relative s.v. change
     ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": 0.6}, False),
@@ -144,6 +153,8 @@ CASES = [
     ("uv_top20_recovers_ood", {"repairs__uv20__ood_recovered_frac": 0.69}, False),
     ("uv_top20_recovers_ood", {"repairs__uv20__ood_recovered_frac": None}, None),
     ("uv_top20_recovers_ood", {"repairs__uv20": DELETE}, None),
+    ("uv_top20_recovers_ood", {"repairs": DELETE}, None),  # a results.json without a sweep
+    ("sft_damage_is_rotation", {"repairs": DELETE}, None),
     # only the direction-only top-20% repair with no bottom part is that claim's repair
     ("uv_top20_recovers_ood", {"repairs__uv20__params": {"mode": "full", "top": 0.2, "bottom": 0.0}}, None),
     ("uv_top20_recovers_ood", {"repairs__uv20__params": {"mode": "direction", "top": 0.2, "bottom": 0.1}}, None),
@@ -364,7 +375,7 @@ def test_claims_and_evidence_text():
         "sft_forgets_more": "forgetting sft +0.200 vs grpo +0.010",
         "rl_forgets_little": "forgetting grpo +0.010",
         "rl_generalizes_ood": "ood change sft -0.150 vs grpo +0.050 (base ood 0.200)",
-        "sft_moves_mlp_more": "mid-layer MLP rel. update sft 3.00e+00 vs grpo 1.00e+00 (ratio 3.00)",
+        "sft_moves_mlp_more": "mid-layer MLP rel. update sft 6.00e+00 vs grpo 2.00e+00 (ratio 3.00)",
         "qk_change_most": "sft: top q_proj 5.00e-01, k_proj 1.00e-01, v_proj 1.00e-01; "
                           "grpo: top k_proj 5.00e-01, q_proj 1.00e-01, v_proj 1.00e-01",
         "sft_rotates_not_rescales": "sft: top-k angle 30.00 deg = 0.524 rad vs top-k s.v. change 0.100 "
