@@ -64,16 +64,31 @@ SAMPLED = {PROBLEMS[0].prompt: [("9", True), ("9", True), ("8", True), ("9", Fal
            PROBLEMS[1].prompt: [("x=2;x+=2;x+=1;print(x)", False), ("2+2=4,4+1=5", True), ("x", True), ("5 ", True)]}
 
 
+CALLS = []
+
+
 def fake_generate(model, tok, prompts, n=1, max_new_tokens=0, greedy=False, **kw):
+    CALLS.append(dict(prompts=list(prompts), n=n, max_new_tokens=max_new_tokens, greedy=greedy, **kw))
     rows = [GREEDY[p] for p in prompts] if greedy else [s for p in prompts for s in SAMPLED[p]]
     assert len(rows) == len(prompts) * n
     return Rollouts([[]] * len(rows), [[]] * len(rows), [t for t, _ in rows], [f for _, f in rows], n)
 
 
 def test_evaluate_split_scores_known_verdicts(monkeypatch):
+    import random
+
     monkeypatch.setattr(ev, "generate", fake_generate)
-    cfg = EvalConfig(n_samples=4, pass_k=[1, 2, 4], n_sampled_problems=2)
-    out = evaluate_split(None, None, build_task("arith"), PROBLEMS, cfg, seed=0)
+    CALLS.clear()
+    cfg = EvalConfig(n_samples=4, pass_k=[1, 2, 4], n_sampled_problems=2, max_new_tokens=7, batch_size=5, temperature=0.7)
+    out = evaluate_split(None, None, build_task("arith"), PROBLEMS, cfg, seed=3)
+    # one greedy pass over every problem, one sampled pass over the first n_sampled_problems
+    greedy, sampled = CALLS
+    assert greedy == dict(prompts=[p.prompt for p in PROBLEMS], n=1, max_new_tokens=7, greedy=True, batch_size=5)
+    gen = sampled.pop("generator")
+    assert sampled == dict(prompts=[p.prompt for p in PROBLEMS[:2]], n=4, max_new_tokens=7, greedy=False,
+                           temperature=0.7, batch_size=5)
+    # the sampling seed depends on (seed, task, split) only, so every model samples alike
+    assert gen.initial_seed() == random.Random("3/sample/arith/id").getrandbits(63)
     assert out["n"] == 3
     assert out["acc"] == pytest.approx(1 / 3) and out["malformed"] == pytest.approx(1 / 3)
     assert out["format_share_greedy"] == pytest.approx({"code": 1 / 3, "direct": 1 / 3, "malformed": 1 / 3})
