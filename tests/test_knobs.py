@@ -35,8 +35,9 @@ def make_batch(mask=MASK, rewards=(1.0, 0.0), group_size=2):
 def run_objective(name, c, batch, new, old, ref_logp=None) -> LossOutput:
     """prepare + compute of objective `name` on `batch` (the one place to adapt when the objective API changes)."""
     obj = OBJECTIVES[name]()
-    obj.prepare(batch, old, ref_logp, c)
-    return obj.compute(new, old, ref_logp, batch, c)
+    prepared = obj.prepare(batch, old, ref_logp, c)
+    out = obj.compute(new, old, ref_logp, batch, c)
+    return LossOutput(out.loss, {**prepared, **out.metrics})  # as the loop logs them
 
 
 def logp_grad(name, c, batch, logp, old_logp=None, ref_logp=None, **outputs):
@@ -342,3 +343,69 @@ def test_freezing_rules_select_by_name_and_layer(tiny_checkpoint):
         apply_freezing(model, ["*"])
     with pytest.raises(UserError, match="empty pattern"):
         parse_rule("@1")
+
+
+# ---- what prepare reports, and which groups may skip the backward ---------------------------------
+
+def test_prepare_metrics():
+    out, _ = logp_grad("grpo", cfg("grpo", adv_norm_std=False), make_batch(), HALF)
+    assert out.metrics["adv_abs_mean"] == pytest.approx(0.5) and out.metrics["groups_zero_adv"] == 0.0
+    batch = make_batch(torch.ones(4, 3), rewards=(1.0, 0.0, 1.0, 1.0))
+    out, _ = logp_grad("rloo", cfg("rloo"), batch, torch.full((4, 3), math.log(0.5)))
+    # group 0: A = (1, -1); group 1: all equal -> 0
+    assert out.metrics["adv_abs_mean"] == pytest.approx(0.5) and out.metrics["groups_zero_adv"] == 0.5
+    out, _ = ppo(values=torch.tensor([[1.0, 2.0, 6.0]]), old_values=torch.tensor([[1.0, 2.0, 6.0]]), gamma=1.0, lam=1.0)
+    # returns = A + V with A_t = 1 - V_t (lam = gamma = 1): all 1
+    assert out.metrics["value_mean"] == pytest.approx(3.0) and out.metrics["return_mean"] == pytest.approx(1.0)
+
+
+def test_grad_groups_only_when_some_groups_have_zero_advantage():
+    from posttrain.train.sequences import pack
+
+    def batch(rewards):
+        packed = pack([[1, 5]] * 2 + [[1, 6]] * 2, [[7, 2], [8, 2], [7, 2], [9, 2]], 0, group_size=2)
+        return Batch(packed, 2, [None] * 4, [""] * 4, None if rewards is None else torch.tensor(rewards))
+
+    for name in ("grpo", "rloo"):
+        obj, c = OBJECTIVES[name](), cfg(name)
+        assert obj.grad_groups(batch([1.0, 0.0, 1.0, 1.0]), c) == [0]
+        assert obj.grad_groups(batch([1.0, 1.0, 0.0, 1.0]), c) == [1]
+        assert obj.grad_groups(batch([1.0, 0.0, 1.0, 0.0]), c) is None  # every group live
+        assert obj.grad_groups(batch([1.0, 1.0, 0.0, 0.0]), c) is None  # none live
+        assert obj.grad_groups(batch(None), c) is None
+        assert obj.grad_groups(batch([1.0, 0.0, 1.0, 1.0]), cfg(name, kl_coef=0.01)) is None
+        b = batch([1.0, 0.0, 1.0, 1.0])
+        b.packed = b.packed.padded()
+        assert obj.grad_groups(b, c) is None
+    for name in ("sft", "ppo"):
+        assert OBJECTIVES[name]().grad_groups(batch([1.0, 0.0, 1.0, 1.0]), cfg(name)) is None
+
+
+def test_objective_registry():
+    from posttrain.train.objectives import Objective, register_objective
+
+    assert {"sft", "grpo", "rloo", "ppo"} <= set(OBJECTIVES)
+    assert all(OBJECTIVES[n].name == n for n in ("sft", "grpo", "rloo", "ppo"))
+    assert OBJECTIVES["ppo"].needs_values and OBJECTIVES["ppo"].needs_entropy and OBJECTIVES["ppo"].needs_rewards
+    assert OBJECTIVES["grpo"].needs_rewards and not OBJECTIVES["grpo"].needs_values
+    assert not OBJECTIVES["sft"].needs_rewards and OBJECTIVES["sft"].default_data == "expert"
+    assert OBJECTIVES["rloo"].default_data == "on_policy"
+    with pytest.raises(ValueError, match="^objective 'sft' registered twice$"):
+        register_objective("sft")(type("Again", (Objective,), {}))
+    assert OBJECTIVES["sft"] is not None and OBJECTIVES["sft"].__name__ == "SFT"
+    assert Objective().prepare(None, None, None, None) == {} and Objective().grad_groups(None, None) is None
+    with pytest.raises(NotImplementedError):
+        Objective().compute(None, None, None, None, None)
+
+
+def test_single_token_means_divide_by_one():
+    from posttrain.train.objectives import aggregate, clipped_policy_loss, masked_whiten, value_loss
+
+    loss, mask = torch.tensor([[5.0, 9.0]]), torch.tensor([[1.0, 0.0]])
+    assert aggregate(loss, mask, "token-mean").item() == 5.0
+    _, frac = clipped_policy_loss(torch.log(torch.tensor([[1.5, 1.0]])), torch.zeros(1, 2), torch.tensor([1.0]), mask)
+    assert frac.item() == 1.0
+    _, frac = value_loss(torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), mask, clip=0.2)
+    assert frac.item() == 1.0
+    assert torch.equal(masked_whiten(torch.tensor([[3.0, 7.0]]), mask), torch.zeros(1, 2))
+    assert measured_kl(torch.tensor([[0.5, 9.0]]), torch.zeros(1, 2), mask) == 0.5
