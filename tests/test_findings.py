@@ -327,13 +327,17 @@ def test_assemble_results_computes_forgetting_for_every_method(tmp_path):
 
     evals = {n: {"points24/id": s(a), "points24/ood": s(a), "facts/id": s(f), "strings/id": s(st), "arith/id": s(ar)}
              for n, a, f, st, ar in (("base", 0.3, 0.9, 0.8, 0.7), ("sft", 0.6, 0.6, 0.8, 0.4), ("grpo", 0.5, 0.9, 0.9, 0.7))}
-    res = assemble_results(CFG, evals, {"sft": {"rel_update_total": 0.1, "per_tensor": [1]}}, Run(), 12.3456)
+    cfg = StudyConfig(seed=7, name="s1")
+    res = assemble_results(cfg, evals, {"sft": {"rel_update_total": 0.1, "per_tensor": [1]}}, Run(), 12.3456)
     assert res["forgetting"] == pytest.approx({"sft": (0.3 + 0.0 + 0.3) / 3, "grpo": -0.1 / 3})
     assert res["diagnostics"] == {"sft": {"rel_update_total": 0.1}}
     assert res["training"] == {"sft": {"steps": 3}, "grpo": {}}
     assert res["wall_seconds"] == 12.35 and res["retention_tasks"] == ["facts/id", "strings/id", "arith/id"]
     assert (res["id_task"], res["ood_task"]) == ("points24/id", "points24/ood")
     assert res["diagnostic_pairs"] == {} and res["trajectories"] == {}
+    assert (res["study"], res["seed"], res["repairs"], res["findings"]) == ("s1", 7, {}, [])
+    assert set(res["models"]) == {"base", "sft", "grpo"} and res["models"]["sft"]["retention"] == \
+        {"facts": 0.6, "strings": 0.8, "arith": 0.4}
     extra = {"pairs": {"a|b": 1}, "trajectory": {"sft": [2]}}
     res = assemble_results(CFG, evals, {}, Run(), 1.0, diag_extra=extra)
     assert res["diagnostic_pairs"] == {"a|b": 1} and res["trajectories"] == {"sft": [2]}
