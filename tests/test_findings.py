@@ -146,7 +146,13 @@ CASES = [
                                                                     "right": [1.0, 2.0, 10.0]}}, False),
     ("rotation_at_spectrum_ends", {"diagnostics__sft__angle_curve": {"x": [0.05, 0.5, 0.95], "left": [2.0, 2.0, 2.0],
                                                                     "right": [2.0, 2.0, 2.0]}}, False),
+    ("rotation_at_spectrum_ends", {"diagnostics__sft__angle_curve": {"x": [0.05, 0.5, 0.95], "left": [2.0, 2.0, 9.0],
+                                                                    "right": [2.0, 2.0, 9.0]}}, False),  # top ties
+    ("rotation_at_spectrum_ends", {"diagnostics__sft__angle_curve": {"x": [0.05, 0.5, 0.95], "left": [9.0, 2.0, 2.0],
+                                                                    "right": [9.0, 2.0, 2.0]}}, False),  # bottom ties
     ("rotation_at_spectrum_ends", {"diagnostics__sft__angle_curve": DELETE}, None),
+    # the RL method's diagnostics are missing: the SFT claims stand on SFT's numbers
+    ("sft_rotates_not_rescales", {"diagnostics__grpo": DELETE}, True),
     ("rotation_at_spectrum_ends", {"diagnostics__sft__angle_curve": {"x": [0.5], "left": [1.0], "right": [1.0]}}, None),
     # the recovery claims: >= 70%, exactly 0.7 holds
     ("uv_top20_recovers_ood", {"repairs__uv20__ood_recovered_frac": 0.7}, True),
@@ -418,6 +424,12 @@ def test_untestable_evidence_text():
     assert ev["sft_rotates_not_rescales"] == "no spectral diagnostics (diagnostics.spectral: false)"
     assert ev["rotation_at_spectrum_ends"] == "no principal-angle curve"
     assert ev["sft_moves_mlp_more"] == "no per-layer MLP diagnostics"
+    res = results(**{"diagnostics__grpo__principal_angle_top": 9.0})  # an RL angle without its s.v. change
+    ev = {f["id"]: f["evidence"] for f in evaluate_findings(res, CFG)}
+    assert ev["sft_rotates_not_rescales"].endswith("change 0.100 (grpo: 0.157 rad vs nan)")
+    res = results(**{"diagnostics__grpo": DELETE})
+    ev = {f["id"]: f["evidence"] for f in evaluate_findings(res, CFG)}
+    assert ev["sft_rotates_not_rescales"] == "sft: top-k angle 30.00 deg = 0.524 rad vs top-k s.v. change 0.100"
     res = results(**{"repairs__uv20__ood_recovered_frac": None})
     ev = {f["id"]: f["evidence"] for f in evaluate_findings(res, CFG)}
     assert ev["uv_top20_recovers_ood"] == "uv20: OOD 0.150 (gap to recover +0.150), recovered n/a, in-domain gain kept 90%"
