@@ -114,3 +114,63 @@ def test_reset_layers_apply_copies_the_base_in_the_target_dtype():
     assert out.data_ptr() != base.data_ptr()
     same = r.apply("w", base, [torch.zeros(2)])
     assert torch.equal(same, base) and same.data_ptr() != base.data_ptr()
+
+
+def test_param_coercion_per_kind():
+    from posttrain.repair.base import Param, _coerce
+
+    assert _coerce("m", "k", Param("frac"), 1) == 1.0 and isinstance(_coerce("m", "k", Param("frac"), 1), float)
+    assert _coerce("m", "k", Param("frac"), 0) == 0.0 and _coerce("m", "k", Param("float"), -3) == -3.0
+    assert _coerce("m", "k", Param("frac"), None) is None
+    for bad, match in ((1.5, r"^m: k must be in \[0, 1\], got 1\.5$"), (-0.1, "must be in"), (True, "must be a number"),
+                       ("0.2", "must be a number"), (float("nan"), "must be a number"), (float("inf"), "must be a number")):
+        with pytest.raises(UserError, match=match):
+            _coerce("m", "k", Param("frac"), bad)
+    with pytest.raises(UserError, match=r"^m: k is required$"):
+        _coerce("m", "k", Param("frac", required=True), None)
+    assert _coerce("m", "k", Param("float"), 7.5) == 7.5
+    assert _coerce("m", "k", Param("bool"), False) is False
+    with pytest.raises(UserError, match=r"^m: k must be true or false, got 1$"):
+        _coerce("m", "k", Param("bool"), 1)
+    assert _coerce("m", "k", Param("choice", choices=("a", "b")), "b") == "b"
+    with pytest.raises(UserError, match=r"^m: k must be one of a, b, got 'c'$"):
+        _coerce("m", "k", Param("choice", choices=("a", "b")), "c")
+    assert _coerce("m", "k", Param("str_list"), " x, y ,") == ["x", "y"]
+    assert _coerce("m", "k", Param("str_list"), ["x", " y"]) == ["x", "y"]
+    with pytest.raises(UserError, match=r"^m: k is empty$"):
+        _coerce("m", "k", Param("str_list"), " , ")
+    with pytest.raises(UserError, match="list of strings"):
+        _coerce("m", "k", Param("str_list"), [1, 2])
+    with pytest.raises(UserError, match="list of strings"):
+        _coerce("m", "k", Param("str_list"), 3)
+    assert _coerce("m", "k", Param("float_list"), 0.5) == [0.5]
+    assert _coerce("m", "k", Param("float_list"), [0, 1]) == [0.0, 1.0]
+    with pytest.raises(UserError, match=r"^m: k is empty$"):
+        _coerce("m", "k", Param("float_list"), [])
+    with pytest.raises(UserError, match="must be a number"):
+        _coerce("m", "k", Param("float_list"), [0.5, "x"])
+    assert _coerce("m", "k", Param("layers"), " 0:2, 5 ") == "0:2,5"
+    with pytest.raises(UserError, match="quote it in YAML"):
+        _coerce("m", "k", Param("layers"), 124)
+    with pytest.raises(UserError, match="cannot parse"):
+        _coerce("m", "k", Param("layers"), "a:b")
+
+
+def test_repair_construction_errors_and_params():
+    r = get_repair("uv_merge", top=0.2, mode="direction")
+    assert r.own_params() == {"top": 0.2, "bottom": 0.0, "mode": "direction", "svd_dtype": "auto"}
+    assert r.params["embeddings"] is False and r.params["layers"] is None
+    assert r.describe_selection() == "all tensors"
+    assert get_repair("reset_layers", first_frac=0.25, head=True).describe_selection() == "first_frac=0.25, head=True"
+    with pytest.raises(UserError, match=r"^unknown repair method 'nope' \(known: "):
+        get_repair("nope")
+    with pytest.raises(UserError, match=r"^uv_merge: unknown parameter\(s\) topp \(known: top, bottom, mode"):
+        get_repair("uv_merge", topp=0.2)
+    with pytest.raises(UserError, match=r"^uv_merge: top is required$"):
+        get_repair("uv_merge")
+    with pytest.raises(UserError, match=r"^uv_merge: unknown module type\(s\) mlp \(known: "):
+        get_repair("uv_merge", top=0.2, modules="mlp")
+    with pytest.raises(UserError, match="takes exactly one target, got 2"):
+        r.check_targets(2)
+    r.check_targets(1)
+    assert get_repair("reset_layers", layers="0").restricted and not r.restricted
