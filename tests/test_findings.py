@@ -174,6 +174,13 @@ CASES = [
     ("sft_damage_is_rotation", {"repairs__mag100__ood_recovered_frac": 0.9}, False),
     ("sft_damage_is_rotation", {"repairs__mag100__ood_recovered_frac": 0.95}, False),
     ("sft_damage_is_rotation", {"repairs__mag100": DELETE}, None),
+    # only the top = 1.0 repairs compare: a better magnitude repair at top 0.2 is not that claim's
+    ("sft_damage_is_rotation", {"repairs": {
+        "mag20": {"method": "uv_merge", "params": {"mode": "magnitude", "top": 0.2, "bottom": 0.0},
+                  "ood_recovered_frac": 0.95, "ood_acc": 0.2, "ood_gap": 0.15},
+        "dir20": {"method": "uv_merge", "params": {"mode": "direction", "top": 0.2, "bottom": 0.0},
+                  "ood_recovered_frac": 0.1, "ood_acc": 0.2, "ood_gap": 0.15},
+        **results()["repairs"]}}, True),
     ("sft_damage_is_rotation", {"repairs__dir100": DELETE}, None),
     ("sft_damage_is_rotation", {"repairs__dir100__ood_recovered_frac": None}, None),
     ("sft_damage_is_rotation", {"repairs__mag100__ood_recovered_frac": None}, None),
