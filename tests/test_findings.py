@@ -323,6 +323,9 @@ def test_model_entry_reads_the_scores_of_each_split():
     assert e["retention"] == {"facts": 0.9, "strings/id": 0.7, "strings/ood": 0.3}
     assert e["format_share"] == {"eq": 0.5} and e["id_sampled_acc"] == 0.4 and e["ood_sampled_acc"] is None
     assert e["id_pass_at_k"] == {"1": 0.4} and e["ood_pass_at_k"] == {}
+    scores["points24/id"], scores["points24/ood"] = s(0.5), s(0.2, sampled_acc=0.1, pass_at_k={"4": 0.3})
+    e = model_entry(cfg, scores)
+    assert (e["id_sampled_acc"], e["ood_sampled_acc"], e["id_pass_at_k"], e["ood_pass_at_k"]) == (None, 0.1, {}, {"4": 0.3})
 
 
 def test_assemble_results_computes_forgetting_for_every_method(tmp_path):
