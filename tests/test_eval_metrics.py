@@ -68,7 +68,7 @@ CALLS = []
 
 
 def fake_generate(model, tok, prompts, n=1, max_new_tokens=0, greedy=False, **kw):
-    CALLS.append(dict(prompts=list(prompts), n=n, max_new_tokens=max_new_tokens, greedy=greedy, **kw))
+    CALLS.append(dict(prompts=list(prompts), n=n, max_new_tokens=max_new_tokens, greedy=greedy, model=model, tok=tok, **kw))
     rows = [GREEDY[p] for p in prompts] if greedy else [s for p in prompts for s in SAMPLED[p]]
     assert len(rows) == len(prompts) * n
     return Rollouts([[]] * len(rows), [[]] * len(rows), [t for t, _ in rows], [f for _, f in rows], n)
@@ -83,6 +83,7 @@ def test_evaluate_split_scores_known_verdicts(monkeypatch):
     out = evaluate_split(None, None, build_task("arith"), PROBLEMS, cfg, seed=3)
     # one greedy pass over every problem, one sampled pass over the first n_sampled_problems
     greedy, sampled = CALLS
+    assert (greedy.pop("model"), greedy.pop("tok"), sampled.pop("model"), sampled.pop("tok")) == (None,) * 4
     assert greedy == dict(prompts=[p.prompt for p in PROBLEMS], n=1, max_new_tokens=7, greedy=True, batch_size=5)
     gen = sampled.pop("generator")
     assert sampled == dict(prompts=[p.prompt for p in PROBLEMS[:2]], n=4, max_new_tokens=7, greedy=False,
@@ -113,8 +114,26 @@ def test_evaluate_without_sampling_reuses_the_greedy_shares(monkeypatch):
         def eval(self):
             self.evaluated = True
 
-    m = Model()
-    out = evaluate_model(m, None, {"arith": build_task("arith")}, {"arith/id": PROBLEMS}, cfg, seed=0)
+    m, tok = Model(), object()
+    CALLS.clear()
+    out = evaluate_model(m, tok, {"arith": build_task("arith")}, {"arith/id": PROBLEMS}, cfg, seed=0)
     assert m.evaluated and list(out) == ["arith/id"]
     s = out["arith/id"]
     assert s["format_share"] == s["format_share_greedy"] and "pass_at_k" not in s and "sampled_acc" not in s
+    # the model, tokenizer and seed reach the generation
+    import random
+
+    CALLS.clear()
+    evaluate_model(m, tok, {"arith": build_task("arith")}, {"arith/id": PROBLEMS[:2]},
+                   EvalConfig(n_samples=4, pass_k=[1], n_sampled_problems=2), seed=5)
+    assert [(c["model"], c["tok"]) for c in CALLS] == [(m, tok), (m, tok)]
+    assert CALLS[1]["generator"].initial_seed() == random.Random("5/sample/arith/id").getrandbits(63)
+
+
+def test_format_shares_of_one_and_of_no_verdict():
+    from posttrain.evaluation.evaluate import _shares
+    from posttrain.tasks import MALFORMED, Verdict
+
+    assert _shares([Verdict(True, False, "cot")]) == {"cot": 1.0}
+    assert _shares([MALFORMED, Verdict(False, False, "code"), MALFORMED]) == {"code": 1 / 3, "malformed": 2 / 3}
+    assert _shares([]) == {}
