@@ -278,3 +278,28 @@ def test_task_errors_name_the_task_and_the_value():
         build_task("arith", {"max_operand": 1})
     with pytest.raises(UserError, match=r"^facts: unknown relations \['height'\] \(known: color, city, pet\)$"):
         build_task("facts", {"relations": ["height"]})
+
+
+def test_arith_samples_are_what_their_prompt_says():
+    import random
+
+    rng = random.Random(1)
+    t = build_task("arith")  # defaults: 2 operations in-domain, 3 out of domain, operands 1..12
+    seen, zero_seen = set(), False
+    for split, n_ops in (("id", 2), ("ood", 3)):
+        for _ in range(300):
+            p = t.sample(rng, split)
+            nums, ops = p.data["nums"], p.data["ops"]
+            assert (p.task, p.split, len(ops), len(nums)) == ("arith", split, n_ops, n_ops + 1)
+            assert p.prompt == "arith " + str(nums[0]) + "".join(f"{o}{x}" for o, x in zip(ops, nums[1:])) + ":"
+            value = nums[0]
+            for o, x in zip(ops, nums[1:]):
+                value = value + x if o == "+" else value - x
+                assert value >= 0
+                zero_seen |= value == 0
+            assert p.data["answer"] == value
+            seen.update(nums)
+    assert seen == set(range(1, 13)) and zero_seen  # a chain may pass through 0
+    with pytest.raises(UserError, match="no split"):
+        t.sample(rng, "test")
+    build_task("arith", {"n_ops_ood": 8})
