@@ -430,7 +430,9 @@ def test_untestable_evidence_text():
     # an SFT method without spectral diagnostics or a curve, an RL method without layer cells
     res = results(**{"diagnostics__sft__principal_angle_top": DELETE, "diagnostics__sft__angle_curve": DELETE,
                      "diagnostics__grpo__rel_update_by_layer_module": DELETE})
-    ev = {f["id"]: f["evidence"] for f in evaluate_findings(res, CFG)}
+    out = evaluate_findings(res, CFG)
+    assert {f["id"]: f["claim"] for f in out} == CLAIMS
+    ev = {f["id"]: f["evidence"] for f in out}
     assert ev["sft_rotates_not_rescales"] == "no spectral diagnostics (diagnostics.spectral: false)"
     assert ev["rotation_at_spectrum_ends"] == "no principal-angle curve"
     assert ev["sft_moves_mlp_more"] == "no per-layer MLP diagnostics"
