@@ -55,10 +55,9 @@ def test_ratio_one_gives_reinforce_gradient():
     logp = torch.log_softmax(logits, -1)[:, :2]
     adv = torch.tensor([0.7, -1.3])
     mask = torch.ones(2, 2)
-    ratio = torch.exp(logp - logp.detach())
-    assert torch.equal(ratio, torch.ones_like(ratio))
     loss, clipfrac, _ = clipped_policy_loss(logp, logp.detach(), adv, mask)
-    assert clipfrac.item() == 0.0
+    # ratio 1 everywhere: the loss is -mean(A) over the tokens, (-0.7 * 2 + 1.3 * 2) / 4
+    assert clipfrac.item() == 0.0 and loss.item() == pytest.approx(0.3, abs=1e-6)
     (g,) = torch.autograd.grad(loss, logits, retain_graph=True)
     ref = -(adv.unsqueeze(-1) * logp).sum() / 4
     (g_ref,) = torch.autograd.grad(ref, logits)
