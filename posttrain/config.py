@@ -299,6 +299,9 @@ class StudyConfig(Strict):
             for fmt in ref.formats:
                 task.check_format(fmt)
         for name, m in self.methods.items():
+            if not plain_name(name) or name == "base":
+                raise ValueError(f"methods: {name!r} cannot name a method (it becomes a directory name: no '/', '\\', "
+                                 "'.' or '..', and 'base' is the base model)")
             if m.expert_format is not None:
                 build_task(m.task, self.world.get(m.task, {})).check_format(m.expert_format)
             if m.init not in ("base", *self.methods) and not Path(m.init).exists():
@@ -314,9 +317,16 @@ class StudyConfig(Strict):
         return self
 
 
+def plain_name(name: str) -> bool:
+    """Whether `name` is usable as one directory name (it cannot climb out of or into another directory)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set `data[a][b][c] = value` for `dotted = "a.b.c"`, creating dicts on the way."""
     keys = dotted.split(".")
+    if not all(k.strip() for k in keys):
+        raise UserError(f"override key {dotted!r} has an empty component (expected e.g. methods.sft.lr)")
     node = data
     for k in keys[:-1]:
         node = node.setdefault(k, {})

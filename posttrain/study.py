@@ -136,10 +136,17 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     base_key = config_hash({"model": cfg.model.model_dump(), "pretrain": cfg.pretrain.model_dump(mode="json"),
                             "world": cfg.world, "seed": cfg.seed, "base_model": cfg.base_model})
     if cfg.base_model is not None:
-        base_dir = Path(cfg.base_model)
+        from posttrain.models.hub import resolve_checkpoint
+
+        base_dir = resolve_checkpoint(cfg.base_model, "base_model")
         if not (base_dir / "config.json").is_file():
-            raise UserError(f"base_model {cfg.base_model!r} is not a local Hugging Face checkpoint directory")
+            raise UserError(f"base_model {cfg.base_model!r} is not a Hugging Face checkpoint directory (no config.json)")
     else:
+        # the tiny model's context is known before pretraining: fail now, not after it
+        for key, n in [("eval.max_new_tokens", cfg.eval.max_new_tokens),
+                       *((f"methods.{k}.max_new_tokens", m.max_new_tokens) for k, m in cfg.methods.items())]:
+            if n >= cfg.model.max_length:
+                raise UserError(f"{key}={n} does not fit the model's context (model.max_length={cfg.model.max_length})")
         base_dir = run.base
         if stages.done("pretrain", base_key, [run.base / "config.json"]):
             say("pretrain: cached")
@@ -164,10 +171,12 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         if stages.done(f"eval-{name}", key, [run.eval(name)]):
             say(f"eval {name}: cached")
             return read_json(run.eval(name))
-        from posttrain.models.loading import load_model
+        from posttrain.models.loading import check_generation_fits, load_model
 
         say(f"eval {name}")
         model, tok = load_model(model_dir, device=device)
+        check_generation_fits(model, tok, [p.prompt for ps in problem_sets.values() for p in ps],
+                              cfg.eval.max_new_tokens, "eval.max_new_tokens")
         scores = evaluate_model(model, tok, tasks, problem_sets, cfg.eval, cfg.seed)
         atomic_write_json(run.eval(name), scores)
         stages.finish(f"eval-{name}", key)
@@ -208,7 +217,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
             train(m, init_dir=init_dir, ref_dir=base_dir, out_dir=out_dir, task=task, expert_format=expert_format,
                   seed=cfg.seed if m.seed is None else m.seed, curve_tasks=tasks, curve_problems=curve_problems,
                   curve_every=max(1, m.steps // 10), device=device, resume=resume,
-                  on_step=progress_logger(say, f"train {name}", m.steps))
+                  on_step=progress_logger(say, f"train {name}", m.steps), method=name)
             stages.finish(f"train-{name}", key)
         model_dirs[name] = out_dir / "model"
         keys[name] = key

@@ -23,7 +23,7 @@ def cli(*args, cwd=None):
     (["demo", "--set", "pretrain.steps=-1"], "pretrain.steps"),
     (["study", "/nonexistent.yaml"], "config file not found"),
     (["report", "/nonexistent"], "run directory not found"),
-    (["eval", "/nonexistent", "--tasks", "points24/id"], "cannot load model|not a Hugging Face"),
+    (["eval", "/nonexistent", "--tasks", "points24/id"], "checkpoint not found: /nonexistent$"),
     (["eval", "/nonexistent", "--tasks", " , "], "names no task"),
 ])
 def test_bad_input_exits_2_with_one_line(args, match):
