@@ -176,11 +176,6 @@ def eval_(
     """Evaluate one checkpoint on task splits (greedy accuracy, pass@k, format shares)."""
     import json
 
-    from posttrain.evaluation.evaluate import eval_problems, evaluate_model
-    from posttrain.io import atomic_write_json
-    from posttrain.models.loading import check_generation_fits, load_model
-    from posttrain.tasks import build_task
-
     device = _device(device)
     if out is not None:
         if out.is_dir():
@@ -188,6 +183,12 @@ def eval_(
         if out.exists() and not overwrite:
             raise UserError(f"--out {out} exists; pass --overwrite to replace it")
     cfg = _study_config(config, None, list(set_)) if config else _study_config(None, "default", list(set_))
+    # after the cheap checks: these import transformers (seconds)
+    from posttrain.evaluation.evaluate import eval_problems, evaluate_model
+    from posttrain.io import atomic_write_json
+    from posttrain.models.loading import check_generation_fits, load_model
+    from posttrain.tasks import build_task
+
     keys = list(dict.fromkeys(k.strip() for t in tasks for k in t.split(",") if k.strip()))
     if not keys:
         raise UserError("--tasks names no task/split (e.g. --tasks points24/id,facts/id)")

@@ -308,6 +308,12 @@ class StudyConfig(Strict):
                 raise ValueError(f"methods.{name}.init: {m.init!r} is neither 'base', a method, nor a directory")
             if m.init == name:
                 raise ValueError(f"methods.{name}.init refers to itself")
+        if self.base_model is None:
+            # the tiny model's context is known from the config: fail now, not after pretraining
+            for key, n in [("eval.max_new_tokens", self.eval.max_new_tokens),
+                           *((f"methods.{k}.max_new_tokens", m.max_new_tokens) for k, m in self.methods.items())]:
+                if n >= self.model.max_length:
+                    raise ValueError(f"{key}={n} does not fit the model's context (model.max_length={self.model.max_length})")
         rep = self.repair
         if rep.damaged not in (None, "auto") and rep.damaged not in self.methods:
             raise ValueError(f"repair.damaged: {rep.damaged!r} is not a method of this study "

@@ -126,6 +126,10 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     run = Run(out)
     if run.root.exists() and any(run.root.iterdir()) and not resume:
         raise UserError(f"{run.root} exists and is not empty; pass --resume to continue it or choose another --out")
+    if cfg.base_model is not None:  # checked before anything is written
+        from posttrain.models.loading import open_checkpoint
+
+        base_dir, _ = open_checkpoint(cfg.base_model)
     run.root.mkdir(parents=True, exist_ok=True)
     stages = Stages(run, resume)
     atomic_write_text(run.root / "config.yaml", dump_yaml(cfg))
@@ -135,18 +139,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     # ---- base model -------------------------------------------------------------------------
     base_key = config_hash({"model": cfg.model.model_dump(), "pretrain": cfg.pretrain.model_dump(mode="json"),
                             "world": cfg.world, "seed": cfg.seed, "base_model": cfg.base_model})
-    if cfg.base_model is not None:
-        from posttrain.models.hub import resolve_checkpoint
-
-        base_dir = resolve_checkpoint(cfg.base_model, "base_model")
-        if not (base_dir / "config.json").is_file():
-            raise UserError(f"base_model {cfg.base_model!r} is not a Hugging Face checkpoint directory (no config.json)")
-    else:
-        # the tiny model's context is known before pretraining: fail now, not after it
-        for key, n in [("eval.max_new_tokens", cfg.eval.max_new_tokens),
-                       *((f"methods.{k}.max_new_tokens", m.max_new_tokens) for k, m in cfg.methods.items())]:
-            if n >= cfg.model.max_length:
-                raise UserError(f"{key}={n} does not fit the model's context (model.max_length={cfg.model.max_length})")
+    if cfg.base_model is None:
         base_dir = run.base
         if stages.done("pretrain", base_key, [run.base / "config.json"]):
             say("pretrain: cached")

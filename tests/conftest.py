@@ -38,3 +38,21 @@ def coin_checkpoint(tmp_path_factory):
     cfg = PretrainConfig(steps=40, batch_size=32, lr=1e-2, warmup_steps=2, mixture=[TaskRef(task="coin")], log_every=40)
     model_cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_length=96)
     return pretrain(model_cfg, cfg, {"coin": build_task("coin")}, root / "pretrain", root / "model", seed=0, device="cpu")
+
+
+# Lines for the end of the pytest run (`make test` shows them): the corpus size, the number of
+# kill-and-resume trials. Tests add them through the `summary_line` fixture.
+_SUMMARY = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def summary_line(request):
+    return request.config.stash.setdefault(_SUMMARY, []).append
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = config.stash.get(_SUMMARY, [])
+    if lines:
+        terminalreporter.section("posttrain reliability")
+        for line in lines:
+            terminalreporter.write_line(line)
