@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -56,3 +58,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("posttrain reliability")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def quick_study(tmp_path_factory):
+    """`posttrain demo --preset quick` run once per session (the CLI end-to-end test and the
+    browser test of its report share it)."""
+    out = tmp_path_factory.mktemp("quick") / "demo"
+    env = {**os.environ, "POSTTRAIN_NO_PROGRESS": "1"}
+    r = subprocess.run([sys.executable, "-m", "posttrain.cli", "demo", "--preset", "quick", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out

@@ -9,7 +9,10 @@ command (and any library) prints is captured exactly as a terminal would show it
 The parent never runs a torch operation, so no OpenMP thread pool exists at fork time (forking
 after one has started can deadlock the child).
 
-stdin: a JSON list of {"argv", "cwd", "env", "out", "err"}; stdout: a JSON list of exit codes.
+Batch mode: stdin is a JSON list of {"argv", "cwd", "env", "out", "err"}; stdout a JSON list of
+exit codes. With --serve: one job per stdin line; for each, "pid <pid>" is printed when the child
+starts and "exit <code>" when it ends (negative: killed by that signal), so a test can SIGKILL the
+child mid-work (tests/test_kill_resume.py).
 """
 
 import json
@@ -48,7 +51,24 @@ def child(job: dict) -> None:
     os._exit(code)
 
 
+def serve() -> None:
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            child(job)
+        print(f"pid {pid}", flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(f"exit {os.waitstatus_to_exitcode(status)}", flush=True)
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--serve"]:
+        return serve()
     jobs = json.load(sys.stdin)
     workers = int(os.environ.get("FORK_CLI_WORKERS", "3"))
     codes: list[int | None] = [None] * len(jobs)

@@ -53,10 +53,8 @@ def test_diff_cli_on_checkpoints(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    r = cli("demo", "--preset", "quick", "--out", out)
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_quick_demo_end_to_end(quick_study):
+    out = quick_study
     res = json.loads((out / "results.json").read_text())
     assert set(res["models"]) == {"base", "sft", "grpo"}
     for m in res["models"].values():

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from posttrain.config import plain_name
 from posttrain.errors import UserError
 from posttrain.io import atomic_write_text, read_json
 from posttrain.report import plots as P
@@ -80,7 +81,7 @@ def examples_block(run: Path, res: dict) -> str:
     parts = []
     for name in res["models"]:
         path = run / "eval" / f"{name}.json"
-        if not path.is_file():
+        if not plain_name(name) or not path.is_file():  # a name from results.json never leads out of the run
             continue
         ex = read_json(path).get(res["id_task"], {}).get("examples", [])
         lines = "\n".join(f"{'✓' if e['correct'] else '✗'} {e['prompt']} {e['completion']}" for e in ex)
@@ -188,7 +189,8 @@ def _render(run: Path, res: dict) -> str:
                 "run's numbers. One seed; see the README for the spread across seeds.</p>")
     body.append(findings_table(res.get("findings", [])))
 
-    curves = {name: _read_metrics(run / "methods" / name / "metrics.jsonl") for name in res.get("training", {})}
+    curves = {name: _read_metrics(run / "methods" / name / "metrics.jsonl") for name in res.get("training", {})
+              if plain_name(name)}
     curves = {k: v for k, v in curves.items() if v}
     if curves:
         keys = [(f"eval/{res['id_task']}/acc", "in-domain accuracy (greedy, 64 problems)"),
