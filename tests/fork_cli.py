@@ -17,7 +17,9 @@ child mid-work (tests/test_kill_resume.py).
 
 import json
 import os
+import signal
 import sys
+import time
 
 import coin_task  # noqa: F401 - the test-only task, as in run_cli.py
 
@@ -71,8 +73,9 @@ def main() -> None:
         return serve()
     jobs = json.load(sys.stdin)
     workers = int(os.environ.get("FORK_CLI_WORKERS", "3"))
+    timeout = float(os.environ.get("FORK_CLI_TIMEOUT", "300"))  # a bad input must not start real work
     codes: list[int | None] = [None] * len(jobs)
-    running: dict[int, int] = {}
+    running: dict[int, tuple[int, float]] = {}
     todo = list(range(len(jobs)))
     while todo or running:
         while todo and len(running) < workers:
@@ -82,9 +85,15 @@ def main() -> None:
             pid = os.fork()
             if pid == 0:
                 child(jobs[i])
-            running[pid] = i
-        pid, status = os.wait()
-        codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+            running[pid] = (i, time.time() + timeout)
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            codes[running.pop(pid)[0]] = os.waitstatus_to_exitcode(status)
+            continue
+        for pid, (i, deadline) in running.items():
+            if time.time() > deadline:
+                os.kill(pid, signal.SIGKILL)  # reported as -9
+        time.sleep(0.02)
     json.dump(codes, sys.stdout)
 
 

@@ -42,18 +42,22 @@ def run_cases(cases, tmp: Path) -> list[tuple[int, str, str]]:
     jobs = [{"argv": c.argv, "cwd": str(c.cwd), "env": c.env, "out": str(tmp / f"{i}.out"), "err": str(tmp / f"{i}.err")}
             for i, c in enumerate(cases)]
     forked = [i for i, c in enumerate(cases) if not c.fresh]
+    per_job = float(env.setdefault("FORK_CLI_TIMEOUT", "300"))
     r = subprocess.run([sys.executable, str(TESTS / "fork_cli.py")], input=json.dumps([jobs[i] for i in forked]),
-                       capture_output=True, text=True, env=env, cwd=TESTS, timeout=1200)
+                       capture_output=True, text=True, env=env, cwd=TESTS, timeout=600 + per_job * len(forked))
     assert r.returncode == 0, r.stderr[-3000:]
     codes = dict(zip(forked, json.loads(r.stdout)))
 
     def fresh(i: int) -> None:
         c = cases[i]
-        p = subprocess.run([sys.executable, str(TESTS / "run_cli.py"), *c.argv], cwd=c.cwd, env={**env, **c.env},
-                           capture_output=True, text=True, timeout=300)
-        Path(jobs[i]["out"]).write_text(p.stdout)
-        Path(jobs[i]["err"]).write_text(p.stderr)
-        codes[i] = p.returncode
+        try:
+            p = subprocess.run([sys.executable, str(TESTS / "run_cli.py"), *c.argv], cwd=c.cwd, env={**env, **c.env},
+                               capture_output=True, text=True, timeout=per_job)
+            out, err, codes[i] = p.stdout, p.stderr, p.returncode
+        except subprocess.TimeoutExpired as e:
+            out, err, codes[i] = e.stdout or "", e.stderr or "", -9
+        Path(jobs[i]["out"]).write_text(out if isinstance(out, str) else out.decode())
+        Path(jobs[i]["err"]).write_text(err if isinstance(err, str) else err.decode())
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(fresh, [i for i, c in enumerate(cases) if c.fresh]))
@@ -65,7 +69,7 @@ def check_case(case, code: int, stdout: str, stderr: str, before: dict, after: d
     lines = [line for line in stderr.splitlines() if line.strip()]
     problems = []
     if code != 2:
-        problems.append(f"exit code {code}")
+        problems.append("killed after running past the time limit" if code == -9 else f"exit code {code}")
     if len(lines) != 1 or not lines[0].startswith("error: "):
         problems.append(f"{len(lines)} stderr lines")
     elif not re.search(case.expect, lines[0]):
