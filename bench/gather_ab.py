@@ -1,0 +1,82 @@
+"""A/B of the shared-prefix gather's backward: autograd's `x[index]` (index_put_ with accumulate,
+atomics at >1 thread) against `policy.gather_rows` (index_add_ in index order), on the batches of
+a real GRPO run, alternating the two versions so that a shared, noisy machine hurts both alike.
+
+    .venv/bin/python bench/gather_ab.py --base runs/demo/base --threads 2 --rounds 9
+
+Batches: 16 prompts x 8 samples sampled from the base (at most 32 new tokens), as in
+bench/step_phases.py. Timed per round and version: the policy forward + backward of every batch
+(the part of a GRPO step the change touches; sampling and AdamW are unchanged). Printed: median
+and spread over rounds, and whether the two versions' gradients are bitwise equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", type=Path, default=Path("runs/demo/base"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=9)
+    args = ap.parse_args()
+    if not (args.base / "config.json").is_file():
+        raise SystemExit(f"no checkpoint at {args.base}: run `make demo` first or pass --base")
+    torch.set_num_threads(args.threads)
+
+    import posttrain.train.policy as policy
+    from posttrain.models.loading import load_model
+    from posttrain.tasks import build_task
+    from posttrain.train.data_sources import prompt_schedule
+    from posttrain.train.rollout import generate
+    from posttrain.train.sequences import pack
+
+    model, tok = load_model(args.base, device="cpu")
+    task = build_task("points24")
+    schedule = prompt_schedule(task, "id", 0, args.batches, 16)
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for problems in schedule:
+        ro = generate(model, tok, [p.prompt for p in problems], n=8, max_new_tokens=32, generator=gen)
+        batches.append(pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id, group_size=8))
+    weights = [torch.randn(b.target_mask.shape, generator=gen) for b in batches]
+
+    versions = {"x[index] (before)": lambda x, i: x[i], "gather_rows (after)": policy.gather_rows}
+
+    def run(gather) -> tuple[float, list[torch.Tensor]]:
+        policy.gather_rows = gather
+        t = time.perf_counter()
+        for b, w in zip(batches, weights):
+            model.zero_grad(set_to_none=True)
+            (policy.policy_forward(model, b).logp * w * b.target_mask).sum().backward()
+        return time.perf_counter() - t, [p.grad.clone() for p in model.parameters()]
+
+    saved = policy.gather_rows
+    times: dict[str, list[float]] = {k: [] for k in versions}
+    grads = {}
+    for name, fn in versions.items():  # warm-up
+        run(fn)
+    for _ in range(args.rounds):
+        for name, fn in versions.items():
+            sec, grads[name] = run(fn)
+            times[name].append(sec / len(batches))
+    policy.gather_rows = saved
+    shape = f"{tuple(batches[0].input_ids.shape)} rows x tokens, shared {tuple(batches[0].shared.input_ids.shape)}"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; base {args.base}; "
+          f"{len(batches)} GRPO batches (first: {shape}); {args.rounds} alternating rounds")
+    for name, ts in times.items():
+        print(f"{name:<22} forward+backward per batch: median {statistics.median(ts) * 1e3:7.1f} ms "
+              f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f})")
+    a, b = grads.values()
+    print(f"last round's gradients bitwise equal: {all(torch.equal(x, y) for x, y in zip(a, b))}")
+
+
+if __name__ == "__main__":
+    main()
