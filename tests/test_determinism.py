@@ -60,28 +60,42 @@ def test_gather_rows_backward_is_the_one_thread_sum_at_two_threads():
             assert torch.equal(_gather_grad(x, index, upstream, gather_rows), expected)
 
 
-def test_shared_prefix_gradient_is_the_same_every_time_at_two_threads(tiny_checkpoint):
-    """policy_forward on a GRPO-shaped batch (5 groups of 8 sharing their prompt): the parameter
+@pytest.mark.parametrize("critic", [False, True])
+def test_shared_prefix_gradient_is_the_same_every_time_at_two_threads(tiny_checkpoint, critic):
+    """policy_forward on a GRPO-shaped batch (7 groups of 8 sharing their prompt): the parameter
     gradients are bitwise equal over repeated backward passes at 2 threads, and equal to 1 thread.
-    An odd group count puts the two threads' halves of the old accumulate inside one group."""
+    An odd group count puts the two threads' halves of the old accumulate inside one group. With
+    the critic (PPO) the gather is of hidden states, and entropy and values join the loss."""
     from posttrain.models.loading import load_model
+    from posttrain.train.policy import ValueHead
 
     model, _ = load_model(tiny_checkpoint, device="cpu")
     g = torch.Generator().manual_seed(1)
+    head = None
+    if critic:
+        head = ValueHead(model.config.hidden_size)
+        with torch.no_grad():
+            head.proj.weight.copy_(torch.randn(head.proj.weight.shape, generator=g))
     prompts, completions = [], []
-    for _ in range(5):
+    for _ in range(7):
         p = torch.randint(3, 60, (10,), generator=g).tolist()
         for _ in range(8):
             prompts.append(p)
             completions.append(torch.randint(3, 60, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist())
     batch = pack(prompts, completions, pad_id=0, group_size=8)
     assert batch.shared is not None
-    weight = torch.randn(batch.target_mask.shape, generator=g)
+    weight = torch.randn((3, *batch.target_mask.shape), generator=g)
+    params = list(model.parameters()) + (list(head.parameters()) if critic else [])
 
     def grads():
-        model.zero_grad(set_to_none=True)
-        (policy_forward(model, batch).logp * weight * batch.target_mask).sum().backward()
-        return [p.grad.clone() for p in model.parameters()]
+        for p in params:
+            p.grad = None
+        out = policy_forward(model, batch, entropy=critic, value_head=head)
+        loss = out.logp * weight[0]
+        if critic:
+            loss = loss + out.entropy * weight[1] + out.values * weight[2]
+        (loss * batch.target_mask).sum().backward()
+        return [p.grad.clone() for p in params]
 
     with threads(1):
         expected = grads()
