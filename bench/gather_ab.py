@@ -7,7 +7,9 @@ a real GRPO run, alternating the two versions so that a shared, noisy machine hu
 Batches: 16 prompts x 8 samples sampled from the base (at most 32 new tokens), as in
 bench/step_phases.py. Timed per round and version: the policy forward + backward of every batch
 (the part of a GRPO step the change touches; sampling and AdamW are unchanged). Printed: median
-and spread over rounds, and whether the two versions' gradients are bitwise equal.
+and spread of wall time over rounds, the median CPU time of the process (all threads; less
+sensitive to other jobs taking the cores, though spin-waiting threads count), and whether the two
+versions' gradients are bitwise equal.
 """
 
 from __future__ import annotations
@@ -50,30 +52,33 @@ def main() -> None:
 
     versions = {"x[index] (before)": lambda x, i: x[i], "gather_rows (after)": policy.gather_rows}
 
-    def run(gather) -> tuple[float, list[torch.Tensor]]:
+    def run(gather) -> tuple[float, float, list[torch.Tensor]]:
         policy.gather_rows = gather
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for b, w in zip(batches, weights):
             model.zero_grad(set_to_none=True)
             (policy.policy_forward(model, b).logp * w * b.target_mask).sum().backward()
-        return time.perf_counter() - t, [p.grad.clone() for p in model.parameters()]
+        return time.perf_counter() - t, time.process_time() - c, [p.grad.clone() for p in model.parameters()]
 
     saved = policy.gather_rows
     times: dict[str, list[float]] = {k: [] for k in versions}
+    cpu: dict[str, list[float]] = {k: [] for k in versions}
     grads = {}
     for name, fn in versions.items():  # warm-up
         run(fn)
     for _ in range(args.rounds):
         for name, fn in versions.items():
-            sec, grads[name] = run(fn)
+            sec, csec, grads[name] = run(fn)
             times[name].append(sec / len(batches))
+            cpu[name].append(csec / len(batches))
     policy.gather_rows = saved
     shape = f"{tuple(batches[0].input_ids.shape)} rows x tokens, shared {tuple(batches[0].shared.input_ids.shape)}"
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; base {args.base}; "
           f"{len(batches)} GRPO batches (first: {shape}); {args.rounds} alternating rounds")
     for name, ts in times.items():
-        print(f"{name:<22} forward+backward per batch: median {statistics.median(ts) * 1e3:7.1f} ms "
-              f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f})")
+        print(f"{name:<22} forward+backward per batch: wall median {statistics.median(ts) * 1e3:7.1f} ms "
+              f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f}); CPU time of all threads median "
+              f"{statistics.median(cpu[name]) * 1e3:.1f} ms")
     a, b = grads.values()
     print(f"last round's gradients bitwise equal: {all(torch.equal(x, y) for x, y in zip(a, b))}")
 
