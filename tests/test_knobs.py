@@ -439,3 +439,49 @@ def test_single_token_means_divide_by_one():
     assert frac.item() == 1.0
     assert torch.equal(masked_whiten(torch.tensor([[3.0, 7.0]]), mask), torch.zeros(1, 2))
     assert measured_kl(torch.tensor([[0.5, 9.0]]), torch.zeros(1, 2), mask) == 0.5
+
+
+# ---- the estimator registry: knobs are an estimator's keyword-only arguments ------------------------
+
+def test_register_estimator_types_the_keyword_only_arguments_as_knobs():
+    from typing import Annotated
+
+    from pydantic import Field, ValidationError
+
+    from posttrain.train.advantages import ESTIMATORS, register_estimator
+
+    def toy(rewards, group_size, *, scale: Annotated[float, Field(gt=0)] = 2.0, flip: bool = False, free=3):
+        return rewards * scale
+
+    try:
+        assert register_estimator("toy_scale")(toy) is toy
+        est = ESTIMATORS["toy_scale"]
+        assert (est.name, est.fn, est.level, est.needs_groups, est.needs_critic) == ("toy_scale", toy, "sequence",
+                                                                                     False, False)
+        P = est.params
+        assert P.__name__ == "toy_scale_params"
+        # the positional arguments are the estimator's inputs, not knobs
+        assert list(P.model_fields) == ["scale", "flip", "free"]
+        assert P().model_dump() == {"scale": 2.0, "flip": False, "free": 3}
+        assert P(scale=0.5, flip=True).model_dump() == {"scale": 0.5, "flip": True, "free": 3}
+        with pytest.raises(ValidationError, match="greater than 0"):
+            P(scale=0)  # the annotation's constraint is kept
+        with pytest.raises(ValidationError, match="valid number"):
+            P(scale="x")
+        with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+            P(other=1)
+        assert P(free="anything").free == "anything"  # an unannotated knob takes any value
+        register_estimator("toy_token", level="token", needs_groups=True)(toy)
+        t = ESTIMATORS["toy_token"]
+        assert (t.level, t.needs_groups, t.needs_critic) == ("token", True, True)
+    finally:
+        ESTIMATORS.pop("toy_scale", None)
+        ESTIMATORS.pop("toy_token", None)
+    with pytest.raises(ValueError, match=r"^estimator 'x': level must be 'sequence' or 'token', not 'tok'$"):
+        register_estimator("x", level="tok")
+    assert "x" not in ESTIMATORS
+    # the built-in estimators' knobs and defaults
+    assert {n: ESTIMATORS[n].params().model_dump() for n in ("grpo", "dr_grpo", "rloo", "gae")} == {
+        "grpo": {"adv_norm_std": True, "adv_eps": 1e-6}, "dr_grpo": {}, "rloo": {}, "gae": {"gamma": 1.0, "lam": 0.95}}
+    assert [(n, ESTIMATORS[n].level, ESTIMATORS[n].needs_groups) for n in ("grpo", "dr_grpo", "rloo", "gae")] == [
+        ("grpo", "sequence", True), ("dr_grpo", "sequence", True), ("rloo", "sequence", True), ("gae", "token", False)]
