@@ -20,8 +20,8 @@ M, N, K, BINS = 30, 20, 3, 4
 SPECTRAL_COLUMNS = [
     "k", "angle_top_left", "angle_top_right", "angle_top_max_left", "angle_top_max_right", "proj_dist_top_left",
     "proj_dist_top_right", "alignment_top_left", "alignment_top_right", "angle_bottom_left", "angle_bottom_right",
-    "sv_rel_change_top", "sv_rel_change_bottom", "sv_rel_change_all", "energy_diag", "energy_rotation",
-    "update_energy_top", "stable_rank_delta", "effective_rank_delta", "stable_rank_base", "stable_rank_ft",
+    "sv_rel_change_top", "sv_rel_change_bottom", "sv_rel_change_all", "energy_magnitude", "energy_rotation",
+    "energy_diag_in_span", "energy_rotation_in_span", "update_energy_top", "stable_rank_delta", "effective_rank_delta", "stable_rank_base", "stable_rank_ft",
     "alpha_base", "alpha_ft", "alpha_weighted_base", "alpha_weighted_ft", "log_spectral_norm_base",
     "log_spectral_norm_ft",
 ]
@@ -97,9 +97,14 @@ def reference(Wb, Wt, k=K):
     out["sv_rel_change_bottom"] = float(rel[q - k:].mean())
     out["sv_rel_change_all"] = float(rel.mean())
     C = Ub.T @ dW @ Vb
-    out["energy_diag"] = float((C.diagonal() ** 2).sum() / (C ** 2).sum())
-    out["energy_rotation"] = 1 - out["energy_diag"]
     dsq = float((dW ** 2).sum())
+    diag, csq = float((C.diagonal() ** 2).sum()), float((C ** 2).sum())
+    # the reference's split divides by ||dW||^2; on this tall matrix part of dW lies outside
+    # span(U_b) x span(V_b), so the two do not sum to 1; the in-span shares divide by ||C||^2
+    out["energy_magnitude"] = diag / dsq
+    out["energy_rotation"] = (csq - diag) / dsq
+    out["energy_diag_in_span"] = diag / csq
+    out["energy_rotation_in_span"] = 1 - diag / csq
     out["update_energy_top"] = float((C[:k, :k] ** 2).sum()) / dsq
     ds = torch.linalg.svdvals(dW)
     out["stable_rank_delta"] = dsq / float(ds[0]) ** 2
@@ -187,8 +192,8 @@ def test_k_is_clamped_and_partial_factors_skip_what_they_cannot_give(pair):
     row, curve, _ = pair_metrics(from_svd(Wt - Wb, fb, ft), K, BINS, dsq, False)
     ref, _ = reference(Wb, Wt)
     assert curve == []
-    for key in ("angle_bottom_left", "energy_diag", "sv_rel_change_bottom", "alpha_base", "effective_rank_delta",
-                "stable_rank_base"):
+    for key in ("angle_bottom_left", "energy_magnitude", "energy_rotation_in_span", "sv_rel_change_bottom", "alpha_base",
+                "effective_rank_delta", "stable_rank_base"):
         assert math.isnan(row[key]), key
     for key in ("angle_top_left", "angle_top_right", "sv_rel_change_top", "log_spectral_norm_ft", "stable_rank_delta"):
         assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-8), key
