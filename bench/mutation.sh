@@ -30,9 +30,16 @@ start=$(date +%s)
 for path in "${modules[@]}"; do
   mod=${path%.py}
   mod=${mod//\//.}
+  if [[ $mod == *.__init__ ]]; then
+    # mutmut names a package's own mutants without "__init__" (posttrain.findings.x_decide__mutmut_1,
+    # posttrain.findings.xǁContextǁn__mutmut_1); "posttrain.findings.*" would take its submodules' too
+    patterns=("${mod%.__init__}.x_*" "${mod%.__init__}.xǁ*")
+  else
+    patterns=("${mod}.*")
+  fi
   echo "== $path"
   # one module at a time: only its mutants, each against the selected tests that call the mutated function
-  .venv/bin/mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "${mod}.*" > "mutants/run-${mod}.log" 2>&1 \
+  .venv/bin/mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "${patterns[@]}" > "mutants/run-${mod}.log" 2>&1 \
     || { echo "mutmut failed on $path (log: mutants/run-${mod}.log)"; tail -20 "mutants/run-${mod}.log"; exit 1; }
 done
 echo "wall time: $(( $(date +%s) - start )) s"

@@ -82,15 +82,22 @@ def test_quick_demo_end_to_end(quick_study):
     assert (cos is None) == (res["diagnostics"]["grpo"]["rel_update_total"] == 0) and (cos is None or -1 <= cos <= 1)
     # the findings are what the rules give on the numbers in results.json
     from posttrain.config import load_study_config
-    from posttrain.report.findings import evaluate_findings
+    from posttrain.findings import decide, evaluate_findings
 
     findings = {f["id"]: f for f in res["findings"]}
     assert res["findings"] == evaluate_findings(res, load_study_config(out / "config.yaml"))
     assert {"sft_forgets_more", "rl_gains_id", "qk_change_most"} <= set(findings)
-    forg, models = res["forgetting"], res["models"]
-    assert findings["sft_forgets_more"]["holds"] == (forg["sft"] > forg["grpo"])
-    assert findings["rl_forgets_little"]["holds"] == (forg["grpo"] < 0.05)
-    assert findings["rl_gains_id"]["holds"] == (models["grpo"]["id_acc"] > models["base"]["id_acc"])
+    forg, models, n = res["forgetting"], res["models"], res["n_problems"]
+    # the comparisons carry their statistic; the verdict is the noise rule applied to it (within
+    # 2 binomial standard errors: None)
+    sfm, rfl, rgi = findings["sft_forgets_more"], findings["rl_forgets_little"], findings["rl_gains_id"]
+    assert (sfm["value"], sfm["threshold"]) == (pytest.approx(forg["sft"] - forg["grpo"]), 0.0)
+    assert (rfl["value"], rfl["threshold"]) == (pytest.approx(-forg["grpo"]), -0.05)
+    assert (rgi["value"], rgi["threshold"]) == (pytest.approx(models["grpo"]["id_acc"] - models["base"]["id_acc"]), 0.0)
+    var = lambda p, k: p * (1 - p) / k  # noqa: E731
+    assert rgi["se"] == pytest.approx((var(models["grpo"]["id_acc"], n["id"]) + var(models["base"]["id_acc"], n["id"])) ** 0.5)
+    for f in (sfm, rfl, rgi):
+        assert f["holds"] == decide(f["value"], f["threshold"], f["se"]), f["id"]
     assert all(f["evidence"] for f in res["findings"])
     html = (out / "report.html").read_text()
     assert "Rotation or rescaling?" in html and "Over training" in html

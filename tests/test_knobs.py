@@ -19,9 +19,13 @@ K = {"k1": LN2, "k2": 0.5 * LN2 * LN2, "k3": LN2 - 0.5}  # k(log 0.5, log 0.25),
 
 # two sequences of one group: 3 completion tokens, then 1 (width 3)
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+# the generation budget: seq-mean-token-sum-norm (Dr. GRPO) divides by B * max_new_tokens, a constant,
+# never by the batch's width (3 here), so the two differ on purpose
+BUDGET = 5
 
 
 def cfg(objective, **kw):
+    kw.setdefault("max_new_tokens", BUDGET)
     return TrainConfig(objective=objective, task="points24", trackers=["none"], **kw)
 
 
@@ -35,8 +39,13 @@ def make_batch(mask=MASK, rewards=(1.0, 0.0), group_size=2):
 def run_objective(name, c, batch, new, old, ref_logp=None) -> LossOutput:
     """prepare + compute of objective `name` on `batch` (the one place to adapt when the objective API changes)."""
     obj = OBJECTIVES[name]()
-    prepared = obj.prepare(batch, old, ref_logp, c)
-    out = obj.compute(new, old, ref_logp, batch, c)
+    fields = dict(vars(batch))
+    rewards = None if batch.rewards is None else batch.rewards.clone()
+    targets, prepared = obj.prepare(batch, old, ref_logp, c)
+    # prepare returns its targets and leaves the batch as it was
+    assert vars(batch).keys() == fields.keys() and all(vars(batch)[k] is v for k, v in fields.items())
+    assert (rewards is None and batch.rewards is None) or torch.equal(batch.rewards, rewards)
+    out = obj.compute(new, old, ref_logp, batch, targets, c)
     return LossOutput(out.loss, {**prepared, **out.metrics})  # as the loop logs them
 
 
@@ -58,7 +67,8 @@ QUARTER = torch.full((2, 3), math.log(0.25))
 
 def test_loss_agg_reaches_sft():
     logp = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -9.0, -9.0]])
-    expect = {"token-mean": 10 / 4, "seq-mean-token-mean": (2 + 4) / 2, "seq-mean-token-sum-norm": (6 + 4) / 2 / 3}
+    # Dr. GRPO's sum-norm: (6 + 4) / (B * max_new_tokens) = 10 / (2 * 5), not / (2 * width 3)
+    expect = {"token-mean": 10 / 4, "seq-mean-token-mean": (2 + 4) / 2, "seq-mean-token-sum-norm": (6 + 4) / 2 / BUDGET}
     for agg, value in expect.items():
         out, g = logp_grad("sft", cfg("sft", loss_agg=agg), make_batch(rewards=None), logp)
         assert out.loss.item() == pytest.approx(value), agg
@@ -73,7 +83,7 @@ def test_loss_agg_reaches_sft():
 # A = +-0.5 / (std + eps), std = sqrt(0.5). At ratio 1 the per-token loss is -A, so
 #   token-mean               (-3a + a) / 4 = -a / 2
 #   seq-mean-token-mean      (-a + a) / 2 = 0
-#   seq-mean-token-sum-norm  (-3a + a) / 2 / 3 = -a / 3
+#   seq-mean-token-sum-norm  (-3a + a) / (2 * BUDGET) = -a / 5   (the constant budget, not the width 3)
 GRPO_STD_A = 0.5 / (math.sqrt(0.5) + 1e-6)
 
 
@@ -83,15 +93,16 @@ GRPO_STD_A = 0.5 / (math.sqrt(0.5) + 1e-6)
     ("rloo", {}, 1.0),
 ])
 @pytest.mark.parametrize("agg,factor", [("token-mean", -1 / 2), ("seq-mean-token-mean", 0.0),
-                                        ("seq-mean-token-sum-norm", -1 / 3)])
+                                        ("seq-mean-token-sum-norm", -2 / (2 * BUDGET))])
 def test_loss_agg_and_advantages_reach_the_policy_gradient_objectives(name, extra, a, agg, factor):
     out, g = logp_grad(name, cfg(name, loss_agg=agg, **extra), make_batch(), HALF)
     assert out.loss.item() == pytest.approx(factor * a, abs=1e-6)
     assert out.metrics["pg_loss"] == pytest.approx(factor * a, abs=1e-6)
-    assert out.metrics["ratio_mean"] == 1.0 and out.metrics["clipfrac"] == 0.0
+    assert out.metrics["ratio_mean"] == 1.0 and out.metrics["clipfrac"] == 0.0 and out.metrics["dualclip_frac"] == 0.0
+    s = 1 / (2 * BUDGET)
     weights = {"token-mean": torch.tensor([[1 / 4] * 3, [1 / 4, 0, 0]]),
                "seq-mean-token-mean": torch.tensor([[1 / 6] * 3, [1 / 2, 0, 0]]),
-               "seq-mean-token-sum-norm": torch.tensor([[1 / 6] * 3, [1 / 6, 0, 0]])}[agg]
+               "seq-mean-token-sum-norm": torch.tensor([[s] * 3, [s, 0, 0]])}[agg]
     adv = torch.tensor([[a], [-a]])
     assert torch.allclose(g, -adv * weights, atol=1e-6)
 
@@ -109,11 +120,12 @@ def test_loss_agg_reaches_ppo():
     ent = torch.tensor([[2.0, 9.0], [4.0, 9.0]])
     c = cfg("ppo", loss_agg="seq-mean-token-sum-norm", vf_coef=1.0, entropy_coef=0.5)
     out, g = logp_grad("ppo", c, batch, torch.full((2, 2), math.log(0.5)), values=values, old_values=values, entropy=ent)
-    # pg: (-1 + 1) / 2 / 2 = 0; value loss 1/2 (1 + 0) / 2 / 2 = 0.125; entropy (2 + 4) / 2 / 2 = 1.5
-    assert out.metrics["value_loss"] == pytest.approx(0.125)
-    assert out.metrics["entropy"] == pytest.approx(1.5)
-    assert out.loss.item() == pytest.approx(0.0 + 0.125 - 0.5 * 1.5, abs=1e-6)
-    assert torch.allclose(g, torch.tensor([[-0.25, 0.0], [0.25, 0.0]]), atol=1e-6)
+    # every term divides by B * max_new_tokens = 2 * 5 (the budget, not the width 2):
+    # pg: (-1 + 1) / 10 = 0; value loss 1/2 (1 + 0) / 10 = 0.05; entropy (2 + 4) / 10 = 0.6
+    assert out.metrics["value_loss"] == pytest.approx(0.05)
+    assert out.metrics["entropy"] == pytest.approx(0.6)
+    assert out.loss.item() == pytest.approx(0.0 + 0.05 - 0.5 * 0.6, abs=1e-6)
+    assert torch.allclose(g, torch.tensor([[-0.1, 0.0], [0.1, 0.0]]), atol=1e-6)
 
 
 # ---- KL: kl_mode x kl_estimator ------------------------------------------------------------------
@@ -189,6 +201,8 @@ def test_clip_eps_reach_grpo(lo, hi, loss, clipfrac):
                        new, old_logp=old)
     assert out.loss.item() == pytest.approx(loss, abs=1e-6)
     assert out.metrics["clipfrac"] == pytest.approx(clipfrac)
+    # row 1's loss (<= 0.5 * 0.8) stays below the dual clip's cap 3 * 0.5
+    assert out.metrics["dualclip_frac"] == 0.0
     assert out.metrics["ratio_mean"] == pytest.approx((3 * 1.5 + 0.5) / 4, abs=1e-6)
 
 
@@ -229,6 +243,13 @@ def test_vf_coef_scales_the_value_loss_in_the_total():
     assert b.metrics["value_loss"] == vl
     assert b.loss.item() - a.loss.item() == pytest.approx(0.4 * vl, abs=1e-7)
     assert a.loss.item() == pytest.approx(a.metrics["pg_loss"] + 0.1 * vl, abs=1e-7)
+    # unset: 1.0 with the default separate critic (its own loss, unscaled, as in verl and OpenRLHF),
+    # 0.1 with a value head on the policy's trunk, where the value loss competes with the policy's
+    d, _ = ppo()
+    assert d.metrics["value_loss"] == vl and d.loss.item() == pytest.approx(d.metrics["pg_loss"] + vl, abs=1e-7)
+    shared, _ = ppo(critic="shared")
+    assert shared.loss.item() == pytest.approx(a.loss.item(), abs=1e-7)
+    assert cfg("ppo").objective_params.critic == "separate"
 
 
 @pytest.mark.parametrize("clip,vl,frac", [
@@ -285,9 +306,9 @@ def test_num_iterations_reuses_the_old_policy_for_mu_updates(tiny_checkpoint, tm
     seen = []
     compute = obj.compute
 
-    def recording(new, old, ref_logp, b, cc):
+    def recording(new, old, ref_logp, b, targets, cc):
         seen.append((new.logp.detach().clone(), old.logp.clone(), b.packed.target_mask.clone()))
-        return compute(new, old, ref_logp, b, cc)
+        return compute(new, old, ref_logp, b, targets, cc)
 
     obj.compute = recording
     params = list(model.parameters())
@@ -382,20 +403,26 @@ def test_grad_groups_only_when_some_groups_have_zero_advantage():
 
 
 def test_objective_registry():
-    from posttrain.train.objectives import Objective, register_objective
+    from posttrain.train.objectives import Objective, Targets, register_objective
 
     assert {"sft", "grpo", "rloo", "ppo"} <= set(OBJECTIVES)
     assert all(OBJECTIVES[n].name == n for n in ("sft", "grpo", "rloo", "ppo"))
-    assert OBJECTIVES["ppo"].needs_values and OBJECTIVES["ppo"].needs_entropy and OBJECTIVES["ppo"].needs_rewards
-    assert OBJECTIVES["grpo"].needs_rewards and not OBJECTIVES["grpo"].needs_values
-    assert not OBJECTIVES["sft"].needs_rewards and OBJECTIVES["sft"].default_data == "expert"
-    assert OBJECTIVES["rloo"].default_data == "on_policy"
+    t = {n: OBJECTIVES[n].traits for n in ("sft", "grpo", "rloo", "ppo")}
+    assert t["ppo"].needs_critic and t["ppo"].needs_entropy and t["ppo"].rl
+    assert t["grpo"].rl and not t["grpo"].needs_critic and not t["grpo"].needs_entropy
+    assert not t["sft"].rl and not t["sft"].needs_critic and t["sft"].default_data == "expert"
+    assert t["rloo"].default_data == "on_policy" and t["ppo"].default_data == "on_policy"
+    # GRPO and RLOO are one clipped objective with their own default estimator; PPO's is token-level
+    assert {n: (OBJECTIVES[n].estimator_level, OBJECTIVES[n].default_estimator) for n in t} == {
+        "sft": (None, None), "grpo": ("sequence", "grpo"), "rloo": ("sequence", "rloo"), "ppo": ("token", "gae")}
+    assert cfg("grpo").needs_groups and cfg("rloo").needs_groups and not cfg("ppo").needs_groups
+    assert not cfg("sft").needs_groups
     with pytest.raises(ValueError, match="^objective 'sft' registered twice$"):
         register_objective("sft")(type("Again", (Objective,), {}))
     assert OBJECTIVES["sft"] is not None and OBJECTIVES["sft"].__name__ == "SFT"
-    assert Objective().prepare(None, None, None, None) == {} and Objective().grad_groups(None, None) is None
+    assert Objective().prepare(None, None, None, None) == (Targets(), {}) and Objective().grad_groups(None, None) is None
     with pytest.raises(NotImplementedError):
-        Objective().compute(None, None, None, None, None)
+        Objective().compute(None, None, None, None, None, None)
 
 
 def test_single_token_means_divide_by_one():
@@ -403,9 +430,58 @@ def test_single_token_means_divide_by_one():
 
     loss, mask = torch.tensor([[5.0, 9.0]]), torch.tensor([[1.0, 0.0]])
     assert aggregate(loss, mask, "token-mean").item() == 5.0
-    _, frac = clipped_policy_loss(torch.log(torch.tensor([[1.5, 1.0]])), torch.zeros(1, 2), torch.tensor([1.0]), mask)
-    assert frac.item() == 1.0
+    _, frac, dual = clipped_policy_loss(torch.log(torch.tensor([[1.5, 1.0]])), torch.zeros(1, 2), torch.tensor([1.0]), mask)
+    assert frac.item() == 1.0 and dual.item() == 0.0
+    # a negative advantage at ratio 4 (beyond the cap 3): the one token counts fully for the dual clip
+    _, frac, dual = clipped_policy_loss(torch.log(torch.tensor([[4.0, 1.0]])), torch.zeros(1, 2), torch.tensor([-1.0]), mask)
+    assert frac.item() == 0.0 and dual.item() == 1.0
     _, frac = value_loss(torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), mask, clip=0.2)
     assert frac.item() == 1.0
     assert torch.equal(masked_whiten(torch.tensor([[3.0, 7.0]]), mask), torch.zeros(1, 2))
     assert measured_kl(torch.tensor([[0.5, 9.0]]), torch.zeros(1, 2), mask) == 0.5
+
+
+# ---- the estimator registry: knobs are an estimator's keyword-only arguments ------------------------
+
+def test_register_estimator_types_the_keyword_only_arguments_as_knobs():
+    from typing import Annotated
+
+    from pydantic import Field, ValidationError
+
+    from posttrain.train.advantages import ESTIMATORS, register_estimator
+
+    def toy(rewards, group_size, *, scale: Annotated[float, Field(gt=0)] = 2.0, flip: bool = False, free=3):
+        return rewards * scale
+
+    try:
+        assert register_estimator("toy_scale")(toy) is toy
+        est = ESTIMATORS["toy_scale"]
+        assert (est.name, est.fn, est.level, est.needs_groups, est.needs_critic) == ("toy_scale", toy, "sequence",
+                                                                                     False, False)
+        P = est.params
+        assert P.__name__ == "toy_scale_params"
+        # the positional arguments are the estimator's inputs, not knobs
+        assert list(P.model_fields) == ["scale", "flip", "free"]
+        assert P().model_dump() == {"scale": 2.0, "flip": False, "free": 3}
+        assert P(scale=0.5, flip=True).model_dump() == {"scale": 0.5, "flip": True, "free": 3}
+        with pytest.raises(ValidationError, match="greater than 0"):
+            P(scale=0)  # the annotation's constraint is kept
+        with pytest.raises(ValidationError, match="valid number"):
+            P(scale="x")
+        with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+            P(other=1)
+        assert P(free="anything").free == "anything"  # an unannotated knob takes any value
+        register_estimator("toy_token", level="token", needs_groups=True)(toy)
+        t = ESTIMATORS["toy_token"]
+        assert (t.level, t.needs_groups, t.needs_critic) == ("token", True, True)
+    finally:
+        ESTIMATORS.pop("toy_scale", None)
+        ESTIMATORS.pop("toy_token", None)
+    with pytest.raises(ValueError, match=r"^estimator 'x': level must be 'sequence' or 'token', not 'tok'$"):
+        register_estimator("x", level="tok")
+    assert "x" not in ESTIMATORS
+    # the built-in estimators' knobs and defaults
+    assert {n: ESTIMATORS[n].params().model_dump() for n in ("grpo", "dr_grpo", "rloo", "gae")} == {
+        "grpo": {"adv_norm_std": True, "adv_eps": 1e-6}, "dr_grpo": {}, "rloo": {}, "gae": {"gamma": 1.0, "lam": 0.95}}
+    assert [(n, ESTIMATORS[n].level, ESTIMATORS[n].needs_groups) for n in ("grpo", "dr_grpo", "rloo", "gae")] == [
+        ("grpo", "sequence", True), ("dr_grpo", "sequence", True), ("rloo", "sequence", True), ("gae", "token", False)]

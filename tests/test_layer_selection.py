@@ -124,44 +124,66 @@ def test_reset_layers_apply_copies_the_base_in_the_target_dtype():
     assert torch.equal(same, base) and same.data_ptr() != base.data_ptr()
 
 
-def test_param_coercion_per_kind():
-    from posttrain.repair.base import Param, _coerce
+def _coerce(kind, value, required=False):
+    """Value of a parameter `k` of field type `kind` in a toy repair "m", as the repair stores it
+    (validation errors surface as the repair's one-line `UserError`)."""
+    from typing import Optional
 
-    assert _coerce("m", "k", Param("frac"), 1) == 1.0 and isinstance(_coerce("m", "k", Param("frac"), 1), float)
-    assert _coerce("m", "k", Param("frac"), 0) == 0.0 and _coerce("m", "k", Param("float"), -3) == -3.0
-    assert _coerce("m", "k", Param("frac"), None) is None
-    for bad, match in ((1.5, r"^m: k must be in \[0, 1\], got 1\.5$"), (-0.1, "must be in"), (True, "must be a number"),
-                       ("0.2", "must be a number"), (float("nan"), "must be a number"), (float("inf"), "must be a number")):
+    from pydantic import create_model
+
+    from posttrain.repair.base import Params, Repair
+
+    field = (kind, ...) if required else (Optional[kind], None)
+    toy = type("M", (Repair,), {"name": "m", "Params": create_model("MParams", __base__=Params, k=field)})
+    return toy(k=value).params["k"]
+
+
+def test_param_coercion_per_kind():
+    from typing import Literal
+
+    from posttrain.repair.base import Flag, FloatList, Fraction, LayerSpec, Number, StrList
+
+    assert _coerce(Fraction, 1) == 1.0 and isinstance(_coerce(Fraction, 1), float)
+    assert _coerce(Fraction, 0) == 0.0 and _coerce(Number, -3) == -3.0 and isinstance(_coerce(Number, -3), float)
+    assert _coerce(Fraction, None) is None
+    for bad, match in ((1.5, r"^m: k must be in \[0, 1\], got 1\.5$"), (-0.1, r"^m: k must be in \[0, 1\], got -0\.1$"),
+                       (True, r"^m: k must be a number, got True$"), ("0.2", r"^m: k must be a number, got '0\.2'$"),
+                       (float("nan"), "^m: k must be a number, got nan$"), (float("inf"), "^m: k must be a number, got inf$")):
         with pytest.raises(UserError, match=match):
-            _coerce("m", "k", Param("frac"), bad)
+            _coerce(Fraction, bad)
     with pytest.raises(UserError, match=r"^m: k is required$"):
-        _coerce("m", "k", Param("frac", required=True), None)
-    assert _coerce("m", "k", Param("float"), 7.5) == 7.5
-    assert _coerce("m", "k", Param("bool"), False) is False
+        _coerce(Fraction, None, required=True)
+    assert _coerce(Number, 7.5) == 7.5
+    with pytest.raises(UserError, match=r"^m: k must be a number, got True$"):
+        _coerce(Number, True)
+    assert _coerce(Flag, False) is False and _coerce(Flag, True) is True
     with pytest.raises(UserError, match=r"^m: k must be true or false, got 1$"):
-        _coerce("m", "k", Param("bool"), 1)
-    assert _coerce("m", "k", Param("choice", choices=("a", "b")), "b") == "b"
-    with pytest.raises(UserError, match=r"^m: k must be one of a, b, got 'c'$"):
-        _coerce("m", "k", Param("choice", choices=("a", "b")), "c")
-    assert _coerce("m", "k", Param("str_list"), " x, y ,") == ["x", "y"]
-    assert _coerce("m", "k", Param("str_list"), ["x", " y"]) == ["x", "y"]
+        _coerce(Flag, 1)
+    assert _coerce(Literal["a", "b"], "b") == "b"
+    with pytest.raises(UserError, match=r"^m: k must be one of 'a' or 'b', got 'c'$"):
+        _coerce(Literal["a", "b"], "c")
+    assert _coerce(StrList, " x, y ,") == ["x", "y"]
+    assert _coerce(StrList, ["x", " y", "z,w"]) == ["x", "y", "z", "w"]
     with pytest.raises(UserError, match=r"^m: k is empty$"):
-        _coerce("m", "k", Param("str_list"), " , ")
+        _coerce(StrList, " , ")
+    with pytest.raises(UserError, match=r"^m: k must be a list of strings or a comma-separated string, got \[1, 2\]$"):
+        _coerce(StrList, [1, 2])
     with pytest.raises(UserError, match="list of strings"):
-        _coerce("m", "k", Param("str_list"), [1, 2])
-    with pytest.raises(UserError, match="list of strings"):
-        _coerce("m", "k", Param("str_list"), 3)
-    assert _coerce("m", "k", Param("float_list"), 0.5) == [0.5]
-    assert _coerce("m", "k", Param("float_list"), [0, 1]) == [0.0, 1.0]
+        _coerce(StrList, 3)
+    assert _coerce(FloatList, 0.5) == [0.5]
+    assert _coerce(FloatList, [0, 1]) == [0.0, 1.0] and all(isinstance(x, float) for x in _coerce(FloatList, [0, 1]))
     with pytest.raises(UserError, match=r"^m: k is empty$"):
-        _coerce("m", "k", Param("float_list"), [])
-    with pytest.raises(UserError, match="must be a number"):
-        _coerce("m", "k", Param("float_list"), [0.5, "x"])
-    assert _coerce("m", "k", Param("layers"), " 0:2, 5 ") == "0:2,5"
-    with pytest.raises(UserError, match="quote it in YAML"):
-        _coerce("m", "k", Param("layers"), 124)
-    with pytest.raises(UserError, match="cannot parse"):
-        _coerce("m", "k", Param("layers"), "a:b")
+        _coerce(FloatList, [])
+    with pytest.raises(UserError, match=r"^m: k must be a number, got 'x'$"):
+        _coerce(FloatList, [0.5, "x"])
+    assert _coerce(LayerSpec, " 0:2, 5 ") == "0:2,5"
+    with pytest.raises(UserError, match=r"^m: k must be a string like '0:6', '3' or '0:2,5' \(quote it in YAML\), got 124$"):
+        _coerce(LayerSpec, 124)
+    with pytest.raises(UserError, match=r"layers: cannot parse 'a:b'"):
+        _coerce(LayerSpec, "a:b")
+    # a choice of a real repair reads the same way
+    with pytest.raises(UserError, match=r"^uv_merge: mode must be one of 'full', 'direction' or 'magnitude', got 'x'$"):
+        get_repair("uv_merge", top=0.2, mode="x")
 
 
 def test_repair_construction_errors_and_params():

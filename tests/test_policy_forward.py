@@ -13,7 +13,7 @@ import torch
 from posttrain.config import TrainConfig
 from posttrain.models.loading import load_model
 from posttrain.train.data_sources import Batch
-from posttrain.train.objectives import SFT, PolicyOutputs
+from posttrain.train.objectives import SFT, PolicyOutputs, Targets
 from posttrain.train.policy import ValueHead, policy_forward
 from posttrain.train.sequences import entropy_from_logits, pack
 
@@ -133,15 +133,19 @@ def test_sft_loss_ignores_the_prompt_tokens(model, agg):
     prompt_pos = batch.packed.target_mask == 0
     assert prompt_pos.tolist() == [[True, True, True, False, False, False, False]]
     new = logp.clone().requires_grad_(True)
-    loss = SFT().compute(PolicyOutputs(new), PolicyOutputs(logp), None, batch, cfg).loss
+    loss = SFT().compute(PolicyOutputs(new), PolicyOutputs(logp), None, batch, Targets(), cfg).loss
     (g,) = torch.autograd.grad(loss, new)
     assert torch.equal(g[prompt_pos], torch.zeros(3)) and bool((g[~prompt_pos] < 0).all())
     # moving the prompt tokens' log-probs leaves the loss exactly as it was
     moved = logp + 5.0 * prompt_pos
-    again = SFT().compute(PolicyOutputs(moved), PolicyOutputs(moved), None, batch, cfg).loss
+    again = SFT().compute(PolicyOutputs(moved), PolicyOutputs(moved), None, batch, Targets(), cfg).loss
     assert again.item() == loss.item()
-    # token-mean NLL by the definition: minus the mean completion log-prob
-    if agg == "token-mean":
+    # the NLL by the definition: minus the mean completion log-prob (one row: both means agree), or
+    # for Dr. GRPO's sum-norm minus their sum over B * max_new_tokens = 1 * 32 (the budget, not the width)
+    if agg == "seq-mean-token-sum-norm":
+        assert cfg.max_new_tokens == 32
+        assert loss.item() == pytest.approx(-logp[~prompt_pos].sum().item() / 32, rel=1e-6)
+    else:
         assert loss.item() == pytest.approx(-logp[~prompt_pos].mean().item(), rel=1e-6)
 
 
@@ -153,7 +157,7 @@ def test_a_few_sft_steps_lower_the_loss_on_a_fixed_example(model):
     opt = torch.optim.Adam(m.parameters(), lr=2e-3)
     losses = []
     for _ in range(6):
-        out = SFT().compute(policy_forward(m, batch.packed), None, None, batch, cfg)
+        out = SFT().compute(policy_forward(m, batch.packed), None, None, batch, Targets(), cfg)
         opt.zero_grad()
         out.loss.backward()
         opt.step()

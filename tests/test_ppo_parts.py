@@ -48,8 +48,12 @@ def test_value_loss_aggregation_mode_is_used():
     assert loss.item() == pytest.approx(0.5 * (1 / 3 + 4) / 2)
     loss, _ = value_loss(values, values, returns, mask, clip=0.2, mode="token-mean")
     assert loss.item() == pytest.approx(0.5 * 5 / 4)
-    loss, _ = value_loss(values, values, returns, mask, clip=None, mode="seq-mean-token-sum-norm")
-    assert loss.item() == pytest.approx(0.5 * (1 + 4) / 2 / 3)
+    # Dr. GRPO's sum-norm divides by B * norm_len (the constant max_new_tokens budget, 5 here), not
+    # by the batch width 3
+    loss, _ = value_loss(values, values, returns, mask, clip=None, mode="seq-mean-token-sum-norm", norm_len=5)
+    assert loss.item() == pytest.approx(0.5 * (1 + 4) / 2 / 5)
+    with pytest.raises(ValueError, match="norm_len"):
+        value_loss(values, values, returns, mask, clip=None, mode="seq-mean-token-sum-norm")
 
 
 # ---- masked_whiten ------------------------------------------------------------------------------
@@ -147,12 +151,13 @@ def test_clipfrac_counts_only_the_tokens_where_the_clipped_branch_is_taken():
     # (its clipped value -0.8 is below -0.5); ratio 1.0 is a tie; the masked token is ignored
     ratios = torch.tensor([[1.5, 1.4, 1.3, 0.5, 1.0, 3.0]])
     mask = T([1, 1, 1, 1, 1, 0])
-    loss, clipfrac = clipped_policy_loss(ratios.log(), torch.zeros(1, 6), torch.tensor([1.0]), mask, 0.2, 0.2)
-    assert clipfrac.item() == pytest.approx(3 / 5)
+    loss, clipfrac, dual = clipped_policy_loss(ratios.log(), torch.zeros(1, 6), torch.tensor([1.0]), mask, 0.2, 0.2)
+    assert clipfrac.item() == pytest.approx(3 / 5) and dual.item() == 0.0  # the dual clip is for A < 0 only
     assert loss.item() == pytest.approx((-1.2 * 3 - 0.5 - 1.0) / 5, abs=1e-6)
-    # A = -1 mirrors it: only the ratio below 1 - eps is clipped
-    loss, clipfrac = clipped_policy_loss(ratios.log(), torch.zeros(1, 6), torch.tensor([-1.0]), mask, 0.2, 0.2)
-    assert clipfrac.item() == pytest.approx(1 / 5)
+    # A = -1 mirrors it: only the ratio below 1 - eps is clipped; the losses (<= 1.5) stay under the
+    # dual clip's cap 3 * |A| (the masked ratio 3.0 would reach it, but is masked)
+    loss, clipfrac, dual = clipped_policy_loss(ratios.log(), torch.zeros(1, 6), torch.tensor([-1.0]), mask, 0.2, 0.2)
+    assert clipfrac.item() == pytest.approx(1 / 5) and dual.item() == 0.0
     assert loss.item() == pytest.approx((1.5 + 1.4 + 1.3 + 0.8 + 1.0) / 5, abs=1e-6)
 
 
@@ -163,12 +168,12 @@ def test_clip_eps_low_and_high_act_on_their_own_side():
     # A = -1: the low side clips ratio 0.5 at 1 - eps_low; eps_high does not matter
     for lo, expect in ((0.2, (1.5 + 0.8) / 2), (0.6, (1.5 + 0.5) / 2), (0.4, (1.5 + 0.6) / 2)):
         for hi in (0.2, 0.9):
-            loss, _ = clipped_policy_loss(ratios.log(), old, torch.tensor([-1.0]), mask, lo, hi)
+            loss, _, _ = clipped_policy_loss(ratios.log(), old, torch.tensor([-1.0]), mask, lo, hi)
             assert loss.item() == pytest.approx(expect, abs=1e-6), (lo, hi)
     # A = +1: the high side clips ratio 1.5 at 1 + eps_high; eps_low does not matter
     for hi, expect in ((0.2, (-1.2 - 0.5) / 2), (0.3, (-1.3 - 0.5) / 2), (0.6, (-1.5 - 0.5) / 2)):
         for lo in (0.1, 0.6):
-            loss, _ = clipped_policy_loss(ratios.log(), old, torch.tensor([1.0]), mask, lo, hi)
+            loss, _, _ = clipped_policy_loss(ratios.log(), old, torch.tensor([1.0]), mask, lo, hi)
             assert loss.item() == pytest.approx(expect, abs=1e-6), (lo, hi)
 
 
@@ -177,16 +182,21 @@ def test_clipped_loss_takes_per_token_advantages_and_aggregation():
     adv = T([1.0, -2.0], [3.0, 0.0])
     mask = T([1, 1], [1, 0])
     # per-token losses: -1.2, 2.0 ; -3.0, (masked)
-    loss, clipfrac = clipped_policy_loss(ratios.log(), torch.zeros(2, 2), adv, mask, 0.2, 0.2, "seq-mean-token-mean")
+    loss, clipfrac, _ = clipped_policy_loss(ratios.log(), torch.zeros(2, 2), adv, mask, 0.2, 0.2, "seq-mean-token-mean")
     assert loss.item() == pytest.approx(((-1.2 + 2.0) / 2 + -3.0) / 2, abs=1e-6)
     assert clipfrac.item() == pytest.approx(1 / 3)
-    loss, _ = clipped_policy_loss(ratios.log(), torch.zeros(2, 2), adv, mask, 0.2, 0.2, "seq-mean-token-sum-norm")
-    assert loss.item() == pytest.approx(((-1.2 + 2.0) + -3.0) / 2 / 2, abs=1e-6)
+    # sum-norm divides by B * norm_len (the generation budget, 4 here), not by the width 2
+    loss, _, _ = clipped_policy_loss(ratios.log(), torch.zeros(2, 2), adv, mask, 0.2, 0.2, "seq-mean-token-sum-norm",
+                                     norm_len=4)
+    assert loss.item() == pytest.approx(((-1.2 + 2.0) + -3.0) / 2 / 4, abs=1e-6)
+    # the dual clip acts per token on the negative advantages: A = -2 at ratio 4 costs 3 * 2, not 2 * 4
+    loss, _, dual = clipped_policy_loss(torch.log(T([1.5, 4.0], [1.0, 1.0])), torch.zeros(2, 2), adv, mask, 0.2, 0.2)
+    assert loss.item() == pytest.approx((-1.2 + 6.0 - 3.0) / 3, abs=1e-6) and dual.item() == pytest.approx(1 / 3)
 
 
 def test_clipped_loss_gradient_vanishes_only_on_the_clipped_side():
     logp = torch.log(torch.tensor([[1.5, 0.9]])).requires_grad_(True)
-    loss, _ = clipped_policy_loss(logp, torch.zeros(1, 2), torch.tensor([2.0]), torch.ones(1, 2), 0.2, 0.2)
+    loss, _, _ = clipped_policy_loss(logp, torch.zeros(1, 2), torch.tensor([2.0]), torch.ones(1, 2), 0.2, 0.2)
     (g,) = torch.autograd.grad(loss, logp)
     # token 0 clipped: no gradient; token 1: d(-A * rho)/d logp / 2 = -2 * 0.9 / 2
     assert torch.allclose(g, torch.tensor([[0.0, -0.9]]), atol=1e-6)
@@ -201,11 +211,20 @@ def test_kl_estimators_below_the_reference():
     assert kl_penalty(logp, ref, "k1").item() == pytest.approx(d, abs=1e-6)
     assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * d * d, abs=1e-6)
     assert kl_penalty(logp, ref, "k3").item() == pytest.approx(2.0 - math.log(2) - 1.0, abs=1e-6)
-    # the exponent is clamped at 20: a log-ratio of -50 gives e^20 - 20 - 1, not e^50
+    # verl's low_var_kl clamps the result to [-10, 10] (it used to be e^20 - 21 and e^-20 + 19 here)
     big = kl_penalty(torch.tensor([-50.0]), torch.tensor([0.0]), "k3")
-    assert big.item() == pytest.approx(math.exp(20) - 21, rel=1e-6)
+    assert big.item() == 10.0
     small = kl_penalty(torch.tensor([50.0]), torch.tensor([0.0]), "k3")
-    assert small.item() == pytest.approx(math.exp(-20) + 20 - 1, rel=1e-6)
+    assert small.item() == 10.0
+    # inside the bounds: log pi - log ref = 10 gives e^-10 + 9, -2 gives e^2 - 3
+    assert kl_penalty(torch.tensor([10.0, -2.0]), torch.zeros(2), "k3").tolist() == pytest.approx(
+        [math.exp(-10) + 9, math.exp(2) - 3], rel=1e-6)
+    # the exponent is clamped at 20 before exp: at a log-ratio of -100, e^100 would overflow float32 and
+    # the clamped token's zero gradient would become 0 * inf = nan
+    logp = torch.tensor([-100.0, 100.0], requires_grad=True)
+    k3 = kl_penalty(logp, torch.zeros(2), "k3")
+    (g,) = torch.autograd.grad(k3.sum(), logp)
+    assert k3.tolist() == [10.0, 10.0] and g.tolist() == [0.0, 0.0]
 
 
 def test_aggregate_handles_empty_rows_and_rejects_unknown_modes():

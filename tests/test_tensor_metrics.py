@@ -1,5 +1,7 @@
 """One row of spectral metrics for a (base, fine-tuned) pair, against the definitions computed here
-from full SVDs, through both routes (explicit factors and Gram matrices) and both orientations."""
+from full SVDs, through both routes (explicit factors and Gram matrices) and both orientations. The
+row is what `scan` writes: every per-matrix column of the diagnostics table (NaN where a diagnostic
+has nothing to say), filled by the table's per-matrix functions of one `MatrixPair`."""
 
 import math
 
@@ -8,9 +10,50 @@ import torch
 
 from posttrain.analysis import spectral as sp
 from posttrain.analysis.factors import Factors, gram_factors, svd_factors
-from posttrain.analysis.tensor_metrics import DEG, SPECTRAL_COLUMNS, from_gram, from_svd, pair_metrics, spectrum_metrics
+from posttrain.analysis.diagnostics import matrix_columns, matrix_diagnostics
+from posttrain.analysis.tensor_metrics import DEG, NAN, MatrixPair, from_gram, from_svd
 
 M, N, K, BINS = 30, 20, 3, 4
+
+# the spectral part of a tensor row, as the table declares it (a diagnostic dropped from the table
+# or a renamed column fails here)
+SPECTRAL_COLUMNS = [
+    "k", "angle_top_left", "angle_top_right", "angle_top_max_left", "angle_top_max_right", "proj_dist_top_left",
+    "proj_dist_top_right", "alignment_top_left", "alignment_top_right", "angle_bottom_left", "angle_bottom_right",
+    "sv_rel_change_top", "sv_rel_change_bottom", "sv_rel_change_all", "energy_magnitude", "energy_rotation",
+    "energy_diag_in_span", "energy_rotation_in_span", "update_energy_top", "stable_rank_delta", "effective_rank_delta", "stable_rank_base", "stable_rank_ft",
+    "alpha_base", "alpha_ft", "alpha_weighted_base", "alpha_weighted_ft", "log_spectral_norm_base",
+    "log_spectral_norm_ft",
+]
+
+
+def test_the_table_declares_the_spectral_columns():
+    assert matrix_columns() == SPECTRAL_COLUMNS
+    values_only = {c for d in matrix_diagnostics(vectors=False) for c in d.columns}
+    assert values_only == {"sv_rel_change_top", "sv_rel_change_bottom", "sv_rel_change_all", "stable_rank_base",
+                           "stable_rank_ft", "alpha_base", "alpha_ft", "alpha_weighted_base", "alpha_weighted_ft",
+                           "log_spectral_norm_base", "log_spectral_norm_ft"}
+    assert {c for d in matrix_diagnostics(vectors=True) for c in d.columns} == set(SPECTRAL_COLUMNS) - {"k"}
+
+
+def pair_metrics(ps, k, bins, dsq, transposed):
+    """(row, curve) of one pair as `scan` computes them: every per-matrix diagnostic of the table."""
+    m = MatrixPair(ps.fb, ps.ft, k, bins=bins, delta_sq=dsq, base_sq=1.0, transposed=transposed, ps=ps)
+    row = dict.fromkeys(matrix_columns(), NAN)
+    row["k"] = m.k
+    for d in matrix_diagnostics(vectors=True):
+        row.update(d.compute(m))
+    return row, m.curve, m
+
+
+def spectrum_metrics(fb, ft, k):
+    """The singular-value-only columns (`--esd` mode: no vectors) that the table's diagnostics give."""
+    m = MatrixPair(fb, ft, k, bins=BINS, delta_sq=1.0, base_sq=1.0, transposed=False)
+    assert not m.vectors and m.curve == []
+    row = {}
+    for d in matrix_diagnostics(vectors=False):
+        row.update(d.compute(m))
+    return row
 
 
 def orthonormal(m, k, seed):
@@ -54,9 +97,14 @@ def reference(Wb, Wt, k=K):
     out["sv_rel_change_bottom"] = float(rel[q - k:].mean())
     out["sv_rel_change_all"] = float(rel.mean())
     C = Ub.T @ dW @ Vb
-    out["energy_diag"] = float((C.diagonal() ** 2).sum() / (C ** 2).sum())
-    out["energy_rotation"] = 1 - out["energy_diag"]
     dsq = float((dW ** 2).sum())
+    diag, csq = float((C.diagonal() ** 2).sum()), float((C ** 2).sum())
+    # the reference's split divides by ||dW||^2; on this tall matrix part of dW lies outside
+    # span(U_b) x span(V_b), so the two do not sum to 1; the in-span shares divide by ||C||^2
+    out["energy_magnitude"] = diag / dsq
+    out["energy_rotation"] = (csq - diag) / dsq
+    out["energy_diag_in_span"] = diag / csq
+    out["energy_rotation_in_span"] = 1 - diag / csq
     out["update_energy_top"] = float((C[:k, :k] ** 2).sum()) / dsq
     ds = torch.linalg.svdvals(dW)
     out["stable_rank_delta"] = dsq / float(ds[0]) ** 2
@@ -72,7 +120,7 @@ def reference(Wb, Wt, k=K):
 
 def check_row(row, ref, swap=False, rel=1e-6, abs=1e-9):
     flip = {"left": "right", "right": "left"}
-    assert set(row) >= set(SPECTRAL_COLUMNS)
+    assert set(row) == set(SPECTRAL_COLUMNS)
     for key, value in ref.items():
         name = key
         if swap:
@@ -87,9 +135,10 @@ def test_explicit_factors_give_the_definitions(pair):
     Wb, Wt = pair
     ref, dsq = reference(Wb, Wt)
     fb, ft = svd_factors(Wb), svd_factors(Wt)
-    row, curve = pair_metrics(from_svd(Wt - Wb, fb, ft), K, BINS, dsq, transposed=False)
+    row, curve, m = pair_metrics(from_svd(Wt - Wb, fb, ft), K, BINS, dsq, transposed=False)
     check_row(row, ref)
-    assert row["_esd_base"].alpha == pytest.approx(ref["alpha_base"])
+    # the base's ESD fit is kept for the other models of the same tensor
+    assert m.base_cache["esd"].alpha == pytest.approx(ref["alpha_base"])
     # the planted rotation: left vector 0 turned by 0.3 rad, right vector 19 by 0.2 rad
     assert row["angle_top_max_left"] == pytest.approx(0.3 * DEG, rel=1e-6)
     assert row["angle_bottom_right"] == pytest.approx(0.2 * DEG / K, rel=1e-6)
@@ -114,10 +163,10 @@ def test_gram_route_gives_the_same_row(pair):
     fb, ft = gram_factors(Wb.T @ Wb), gram_factors(Wt.T @ Wt)
     ps = from_gram(Wb.T @ Wb, Wb.T @ dW, dW.T @ dW, fb, ft)
     assert not ps.explicit_left
-    row, curve = pair_metrics(ps, K, BINS, dsq, transposed=False)
+    row, curve, _ = pair_metrics(ps, K, BINS, dsq, transposed=False)
     # angles from cosines alone are accurate to ~sqrt(eps): 1e-5 degrees near zero
     check_row(row, ref, rel=1e-5, abs=1e-4)
-    explicit, curve_svd = pair_metrics(from_svd(dW, svd_factors(Wb), svd_factors(Wt)), K, BINS, dsq, False)
+    explicit, curve_svd, _ = pair_metrics(from_svd(dW, svd_factors(Wb), svd_factors(Wt)), K, BINS, dsq, False)
     assert [c["angle"] for c in curve] == pytest.approx([c["angle"] for c in curve_svd], rel=1e-5, abs=1e-4)
 
 
@@ -125,7 +174,7 @@ def test_a_wide_matrix_names_its_sides_in_its_own_orientation(pair):
     Wb, Wt = pair
     ref, dsq = reference(Wb, Wt)
     # the tall view of a wide matrix W (20 x 30) is W^T: its tall left side is W's right side
-    row, curve = pair_metrics(from_svd(Wt - Wb, svd_factors(Wb), svd_factors(Wt)), K, BINS, dsq, transposed=True)
+    row, curve, _ = pair_metrics(from_svd(Wt - Wb, svd_factors(Wb), svd_factors(Wt)), K, BINS, dsq, transposed=True)
     check_row(row, ref, swap=True)
     assert {c["side"] for c in curve[:4]} == {"right"} and {c["side"] for c in curve[4:]} == {"left"}
 
@@ -133,18 +182,18 @@ def test_a_wide_matrix_names_its_sides_in_its_own_orientation(pair):
 def test_k_is_clamped_and_partial_factors_skip_what_they_cannot_give(pair):
     Wb, Wt = pair
     dsq = float(((Wt - Wb) ** 2).sum())
-    row, _ = pair_metrics(from_svd(Wt - Wb, svd_factors(Wb), svd_factors(Wt)), 99, BINS, dsq, False)
+    row, _, _ = pair_metrics(from_svd(Wt - Wb, svd_factors(Wb), svd_factors(Wt)), 99, BINS, dsq, False)
     assert row["k"] == N
-    row, _ = pair_metrics(from_svd(Wt - Wb, svd_factors(Wb), svd_factors(Wt)), 0, BINS, dsq, False)
+    row, _, _ = pair_metrics(from_svd(Wt - Wb, svd_factors(Wb), svd_factors(Wt)), 0, BINS, dsq, False)
     assert row["k"] == 1
     # top-4 factors only (randomised SVD): no bottom angles, energy split, curve or ESD fit
     fb, ft = svd_factors(Wb, rank=4), svd_factors(Wt, rank=4)
     assert not fb.complete
-    row, curve = pair_metrics(from_svd(Wt - Wb, fb, ft), K, BINS, dsq, False)
+    row, curve, _ = pair_metrics(from_svd(Wt - Wb, fb, ft), K, BINS, dsq, False)
     ref, _ = reference(Wb, Wt)
     assert curve == []
-    for key in ("angle_bottom_left", "energy_diag", "sv_rel_change_bottom", "alpha_base", "effective_rank_delta",
-                "stable_rank_base"):
+    for key in ("angle_bottom_left", "energy_magnitude", "energy_rotation_in_span", "sv_rel_change_bottom", "alpha_base",
+                "effective_rank_delta", "stable_rank_base"):
         assert math.isnan(row[key]), key
     for key in ("angle_top_left", "angle_top_right", "sv_rel_change_top", "log_spectral_norm_ft", "stable_rank_delta"):
         assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-8), key

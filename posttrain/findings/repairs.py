@@ -94,7 +94,8 @@ def sft_damage_is_rotation(ctx: Context):
         return None, "needs uv_merge direction (orthonormalize: true) and magnitude repairs at top=1.0"
     (dn, dr), (mn, mr) = d, m
     fd, fm = dr.get("ood_recovered_frac"), mr.get("ood_recovered_frac")
-    ev = f"directions restored ({dn}): {recovered(dr)} recovered; singular values restored ({mn}): {recovered(mr)}"
+    ev = (f"directions restored ({dn}): {recovered(dr)} recovered; "
+          f"singular values restored ({mn}): {recovered(mr)} recovered")
     if fd is None or fm is None:
         return None, f"{untestable_gap(dr)}; {ev}"
     return Measured(fd - fm, 0.0, _difference_se(ctx, dr, mr, fd - fm), ev)

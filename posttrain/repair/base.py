@@ -168,6 +168,8 @@ def _message(method: str, err: ValidationError) -> str:
         return f"{method}: unknown parameter {loc}"
     if first["type"] == "missing":
         return f"{method}: {loc} is required"
+    if first["type"] == "literal_error":  # pydantic's "Input should be ..." would not read as a sentence here
+        return f"{method}: {loc} must be one of {first['ctx']['expected']}, got {first['input']!r}"
     return f"{method}: {loc} {msg}"
 
 
