@@ -357,6 +357,19 @@ class EvalConfig(Strict):
         return self
 
 
+class KlConfig(Strict):
+    """The KL of every trained model to the base on held-out prompts of its fine-tuning task
+    (posttrain/evaluation/kl.py): `n_prompts` fixed test problems x `n_samples` completions at
+    temperature 1, from the model and from the base. 0 prompts: skip it."""
+
+    # 64 x 8 costs about 2-2.6 CPU-seconds per model and 1.6 for the base's side on the default
+    # study (docs/architecture.md), with standard errors about 5% of the KL
+    n_prompts: int = Field(64, ge=0)
+    n_samples: int = Field(8, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)  # None: eval.max_new_tokens
+    batch_size: int = Field(256, ge=1)  # completions per sampling / scoring batch
+
+
 def _default_repair_grid() -> list[dict[str, Any]]:
     return [
         {"method": "uv_merge", "mode": "direction", "top": [0.05, 0.1, 0.2, 0.5, 1.0]},
@@ -438,6 +451,7 @@ class StudyConfig(Strict):
         return out
 
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    kl: KlConfig = Field(default_factory=KlConfig)
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     repair: RepairConfig = Field(default_factory=RepairConfig)
 
