@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from posttrain.analysis.predictors import line_fit, points_from_results, predictor_fits, ranks, spearman
+from posttrain.analysis.predictors import line_fit, points_from_results, pooled_points, predictor_fits, ranks, spearman
 from posttrain.evaluation.kl import kl_estimate, kl_to_base, sample, sequence_logprobs
 
 
@@ -126,6 +126,18 @@ def test_kl_predicts_forgetting_holds_fails_and_is_untestable():
     del res["kl_to_base"]["m0"], res["kl_to_base"]["m3"]
     holds, evidence, _ = _verdict(res)
     assert holds is None and "5 trained models" in evidence
+
+
+def test_pooling_seeds_makes_the_claim_testable():
+    # two methods per seed are untestable alone; three seeds pooled are six models
+    from posttrain.findings.kl import kl_verdict
+
+    seeds = {f"seed-{s}": _results([0.2 + s / 100, 0.05 + s / 100], [8.0 + s, 2.0 + s], [0.09, 0.02]) for s in range(3)}
+    assert kl_verdict(points_from_results(seeds["seed-0"]))[0] is None
+    pts = pooled_points(seeds)
+    assert len(pts) == 6 and pts[0]["name"] == "seed-0/m0" and pts[5]["name"] == "seed-2/m1"
+    holds, evidence, stats = kl_verdict(pts)
+    assert stats["n_models"] == 6 and holds is (stats["rho"] >= 0.7) and holds is True
 
 
 # ---- the estimator on real models -------------------------------------------------------------

@@ -101,5 +101,11 @@ def points_from_results(results: dict[str, Any]) -> list[dict[str, Any]]:
     return pts
 
 
+def pooled_points(results_by_run: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points of several studies' results.json (seeds, sweep cells) in one list, each model
+    named "<run>/<model>" (e.g. "seed-1/sft")."""
+    return [{**p, "name": f"{run}/{p['name']}"} for run, res in results_by_run.items() for p in points_from_results(res)]
+
+
 def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -23,7 +23,14 @@ def _fmt(fit: dict) -> str:
          f"prompts, >= {RHO} over at least {MIN_MODELS} trained models; the evidence also compares it with the "
          f"relative weight update).", paper="arXiv 2509.04259")
 def kl_predicts_forgetting(ctx: Context):
-    fits = predictor_fits(points_from_results(ctx.results))
+    return kl_verdict(points_from_results(ctx.results))
+
+
+def kl_verdict(points: list[dict]) -> tuple[bool | None, str, dict]:
+    """The rule of `kl_predicts_forgetting` over any list of per-model points
+    (`posttrain.analysis.predictors`): one study's models, or the models of several seeds or sweep
+    cells pooled (`pooled_points`). Returns (holds, evidence, stats)."""
+    fits = predictor_fits(points)
     main = fits[PRIMARY]
     n, rho, upd = main["n"], main["rho"], fits["rel_update_total"]["rho"]
     stats = {"n_models": n, "rho": rho, "r2": main["r2"], "rho_rel_update": upd, "r2_rel_update": fits["rel_update_total"]["r2"]}
