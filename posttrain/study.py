@@ -347,7 +347,7 @@ def kl_stage(cfg: StudyConfig, run: Run, stages: Stages, tasks: dict[str, Task],
     for name, m in cfg.methods.items():
         split = f"{m.task}/{m.split}"
         key = config_hash({"model": keys[name], "base": base_key, "kl": kc.model_dump(), "max_new_tokens": max_new,
-                           "split": split, "seed": cfg.seed, "world": cfg.world})
+                           "split": split, "seed": cfg.seed, "world": cfg.world_key})
         if stages.done(f"kl-{name}", key, [run.kl(name)]):
             say(f"kl {name}: cached")
             out[name] = read_json(run.kl(name))
