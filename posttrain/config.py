@@ -364,8 +364,8 @@ class KlConfig(Strict):
     (posttrain/evaluation/kl.py): `n_prompts` fixed test problems x `n_samples` completions at
     temperature 1, from the model and from the base. 0 prompts: skip it."""
 
-    # 64 x 8 costs about 2-2.6 CPU-seconds per model and 1.6 for the base's side on the default
-    # study (docs/architecture.md), with standard errors about 5% of the KL
+    # 64 x 8 on the default study: about 2.4-3.2 CPU-seconds per model plus 1.6 for the base's side
+    # (shared by the methods of a task split), standard errors 3-5% of the KL (bench/README.md#kl)
     n_prompts: int = Field(64, ge=0)
     n_samples: int = Field(8, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)  # None: eval.max_new_tokens
