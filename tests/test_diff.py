@@ -288,7 +288,8 @@ def test_planted_rotations_and_scalings_are_recovered(planted, tmp_path):
     assert v["sv_rel_change_bottom"] == pytest.approx(0.5, abs=1e-10)
     assert v["angle_top_left"] == pytest.approx(0, abs=1e-4) and v["angle_bottom_right"] == pytest.approx(0, abs=1e-4)
     # dW = U diag(ds) V^T is diagonal in the base's singular basis: all magnitude, no rotation
-    assert v["energy_diag"] == pytest.approx(1.0, abs=1e-10) and v["energy_rotation"] == pytest.approx(0, abs=1e-10)
+    assert v["energy_magnitude"] == pytest.approx(1.0, abs=1e-10) and v["energy_rotation"] == pytest.approx(0, abs=1e-10)
+    assert v["energy_diag_in_span"] == pytest.approx(1.0, abs=1e-10)
     s = np.linspace(8, 1, 40)
     ds = np.abs(np.concatenate([0.25 * s[:2], 0.5 * s[-2:]]))
     assert v["stable_rank_delta"] == pytest.approx((ds**2).sum() / ds.max() ** 2, rel=1e-9)
@@ -593,7 +594,8 @@ def test_float32_tall_matrices_take_the_gram_route_with_the_same_answers(tmp_pat
         assert r["sv_rel_change_top"] == pytest.approx(0.1, abs=1e-5)
         assert r["sv_rel_change_bottom"] == pytest.approx(0, abs=1e-5)
     # against float64 SVDs the Gram route is closer than float32 SVDs are
-    for col in ("angle_top_left", "angle_bottom_left", "angle_bottom_right", "energy_rotation", "alpha_base",
+    for col in ("angle_top_left", "angle_bottom_left", "angle_bottom_right", "energy_rotation", "energy_magnitude",
+                "energy_rotation_in_span", "alpha_base",
                 "stable_rank_delta", "effective_rank_delta", "sv_rel_change_all"):
         assert rows["auto"][col] == pytest.approx(rows["full64"][col], rel=1e-5, abs=1e-4)
         assert rows["full32"][col] == pytest.approx(rows["full64"][col], rel=1e-3, abs=1e-3)

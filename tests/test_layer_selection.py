@@ -60,18 +60,24 @@ def layers_of(names):
 
 
 def test_reset_first_quarter_of_six_layers_resets_two():
-    r = get_repair("reset_layers", first_frac=0.25)
+    r = get_repair("reset_layers", first_frac=0.25, scope="layers")
     chosen = r.plan(model_info(6))
     assert r.resolved_layers == [0, 1] and layers_of(chosen) == [0, 1]
     assert len(chosen) == 6 and "model.embed_tokens.weight" not in chosen and "lm_head.weight" not in chosen
-    r = get_repair("reset_layers", last_frac=0.35)
+    r = get_repair("reset_layers", last_frac=0.35, scope="layers")
     assert layers_of(r.plan(model_info(10))) == [6, 7, 8, 9]
     # embeddings / head add those tensors back to a layer restriction
-    r = get_repair("reset_layers", first_frac=0.25, embeddings=True, head=True)
+    r = get_repair("reset_layers", first_frac=0.25, embeddings=True, head=True, scope="layers")
     chosen = r.plan(model_info(6))
     assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= set(chosen)
-    r = get_repair("reset_layers", head=True)
+    r = get_repair("reset_layers", head=True, scope="layers")
     assert set(r.plan(model_info(2))) == {"model.norm.weight", "lm_head.weight"} and r.resolved_layers == []
+    # the default, the reference's scope: the layers' matrices + token embeddings + LM head, no norms
+    r = get_repair("reset_layers", first_frac=0.25)
+    chosen = r.plan(model_info(6))
+    assert r.resolved_layers == [0, 1] and layers_of(chosen) == [0, 1]
+    assert set(chosen) == {"model.embed_tokens.weight", "lm_head.weight"} | {
+        f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj")}
 
 
 def test_selection_by_module_and_glob():
@@ -88,6 +94,8 @@ def test_selection_by_module_and_glob():
     with pytest.raises(UserError, match="only one of"):
         get_repair("reset_layers", first_frac=0.25, last_frac=0.25)
     with pytest.raises(UserError, match="say what to reset"):
+        get_repair("reset_layers", scope="layers")
+    with pytest.raises(UserError, match="say which layers to reset"):
         get_repair("reset_layers")
     with pytest.raises(UserError, match="no numbered layers"):
         get_repair("reset_layers", first_frac=0.5).plan(ModelInfo({"w": TensorInfo("w", (2, 2), "F32", None, "other")}, 0))
@@ -158,10 +166,12 @@ def test_param_coercion_per_kind():
 
 def test_repair_construction_errors_and_params():
     r = get_repair("uv_merge", top=0.2, mode="direction")
-    assert r.own_params() == {"top": 0.2, "bottom": 0.0, "mode": "direction", "svd_dtype": "auto"}
+    assert r.own_params() == {"top": 0.2, "bottom": 0.0, "mode": "direction", "svd_dtype": "auto",
+                              "orthonormalize": False}
     assert r.params["embeddings"] is False and r.params["layers"] is None
     assert r.describe_selection() == "all tensors"
-    assert get_repair("reset_layers", first_frac=0.25, head=True).describe_selection() == "first_frac=0.25, head=True"
+    assert get_repair("reset_layers", first_frac=0.25, head=True, scope="layers").describe_selection() == \
+        "first_frac=0.25, head=True"
     with pytest.raises(UserError, match=r"^unknown repair method 'nope' \(known: "):
         get_repair("nope")
     with pytest.raises(UserError, match=r"^uv_merge: unknown parameter\(s\) topp \(known: top, bottom, mode"):
