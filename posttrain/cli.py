@@ -16,6 +16,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Study and steer how post-training changes a language model.")
 
 SET_HELP = "Override any config field, e.g. --set pretrain.steps=300 (repeatable)."
+DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+PICKLE_HELP = ("Read pickle-only checkpoints (pytorch_model.bin) as plain tensors with torch.load(weights_only=True); "
+               "refused without it.")
+
+
+def _device(device: str) -> str:
+    """Every command's --device, checked before any work (one resolver: posttrain.devices)."""
+    from posttrain.devices import device_name
+
+    return device_name(device)
+
+
+def _pickles(allow: bool):
+    from posttrain.analysis.checkpoints import pickle_allowed
+
+    return pickle_allowed(allow)
 
 
 def _study_config(config: Path | None, preset: str | None, overrides: list[str], task_specs: list[Path] = ()):
@@ -35,11 +51,12 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run directory (stages already done there are reused)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the study (config field `seed`)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Run the embedded default study end to end: pretrain, SFT vs GRPO, evaluate, diff, report."""
     from posttrain.study import run_study
 
+    device = _device(device)
     overrides = list(set_) + ([f"seed={seed}"] if seed is not None else [])
     cfg = _study_config(None, preset, overrides)
     run_study(cfg, out, resume=True, device=device)
@@ -52,14 +69,21 @@ def study(
     resume: bool = typer.Option(False, help="Continue a run directory, reusing finished stages."),
     seed: Optional[int] = typer.Option(None, help="Seed of the study (config field `seed`)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Run a whole study from a YAML config."""
+    from posttrain.config import plain_name
     from posttrain.study import run_study
 
+    device = _device(device)
     overrides = list(set_) + ([f"seed={seed}"] if seed is not None else [])
     cfg = _study_config(config, None, overrides)
-    run_study(cfg, out or Path("runs") / cfg.name, resume=resume, device=device)
+    if out is None and not plain_name(cfg.name):
+        raise UserError(f"study name {cfg.name!r} (in {config}) is not a plain directory name, so runs/<name> would "
+                        "not be a directory of runs/; rename the study or pass --out")
+    with _pickles(allow_pickle):
+        run_study(cfg, out or Path("runs") / cfg.name, resume=resume, device=device)
 
 
 @app.command()
@@ -67,12 +91,13 @@ def pretrain(
     config: Path = typer.Argument(..., help="Study YAML; its model, world and pretrain sections are used."),
     out: Path = typer.Option(..., help="Directory for the base checkpoint (out/base) and metrics (out/pretrain)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Pretrain a tiny model from scratch on the config's task mixture."""
     from posttrain.study import build_tasks
     from posttrain.train.pretrain import pretrain as run_pretrain
 
+    device = _device(device)
     cfg = _study_config(config, None, list(set_))
     if (out / "base").exists():
         raise UserError(f"{out / 'base'} exists; choose another --out")
@@ -89,24 +114,35 @@ def train(
     expert_format: Optional[str] = typer.Option(None, help="Solution format of expert demos (overrides the method's)."),
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out (bitwise identical result)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Post-train one model with one method of a config: sft, grpo, ppo, rloo, ei, self_sft, ..."""
+    from posttrain.models.hub import resolve_checkpoint
+
+    device = _device(device)
+    cfg = _study_config(config, None, list(set_))
+    if method not in cfg.methods:
+        raise UserError(f"method {method!r} is not in {config} (has: {', '.join(cfg.methods)})")
+    m = cfg.methods[method]
+    base = resolve_checkpoint(base, "--base")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; train writes a directory")
+    if (out / "model").exists() and (out / "train.json").is_file():
+        raise UserError(f"{out / 'model'} exists: that run is finished; choose another --out")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty (an unfinished run?); pass --resume to continue it "
+                        "or choose another --out")
+    with _pickles(allow_pickle):
+        _train(cfg, m, method, base, out, expert_format, resume, device)
+
+
+def _train(cfg, m, method: str, base: Path, out: Path, expert_format: str | None, resume: bool, device: str) -> None:
     from pydantic import ValidationError
 
     from posttrain.study import build_tasks
     from posttrain.train.loop import train as run_train
 
-    cfg = _study_config(config, None, list(set_))
-    if method not in cfg.methods:
-        raise UserError(f"method {method!r} is not in {config} (has: {', '.join(cfg.methods)})")
-    m = cfg.methods[method]
-    if not (base / "config.json").is_file():
-        raise UserError(f"--base {base}: not a Hugging Face checkpoint directory")
-    if (out / "model").exists():
-        raise UserError(f"{out / 'model'} exists: that run is finished; choose another --out")
-    if not resume and (out / "checkpoints").exists():
-        raise UserError(f"{out} holds checkpoints of an unfinished run; pass --resume to continue it")
     task = build_tasks(cfg)[m.task]
     if expert_format is not None:  # validated against the method's data source like a --set
         from posttrain.config import TrainConfig, format_validation_error
@@ -122,7 +158,7 @@ def train(
         typer.echo(f"expert format: {fmt} (the one the base writes least)", err=True)
     res = run_train(m, init_dir=base, ref_dir=base, out_dir=out, task=task, expert_format=fmt,
                     seed=cfg.seed if m.seed is None else m.seed, device=device, resume=resume,
-                    on_step=_train_progress(m.steps))
+                    on_step=_train_progress(m.steps), method=method)
     typer.echo(f"trained {res.trainable_params:,} of {res.total_params:,} parameters in {res.wall_seconds:.0f}s",
                err=True)
     typer.echo(str(res.model_dir))
@@ -142,17 +178,30 @@ def eval_(
     config: Optional[Path] = typer.Option(None, help="Study YAML for task parameters and eval settings."),
     task_spec: List[Path] = typer.Option([], "--task-spec", help="A dataset task YAML (repeatable), named by its "
                                          "`name:` or file name: --task-spec configs/tasks/gsm8k.yaml --tasks gsm8k/id."),
-    out: Optional[Path] = typer.Option(None, help="Write the scores as JSON here."),
+    out: Optional[Path] = typer.Option(None, help="Write the scores as JSON here (must not exist unless --overwrite)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("fp32", help="auto (the checkpoint's), fp32, bf16 or fp16."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Run the checkpoint's own modelling code (only for code you trust)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Evaluate one checkpoint on task splits (greedy accuracy, pass@k, format shares)."""
     import json
 
+    device = _device(device)
+    if out is not None:
+        if out.is_dir():
+            raise UserError(f"--out {out} is a directory; eval writes one JSON file")
+        if out.exists() and not overwrite:
+            raise UserError(f"--out {out} exists; pass --overwrite to replace it")
+    cfg = _study_config(config, None if config else "default", list(set_), list(task_spec))
+    # after the cheap checks: these import transformers (seconds)
     from posttrain.evaluation.evaluate import eval_problems, evaluate_model
     from posttrain.io import atomic_write_json
-    from posttrain.models.loading import load_model
-    cfg = _study_config(config, None if config else "default", list(set_), list(task_spec))
+    from posttrain.models.loading import check_generation_fits, load_model
+
     keys = list(dict.fromkeys(k.strip() for t in tasks for k in t.split(",") if k.strip()))
     if not keys:
         raise UserError("--tasks names no task/split (e.g. --tasks points24/id,facts/id)")
@@ -164,7 +213,9 @@ def eval_(
             objs[name] = cfg.make_task(name)
         objs[name].check_split(split)
         sets[f"{name}/{split}"] = eval_problems(objs[name], split, cfg.eval.n_per_split, cfg.seed)
-    mdl, tok = load_model(model, device=device)
+    mdl, tok = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    check_generation_fits(mdl, tok, [p.prompt for ps in sets.values() for p in ps], cfg.eval.max_new_tokens,
+                          "eval.max_new_tokens")
     scores = evaluate_model(mdl, tok, objs, sets, cfg.eval, cfg.seed)
     if out:
         atomic_write_json(out, scores)
@@ -195,22 +246,24 @@ def diff(
     pair: List[str] = typer.Option([], "--pair", help="Compare the updates of two models, A:B (repeatable; default "
                                    "all pairs of 2 to 6 models)."),
     trajectory: bool = typer.Option(False, "--trajectory", help="Diagnostics over each run's checkpoint sequence."),
-    device: str = typer.Option("cpu", help="cpu, cuda or auto (computes there when available)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto (computes there when available)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier diff in --out."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Where and how did fine-tuning change the weights? Streamed tensor by tensor, any HF safetensors checkpoints."""
-    import torch
-
     from posttrain.analysis.diff import diff as run_diff
     from posttrain.analysis.diff import model_names
     from posttrain.progress import enabled_by_default
 
-    # resolved here rather than by models.loading, whose transformers import costs seconds
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available")
-    if dev != "cpu" and not dev.startswith("cuda"):
-        raise UserError(f"unknown device {device!r} (cpu, cuda or auto)")
+    dev = _device(device)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; diff writes a directory")
+    done = [out / f for f in ("diff.json", "trajectory.json") if (out / f).exists()]
+    if done and not overwrite:
+        # diff.json is written last, so a directory without it holds an interrupted diff, redone freely
+        raise UserError(f"--out {out} already holds a finished diff ({done[0].name}); pass --overwrite to replace it "
+                        "or choose another --out")
     pairs = None
     if pair:
         pairs = []
@@ -226,14 +279,16 @@ def diff(
 
         if pairs is not None:
             raise UserError("--pair does not apply with --trajectory (consecutive checkpoints are compared)")
-        tr = run_trajectory(base, list(others), out, **kw)
+        with _pickles(allow_pickle):
+            tr = run_trajectory(base, list(others), out, **kw)
         for run in dict.fromkeys(p["run"] for p in tr.points):
             pts = [p for p in tr.points if p["run"] == run]
             typer.echo(f"{run}: {len(pts)} checkpoints, steps {pts[0]['step']}..{pts[-1]['step']}; "
                        f"rel. update {pts[0]['rel_update_total']:.3e} -> {pts[-1]['rel_update_total']:.3e}")
         typer.echo(f"wrote {out / 'trajectory.json'}")
         return
-    res = run_diff(base, model_names(list(others)), out, compare_pairs="auto" if pairs is None else pairs, **kw)
+    with _pickles(allow_pickle):
+        res = run_diff(base, model_names(list(others)), out, compare_pairs="auto" if pairs is None else pairs, **kw)
     for name, s in res.summaries.items():
         top = sorted(s.rel_update_by_module.items(), key=lambda kv: -kv[1])[:3]
         line = (f"{name}: total rel. update {s.rel_update_total:.3e}; top modules "
@@ -270,20 +325,15 @@ repair_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exce
                          help="Cheap repairs of fine-tuning damage; each writes a complete HF checkpoint.")
 app.add_typer(repair_app, name="repair")
 
-def _run_repair(method: str, base: Path, targets: list[Path], out: Path, overwrite: bool, device: str,
-                params: dict) -> None:
-    import torch
 
+def _run_repair(method: str, base: Path, targets: list[Path], out: Path, overwrite: bool, device: str,
+                params: dict, allow_pickle: bool = False) -> None:
     from posttrain.repair import get_repair, write_repair
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"unknown device {device!r} (cpu, cuda or auto)")
+    device = _device(device)
     repair = get_repair(method, **{k: v for k, v in params.items() if v is not None})
-    rec = write_repair(repair, base, targets, out, overwrite=overwrite, device=device)
+    with _pickles(allow_pickle):
+        rec = write_repair(repair, base, targets, out, overwrite=overwrite, device=device)
     n = rec["n_tensors"]
     typer.echo(f"{method}: repaired {n['repaired']} of {n['repaired'] + n['copied']} tensors "
                f"({rec['selection']['description']})", err=True)
@@ -342,21 +392,23 @@ def _repair_command(cls) -> None:
             inspect.Parameter("overwrite", kw, annotation=bool, default=typer.Option(
                 False, "--overwrite", help="Replace --out if it is an earlier repair output.")),
             inspect.Parameter("device", kw, annotation=str, default=typer.Option(
-                "cpu", help="Where the computation runs: cpu, cuda or auto."))]
+                "cpu", help="Where the computation runs: cpu, cuda, cuda:N or auto.")),
+            inspect.Parameter("allow_pickle", kw, annotation=bool, default=typer.Option(
+                False, "--allow-pickle", help=PICKLE_HELP))]
 
     def command(**kw_args) -> None:
         chosen = [f for f in flags if kw_args.pop(f)]
         if len(chosen) > 1:
             raise UserError(" and ".join("--" + f.replace("_", "-") for f in chosen) + " exclude each other")
         base, target, out = kw_args.pop("base"), kw_args.pop("target"), kw_args.pop("out")
-        overwrite, device = kw_args.pop("overwrite"), kw_args.pop("device")
+        overwrite, device, allow_pickle = kw_args.pop("overwrite"), kw_args.pop("device"), kw_args.pop("allow_pickle")
         params = {k: v for k, v in kw_args.items() if v not in (None, [], False) or k in cls.Params.model_fields}
         params = {k: (v or None) if isinstance(v, list) else v for k, v in params.items()}
         for f in chosen:
             field, value = flags[f]
             params[field] = value
         targets = list(target) if cls.multi_target else [target]
-        _run_repair(cls.name, base, targets, out, overwrite, device, params)
+        _run_repair(cls.name, base, targets, out, overwrite, device, params, allow_pickle)
 
     command.__signature__ = inspect.Signature(sig)
     command.__doc__ = cls.help or " ".join((cls.__doc__ or cls.name).strip().split("\n\n")[0].split())

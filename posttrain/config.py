@@ -495,6 +495,9 @@ class StudyConfig(Strict):
                                  f"{', '.join(fmts) or 'none'}, so it cannot be written in pretraining"
                                  + (f" as {', '.join(bad)}" if bad and fmts else ""))
         for name, m in self.methods.items():
+            if not plain_name(name) or name == "base":
+                raise ValueError(f"methods: {name!r} cannot name a method (it becomes a directory name: no '/', '\\', "
+                                 "'.' or '..', and 'base' is the base model)")
             task = self.make_task(m.task)
             fmt = getattr(m.data_params, "expert_format", None)
             if fmt is not None:
@@ -512,6 +515,12 @@ class StudyConfig(Strict):
         keys = [r.key for r in self.lm_eval_retention]
         if dup := sorted({k for k in keys if keys.count(k) > 1}):
             raise ValueError(f"retention lists {dup[0]!r} twice (each lm_eval task once per num_fewshot)")
+        if self.base_model is None:
+            # the tiny model's context is known from the config: fail now, not after pretraining
+            for key, n in [("eval.max_new_tokens", self.eval.max_new_tokens),
+                           *((f"methods.{k}.max_new_tokens", m.max_new_tokens) for k, m in self.methods.items())]:
+                if n >= self.model.max_length:
+                    raise ValueError(f"{key}={n} does not fit the model's context (model.max_length={self.model.max_length})")
         rep = self.repair
         if rep.damaged not in (None, "auto") and rep.damaged not in self.methods:
             raise ValueError(f"repair.damaged: {rep.damaged!r} is not a method of this study "
@@ -550,9 +559,16 @@ class StudyConfig(Strict):
                                                    "data": data_fingerprint(v.source)} for k, v in self.tasks.items()}}
 
 
+def plain_name(name: str) -> bool:
+    """Whether `name` is usable as one directory name (it cannot climb out of or into another directory)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set `data[a][b][c] = value` for `dotted = "a.b.c"`, creating dicts on the way."""
     keys = dotted.split(".")
+    if not all(k.strip() for k in keys):
+        raise UserError(f"override key {dotted!r} has an empty component (expected e.g. methods.sft.lr)")
     node = data
     for k in keys[:-1]:
         node = node.setdefault(k, {})

@@ -144,6 +144,10 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     run = Run(out)
     if run.root.exists() and any(run.root.iterdir()) and not resume:
         raise UserError(f"{run.root} exists and is not empty; pass --resume to continue it or choose another --out")
+    if cfg.base_model is not None:  # checked before anything is written
+        from posttrain.models.loading import open_checkpoint
+
+        base_dir, _ = open_checkpoint(cfg.base_model)
     run.root.mkdir(parents=True, exist_ok=True)
     stages = Stages(run, resume)
     atomic_write_text(run.root / "config.yaml", dump_yaml(cfg))
@@ -153,11 +157,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     # ---- base model -------------------------------------------------------------------------
     base_key = config_hash({"model": cfg.model.model_dump(), "pretrain": cfg.pretrain.model_dump(mode="json"),
                             "world": cfg.world_key, "seed": cfg.seed, "base_model": cfg.base_model})
-    if cfg.base_model is not None:
-        base_dir = Path(cfg.base_model)
-        if not (base_dir / "config.json").is_file():
-            raise UserError(f"base_model {cfg.base_model!r} is not a local Hugging Face checkpoint directory")
-    else:
+    if cfg.base_model is None:
         base_dir = run.base
         if stages.done("pretrain", base_key, [run.base / "config.json"]):
             say("pretrain: cached")
@@ -185,10 +185,12 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         if stages.done(f"eval-{name}", key, [run.eval(name)]):
             say(f"eval {name}: cached")
             return read_json(run.eval(name))
-        from posttrain.models.loading import load_model
+        from posttrain.models.loading import check_generation_fits, load_model
 
         say(f"eval {name}")
         model, tok = load_model(model_dir, device=device)
+        check_generation_fits(model, tok, [p.prompt for ps in problem_sets.values() for p in ps],
+                              cfg.eval.max_new_tokens, "eval.max_new_tokens")
         scores = evaluate_model(model, tok, tasks, problem_sets, cfg.eval, cfg.seed)
         scores.update(evaluate_lm_eval_refs(model, tok, lm_refs, cfg.seed))
         atomic_write_json(run.eval(name), scores)
@@ -227,7 +229,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
             train(m, init_dir=init_dir, ref_dir=base_dir, out_dir=out_dir, task=task, expert_format=expert_format,
                   seed=cfg.seed if m.seed is None else m.seed, curve_tasks=tasks, curve_problems=curve_problems,
                   curve_every=max(1, m.steps // 10), device=device, resume=resume,
-                  on_step=progress_logger(say, f"train {name}", m.steps))
+                  on_step=progress_logger(say, f"train {name}", m.steps), method=name)
             stages.finish(f"train-{name}", key)
         model_dirs[name] = out_dir / "model"
         keys[name] = key

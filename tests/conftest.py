@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -38,3 +40,33 @@ def coin_checkpoint(tmp_path_factory):
     cfg = PretrainConfig(steps=40, batch_size=32, lr=1e-2, warmup_steps=2, mixture=[TaskRef(task="coin")], log_every=40)
     model_cfg = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_length=96)
     return pretrain(model_cfg, cfg, {"coin": build_task("coin")}, root / "pretrain", root / "model", seed=0, device="cpu")
+
+
+# Lines for the end of the pytest run (`make test` shows them): the corpus size, the number of
+# kill-and-resume trials. Tests add them through the `summary_line` fixture.
+_SUMMARY = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def summary_line(request):
+    return request.config.stash.setdefault(_SUMMARY, []).append
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = config.stash.get(_SUMMARY, [])
+    if lines:
+        terminalreporter.section("posttrain reliability")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def quick_study(tmp_path_factory):
+    """`posttrain demo --preset quick` run once per session (the CLI end-to-end test and the
+    browser test of its report share it)."""
+    out = tmp_path_factory.mktemp("quick") / "demo"
+    env = {**os.environ, "POSTTRAIN_NO_PROGRESS": "1"}
+    r = subprocess.run([sys.executable, "-m", "posttrain.cli", "demo", "--preset", "quick", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out

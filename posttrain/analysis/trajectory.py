@@ -14,6 +14,7 @@ since the previous checkpoint. A point per checkpoint:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,10 +112,16 @@ def trajectory_points(res: DiffResult, runs: dict[str, list[tuple[int, Path]]],
                  **trajectory_values(res.summaries[k].to_json())}
             pair = res.pairs.get((prev, k))
             if pair is not None:
-                p["cosine_prev"], p["step_distance"] = pair.cosine_total, pair.rel_distance_total
+                # NaN when an update is exactly zero (a checkpoint identical to the base or to the
+                # previous one): undefined, which JSON spells null
+                p["cosine_prev"], p["step_distance"] = _finite(pair.cosine_total), _finite(pair.rel_distance_total)
             points.append(p)
             prev = k
     return points
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
 
 
 def trajectory(base: str | Path, runs: dict[str, list[tuple[int, Path]]] | list[str | Path],

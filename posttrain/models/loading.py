@@ -1,34 +1,92 @@
-"""Load and save any Hugging Face causal LM with its tokenizer.
+"""Load and save any Hugging Face causal LM with its tokenizer: the one loading path of every command.
 
-The same functions serve the tiny from-scratch models and real checkpoints (a local directory or
-a hub id). Remote code is off unless the caller opts in, and weights are only ever read from
-safetensors or with `weights_only=True` by transformers itself.
+`load_model` serves the tiny from-scratch models and real checkpoints (a local directory or a hub
+id, see `posttrain.models.hub`) alike, and checks before trusting a checkpoint what `diff` and
+`repair` check (`posttrain.analysis.checkpoints`):
+
+- the weight files open (no truncated or corrupt safetensors, no garbage header, no missing shard);
+- pickle-only weights are refused unless `allow_pickle`, and then read with `weights_only=True`;
+- every tensor has the shape the model's config implies, no tensor is missing (transformers would
+  initialise it randomly) and none is unexpected (a renamed tensor is both);
+- every weight is finite.
+Any failure is a one-line `UserError` naming the checkpoint and the tensor. Remote code is off
+unless the caller opts in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from posttrain.analysis.checkpoints import Checkpoint, check_finite
+from posttrain.devices import resolve_device  # noqa: F401 - the resolver's historical home; callers import it from here
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir
+from posttrain.models.hub import resolve_checkpoint
 
 # per-file "Loading weights" bars are noise next to our own progress reporting
 hf_logging.disable_progress_bar()
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# what transformers raises for a checkpoint it cannot read (after our own checks passed)
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError, json.JSONDecodeError)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers prints a multi-line load report for mismatches; ours is the one-line error."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x for x in str(e).strip().splitlines() if x.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def _shown(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
+
+
+def open_checkpoint(path: str | Path, allow_pickle: bool | None = None) -> tuple[Path, Checkpoint]:
+    """Resolve `path` to a local checkpoint directory and open its weights; `UserError` unless it
+    has a readable config.json and readable weight files."""
+    local = resolve_checkpoint(path)
+    if not local.is_dir():
+        raise UserError(f"{path}: is a file, not a Hugging Face checkpoint directory")
+    cfg_file = local / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_file}: not valid JSON ({_first_line(e)})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_file}: not a JSON object")
+    return local, Checkpoint(local, allow_pickle=allow_pickle)
+
+
+def _expected_shapes(config, trust_remote_code: bool) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes the config implies, from a weightless (meta-device) instance of the model."""
+    try:
+        with torch.device("meta"), _quiet():
+            meta = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - without it the load report below still catches mismatches
+        return {}
+    return {n: tuple(t.shape) for n, t in meta.state_dict().items()}
 
 
 def load_model(
@@ -36,23 +94,55 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    allow_pickle: bool | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer; a clear `UserError` when the path holds neither."""
-    path = str(path)
+    """Load a causal LM and its tokenizer after checking the checkpoint (module docstring).
+
+    `dtype`: auto (the checkpoint's), fp32, bf16 or fp16. `allow_pickle`: read pickle-only weights
+    (None: as `posttrain.analysis.checkpoints.pickle_allowed` says; off by default)."""
     if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
-    local = Path(path)
-    if local.exists() and not (local / "config.json").is_file():
-        raise UserError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
+        raise UserError(f"unknown dtype {dtype!r} (auto, fp32, bf16 or fp16)")
+    dev = resolve_device(device)
+    local, ck = open_checkpoint(path, allow_pickle)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+        with _quiet():
+            config = AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
+    except _LOAD_ERRORS as e:
+        hint = " (pass --trust-remote-code only if you trust its code)" if "trust_remote_code" in str(e) else ""
+        raise UserError(f"{path}: cannot read config.json: {_first_line(e)}{hint}") from None
+    try:
+        with _quiet():
+            tok = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exceptions on bad files
+        raise UserError(f"{path}: cannot load the tokenizer: {_first_line(e)}") from None
+    expected = _expected_shapes(config, trust_remote_code)
+    for name in ck.names():
+        if name in expected and tuple(ck.shape(name)) != expected[name]:
+            raise UserError(f"{path}: tensor {name} has shape {list(ck.shape(name))} but the model's config.json "
+                            f"implies {list(expected[name])}")
+    try:
+        with _quiet():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                local, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                output_loading_info=True, weights_only=True)
+    except _LOAD_ERRORS as e:
+        raise UserError(f"cannot load model from {path}: {_first_line(e)}") from None
+    # a missing tensor would be silently random-initialised, an unexpected one silently dropped
+    if info.get("missing_keys"):
+        raise UserError(f"{path}: the checkpoint lacks tensor(s) the model needs: {_shown(info['missing_keys'])}"
+                        + (f"; it has unexpected {_shown(info['unexpected_keys'])}" if info.get("unexpected_keys") else ""))
+    if info.get("unexpected_keys"):
+        raise UserError(f"{path}: the checkpoint has tensor(s) the model does not use: {_shown(info['unexpected_keys'])}")
+    if info.get("mismatched_keys"):
+        raise UserError(f"{path}: tensor(s) with the wrong shape: {_shown(str(k[0] if isinstance(k, tuple) else k) for k in info['mismatched_keys'])}")
+    if info.get("error_msgs"):
+        raise UserError(f"cannot load model from {path}: {_first_line(info['error_msgs'][0])}")
+    for name, t in model.state_dict().items():
+        check_finite(name, t, path)
     if tok.pad_token_id is None:
         # right padding with the EOS id is safe: padded positions are always masked out
         tok.pad_token = tok.eos_token
-    model.to(resolve_device(device) if isinstance(device, str) else device)
+    model.to(dev)
     model.eval()
     return model, tok
 
@@ -64,3 +154,28 @@ def save_checkpoint(model: PreTrainedModel, tok: PreTrainedTokenizerBase, path: 
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return path
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The number of positions the model was built for (None when its config does not say)."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_generation_fits(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str],
+                          max_new_tokens: int, key: str) -> None:
+    """`UserError` naming `key` when the longest prompt plus `max_new_tokens` would run past the
+    model's context (learned position embeddings fail there, rotary ones leave their training range)."""
+    ctx = context_length(model)
+    if ctx is None or not prompts:
+        return
+    from posttrain.train.sequences import encode_prompts
+
+    longest = max(len(ids) for ids in encode_prompts(tok, list(dict.fromkeys(prompts))))
+    if longest + max_new_tokens > ctx:
+        raise UserError(f"{key}={max_new_tokens}: the longest prompt has {longest} tokens, so generation would run "
+                        f"past the model's context of {ctx} positions; use at most {max(ctx - longest, 0)}")

@@ -25,12 +25,12 @@ from typing import Any, Sequence
 
 import torch
 
-from posttrain.analysis.checkpoints import Checkpoint, check_compatible, classify
+from posttrain.analysis.checkpoints import Checkpoint, check_compatible, check_finite, classify
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir, atomic_write_json, versions
 from posttrain.progress import progress_bar
 from posttrain.repair.base import ModelInfo, Repair, TensorInfo
-from posttrain.repair.safetensors_stream import DTYPES, StreamWriter, read_header
+from posttrain.repair.safetensors_stream import DTYPES, StreamWriter
 
 REPAIR_VERSION = 1  # bump when a repair's output for the same params changes, to invalidate caches
 RECORD = "repair.json"
@@ -90,7 +90,7 @@ def fingerprint(path: str | Path) -> str:
     reused; moving a run directory (which keeps mtimes) keeps the cache valid.
     """
     p = Path(path)
-    files = [p] if p.is_file() else sorted([*p.glob("*.safetensors"), *p.glob(INDEX)])
+    files = [p] if p.is_file() else sorted([*p.glob("*.safetensors"), *p.glob(INDEX), *p.glob("*.bin")])
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
@@ -151,6 +151,25 @@ def _copy_aux(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def _out_name(fname: str) -> str:
+    """The output file of an input weight file: safetensors names are kept, pickle shards renamed
+    (pytorch_model-00001-of-00002.bin -> model-00001-of-00002.safetensors)."""
+    if fname.endswith(".safetensors"):
+        return fname
+    return fname.rsplit(".", 1)[0].replace("pytorch_model", "model", 1) + ".safetensors"
+
+
+def _params(repair: Repair) -> str:
+    return ", ".join(f"{k}={v}" for k, v in repair.own_params().items()) or "these parameters"
+
+
+def _finite_input(repair: Repair, name: str, tensors: list[tuple[str, Checkpoint, torch.Tensor]]) -> None:
+    for which, ck, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{repair.name}: {name} has non-finite values in the {which} ({ck.path}); "
+                            "refusing to repair it (nothing written)")
+
+
 def write_repair(repair: Repair, base_dir: str | Path, target_dirs: Sequence[str | Path], out_dir: str | Path,
                  overwrite: bool = False, device: str = "cpu", show_progress: bool = True) -> dict[str, Any]:
     """Apply `repair` to base/targets and write the checkpoint to `out_dir`; returns the repair.json record."""
@@ -168,19 +187,23 @@ def write_repair(repair: Repair, base_dir: str | Path, target_dirs: Sequence[str
     with atomic_dir(out) as tmp:
         aux = _copy_aux(targets[0].path, tmp)
         with progress_bar(len(info.tensors), f"repair {repair.name}", enabled=show_progress) as advance:
+            src = targets[0]
             for fname, names in shards.items():
-                header = read_header(targets[0].path / fname)
-                lost = [n for n in names if n not in header]
-                if lost:
-                    raise UserError(f"{targets[0].path}: the index puts {lost[0]} in {fname}, which lacks it")
-                specs = [(n, header[n]["dtype"], tuple(header[n]["shape"])) for n in names]
-                writer = StreamWriter(tmp / fname, specs, header.get("__metadata__") or {"format": "pt"})
+                specs = [(n, src.dtype(n), tuple(src.shape(n))) for n in names]
+                writer = StreamWriter(tmp / _out_name(fname), specs, src.metadata(fname) or {"format": "pt"})
                 try:
                     for name in writer.order:
                         if name in touched:
-                            tensor = repair.apply(name, base.get(name).to(dev), [t.get(name).to(dev) for t in targets])
+                            b, ts = base.get(name), [t.get(name) for t in targets]
+                            _finite_input(repair, name, [("base", base, b), *(("target", c, t) for c, t in zip(targets, ts))])
+                            tensor = repair.apply(name, b.to(dev), [t.to(dev) for t in ts])
+                            del b, ts
+                            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                                raise UserError(f"{repair.name}: the output tensor {name} would hold non-finite values "
+                                                f"(NaN or inf) with {_params(repair)}; nothing written")
                         else:
-                            tensor = targets[0].get(name)
+                            tensor = src.get(name)
+                            check_finite(name, tensor, src.path)
                         writer.write(name, tensor)
                         del tensor
                         advance(1)
@@ -188,8 +211,11 @@ def write_repair(repair: Repair, base_dir: str | Path, target_dirs: Sequence[str
                 except BaseException:
                     writer.abort()
                     raise
-        if (targets[0].path / INDEX).is_file():
-            shutil.copy2(targets[0].path / INDEX, tmp / INDEX)
+        if (src.path / INDEX).is_file():
+            shutil.copy2(src.path / INDEX, tmp / INDEX)
+        elif len(shards) > 1:  # sharded pickles: the renamed shards get a safetensors index
+            atomic_write_json(tmp / INDEX, {"metadata": {}, "weight_map": {
+                n: _out_name(f) for f, names in shards.items() for n in names}})
         record = {
             **key,
             "base": str(Path(base_dir).resolve()),
@@ -197,7 +223,7 @@ def write_repair(repair: Repair, base_dir: str | Path, target_dirs: Sequence[str
             "selection": {"layers": repair.resolved_layers, "description": repair.describe_selection()},
             "tensors_repaired": sorted(touched),
             "n_tensors": {"repaired": len(touched), "copied": len(info.tensors) - len(touched)},
-            "files": sorted([*shards, *aux, *([INDEX] if (tmp / INDEX).is_file() else [])]),
+            "files": sorted([*map(_out_name, shards), *aux, *([INDEX] if (tmp / INDEX).is_file() else [])]),
             "wall_seconds": round(time.time() - t0, 3),
             "versions": versions(),
         }

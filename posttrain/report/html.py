@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from posttrain.config import plain_name
 from posttrain.errors import UserError
 from posttrain.io import atomic_write_text, read_json
 from posttrain.analysis.diagnostics import heatmaps
 from posttrain.report import plots as P
+from posttrain.report.schema import read_results
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -34,7 +36,15 @@ def _pct(x: Any) -> str:
 def _read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the torn last line of a killed run
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def accuracy_table(res: dict) -> str:
@@ -72,7 +82,7 @@ def examples_block(run: Path, res: dict) -> str:
     parts = []
     for name in res["models"]:
         path = run / "eval" / f"{name}.json"
-        if not path.is_file():
+        if not plain_name(name) or not path.is_file():  # a name from results.json never leads out of the run
             continue
         ex = read_json(path).get(res["id_task"], {}).get("examples", [])
         lines = "\n".join(f"{'✓' if e['correct'] else '✗'} {e['prompt']} {e['completion']}" for e in ex)
@@ -226,8 +236,20 @@ def build_report(run: Path) -> str:
     res_path = run / "results.json"
     if not res_path.is_file():
         raise UserError(f"{run}: no results.json (run a study into this directory first)")
-    res = read_json(res_path)
-    versions = read_json(run / "versions.json") if (run / "versions.json").is_file() else {}
+    res = read_results(res_path)
+    try:
+        return _render(run, res)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        # the schema covers what every report shows; deeper entries (diagnostics, repairs) vary
+        raise UserError(f"{res_path}: incomplete or invalid results ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _render(run: Path, res: dict) -> str:
+    try:
+        versions = read_json(run / "versions.json")
+    except (OSError, ValueError):
+        versions = {}
+    versions = versions if isinstance(versions, dict) else {}
     config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
     body = [f"<h1>posttrain study <code>{html.escape(str(res['study']))}</code></h1>",
             f'<p class="meta">seed {res["seed"]} · wall time {res["wall_seconds"]:.0f}s · in-domain task '
@@ -244,7 +266,8 @@ def build_report(run: Path) -> str:
                 "run's numbers. One seed; see the README for the spread across seeds.</p>")
     body.append(findings_table(res.get("findings", [])))
 
-    curves = {name: _read_metrics(run / "methods" / name / "metrics.jsonl") for name in res.get("training", {})}
+    curves = {name: _read_metrics(run / "methods" / name / "metrics.jsonl") for name in res.get("training", {})
+              if plain_name(name)}
     curves = {k: v for k, v in curves.items() if v}
     if curves:
         keys = [(f"eval/{res['id_task']}/acc", "in-domain accuracy (greedy, 64 problems)"),

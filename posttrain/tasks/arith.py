@@ -18,9 +18,9 @@ import random
 import re
 
 from posttrain.errors import UserError
-from posttrain.tasks.base import MALFORMED, Problem, Task, Verdict, register_task
+from posttrain.tasks.base import MALFORMED, NUMBER, Problem, Task, Verdict, register_task
 
-_NUM = r"(0|[1-9][0-9]*)"
+_NUM = NUMBER
 _COT_STEP = re.compile(rf"{_NUM}([-+]){_NUM}={_NUM}")
 _DIRECT = re.compile(_NUM)
 _ASSIGN = re.compile(rf"x={_NUM}")

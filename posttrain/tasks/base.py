@@ -41,6 +41,12 @@ class Verdict:
 
 MALFORMED = Verdict(correct=False, malformed=True, format=None)
 
+# Numbers in answers have at most this many digits; a longer one is outside every task's grammar
+# (malformed). Python refuses to convert integers of more than 4300 digits, and no answer of these
+# tasks comes close to 64.
+MAX_DIGITS = 64
+NUMBER = rf"(0|[1-9][0-9]{{0,{MAX_DIGITS - 1}}})"  # one capturing group
+
 
 class Task:
     """Base class. Subclasses set `name`, `formats`, `splits` and implement the three methods.

@@ -24,13 +24,13 @@ from fractions import Fraction
 from functools import lru_cache
 
 from posttrain.errors import UserError
-from posttrain.tasks.base import MALFORMED, Problem, Task, Verdict, register_task
+from posttrain.tasks.base import MALFORMED, NUMBER, Problem, Task, Verdict, register_task
 from posttrain.tasks.exprs import ParseError, apply_op, parse_expression, render
 
 RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
 FACES = ("J", "Q", "K")
 RULE_TAG = {"ten": "JQK=10", "seq": "JQK=11,12,13"}
-_STEP = re.compile(r"(0|[1-9][0-9]*)([-+*/])(0|[1-9][0-9]*)=(0|[1-9][0-9]*)")
+_STEP = re.compile(rf"{NUMBER}([-+*/]){NUMBER}={NUMBER}")
 
 
 def card_value(card: str, rule: str) -> int:
@@ -142,7 +142,7 @@ class Points24(Task):
         if completion.count("=") != 1:
             return MALFORMED
         lhs, rhs = completion.split("=")
-        if not re.fullmatch(r"0|[1-9][0-9]*", rhs):
+        if not re.fullmatch(NUMBER, rhs):
             return MALFORMED
         try:
             parsed = parse_expression(lhs)

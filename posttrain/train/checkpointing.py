@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from posttrain.analysis.checkpoints import Checkpoint, step_dirs
+from posttrain.analysis.checkpoints import Checkpoint, check_finite, step_dirs
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir, atomic_write_text
 
@@ -93,21 +93,38 @@ def resume_latest(out_dir: Path, model, optimizer, scheduler, metrics_path: Path
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop the rows of a metrics.jsonl logged after `step` (a resumed run logs them again)."""
     rows = path.read_text().splitlines() if path.is_file() else []
-    atomic_write_text(path, "".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= step))
+    atomic_write_text(path, "".join(r + "\n" for r in rows if (s := _step_of(r)) is not None and s <= step))
+
+
+def _step_of(row: str) -> int | None:
+    """The step of a metrics line; None for a blank or torn one (a run killed mid-write leaves its
+    last line incomplete, and the resumed run logs that step again)."""
+    try:
+        return int(json.loads(row)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def load_weights_into(model, path: Path) -> None:
-    """Copy a checkpoint's tensors into `model` in place, one tensor at a time."""
+    """Copy a checkpoint's tensors into `model` in place, one tensor at a time, with the checks of
+    `posttrain.models.loading.load_model`: every tensor present, none unexpected, same shapes, finite."""
     ck = Checkpoint(path)
     params = model.state_dict()  # persistent tensors only, sharing storage with the model
-    missing = set(params) - set(ck.names())
+    names = set(ck.names())
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    if missing - tied:
-        raise UserError(f"{path}: checkpoint lacks {sorted(missing - tied)[:3]}")
+    missing, unexpected = sorted(set(params) - names - tied), sorted(names - set(params))
+    if missing:
+        raise UserError(f"{path}: checkpoint lacks {missing[:3]}")
+    if unexpected:
+        raise UserError(f"{path}: checkpoint has tensors the model does not use: {unexpected[:3]}")
+    for name in ck.names():
+        if tuple(ck.shape(name)) != tuple(params[name].shape):
+            raise UserError(f"{path}: tensor {name} has shape {list(ck.shape(name))}, the model's is {list(params[name].shape)}")
     with torch.no_grad():
         for name in ck.names():
-            if name in params:
-                params[name].copy_(ck.get(name).to(params[name].dtype))
+            t = ck.get(name)
+            check_finite(name, t, path)
+            params[name].copy_(t.to(params[name].dtype))
 
 
 def load_training_state(path: Path) -> dict:

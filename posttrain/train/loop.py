@@ -15,7 +15,6 @@ Checkpoints every `checkpoint_every` steps resume bit for bit (see `train.checkp
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import random
 import time
@@ -31,8 +30,8 @@ from transformers import get_scheduler
 
 from posttrain.config import TrainConfig
 from posttrain.errors import TrainingDiverged, UserError
-from posttrain.io import atomic_write_json, atomic_write_text, versions
-from posttrain.models.loading import load_model, save_checkpoint
+from posttrain.io import atomic_write_json, atomic_write_text, strict_json, versions
+from posttrain.models.loading import check_generation_fits, load_model, save_checkpoint
 from posttrain.tasks import Problem, Task
 from posttrain.train.checkpointing import (CRITIC_DIR, CriticState, latest_checkpoint, load_weights_into, resume_latest,
                                            save_training_checkpoint)
@@ -132,17 +131,17 @@ def train(
     device: str = "auto",
     resume: bool = False,
     on_step: Callable[[int, dict], None] | None = None,
+    method: str | None = None,
 ) -> TrainResult:
     """Train one method from `init_dir`; write `out_dir/model` (final HF checkpoint),
     `out_dir/checkpoints/step-N` every `cfg.checkpoint_every` steps and `out_dir/metrics.jsonl`.
-    With `resume`, continue from the latest checkpoint under `out_dir` when there is one."""
+    With `resume`, continue from the latest checkpoint under `out_dir` when there is one.
+    `method` (its name in the study) only makes error messages name the config key."""
     t0 = time.time()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
-    atomic_write_json(out_dir / "versions.json", versions())
     seed_everything(seed)
     objective = OBJECTIVES[cfg.objective]()
+    # every input is checked before anything is written to out_dir
     model, tok = load_model(init_dir, device="cpu")
     frz = apply_freezing(model, cfg.freeze, cfg.train_only)
     ref = None
@@ -156,6 +155,12 @@ def train(
     critic_model = Critic.from_checkpoint(init_dir) if critic_mode == "separate" else None
     max_length = getattr(model.config, "max_position_embeddings", None)
     schedule = prompt_schedule(task, cfg.split, seed, cfg.steps, cfg.prompts_per_step)
+    curve_prompts = [p.prompt for ps in (curve_problems or {}).values() for p in ps] if curve_every else []
+    check_generation_fits(model, tok, [p.prompt for ps in schedule for p in ps] + curve_prompts, cfg.max_new_tokens,
+                          f"methods.{method}.max_new_tokens" if method else "max_new_tokens")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
+    atomic_write_json(out_dir / "versions.json", versions())
     source = cfg.source_cls.build(cfg, SourceContext(task, seed, max_length, schedule, out_dir, expert_format))
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -195,7 +200,7 @@ def train(
     curve_tasks = curve_tasks or {}
 
     def log_line(row: dict) -> None:
-        log.write(json.dumps(row) + "\n")
+        log.write(strict_json(row) + "\n")
         log.flush()
         accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
         if on_step:

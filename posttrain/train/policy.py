@@ -84,7 +84,7 @@ def _layout(batch: PackedBatch):
     if sh is None:
         return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask), lambda x: x
     inputs = dict(input_ids=sh.input_ids, attention_mask=sh.attention_mask, position_ids=sh.position_ids)
-    return inputs, lambda x: x.reshape(-1, *x.shape[2:])[sh.index]
+    return inputs, lambda x: gather_rows(x.reshape(-1, *x.shape[2:]), sh.index)
 
 
 def policy_forward(model, batch: PackedBatch, temperature: float = 1.0, entropy: bool = False,
@@ -123,6 +123,41 @@ def policy_forward(model, batch: PackedBatch, temperature: float = 1.0, entropy:
     logp = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     ent = entropy_from_logits(logits) if entropy else None
     return PolicyOutputs(logp=logp, entropy=ent, values=values)
+
+
+class _GatherRows(torch.autograd.Function):
+    """`x[index]` along dim 0, whose backward sums the gradients of repeated rows in index order.
+
+    Autograd's own backward of `x[index]` is `index_put_(..., accumulate=True)`, which on CPU with
+    more than one thread and at least 32768 elements adds with atomics in whatever order the threads
+    run (PyTorch lists it among the ops that are nondeterministic unless
+    `torch.use_deterministic_algorithms`). A shared prompt's positions are read by every row of
+    its group, so the sum of their G gradients came out in a different order, hence different
+    float bits, from run to run. `index_add_` on CPU adds source rows one after another in index
+    order (parallel only within a row), which is the order of the one-thread accumulate: the same
+    bits at any thread count, and faster.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        tail = grad.shape[index.dim():]
+        out = grad.new_zeros(ctx.rows, *tail)
+        if grad.device.type != "cpu":  # elsewhere index_add_ is the one with atomics: keep autograd's backward
+            return out.index_put_((index,), grad, accumulate=True), None
+        return out.index_add_(0, index.reshape(-1), grad.reshape(-1, *tail)), None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x[index]` (rows of `x` picked by an integer tensor of any shape) with a backward that gives
+    the same bits run after run on CPU (see `_GatherRows`)."""
+    return _GatherRows.apply(x, index)
 
 
 def _split_forward(model, batch: PackedBatch, temperature: float, grad_groups: list[int]) -> PolicyOutputs:
