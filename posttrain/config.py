@@ -359,6 +359,19 @@ class EvalConfig(Strict):
         return self
 
 
+class KlConfig(Strict):
+    """The KL of every trained model to the base on held-out prompts of its fine-tuning task
+    (posttrain/evaluation/kl.py): `n_prompts` fixed test problems x `n_samples` completions at
+    temperature 1, from the model and from the base. 0 prompts: skip it."""
+
+    # 64 x 8 on the default study: about 2.4-3.2 CPU-seconds per model plus 1.6 for the base's side
+    # (shared by the methods of a task split), standard errors 3-5% of the KL (bench/README.md#kl)
+    n_prompts: int = Field(64, ge=0)
+    n_samples: int = Field(8, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)  # None: eval.max_new_tokens
+    batch_size: int = Field(256, ge=1)  # completions per sampling / scoring batch
+
+
 def _default_repair_grid() -> list[dict[str, Any]]:
     # UV-merge with both operators at the same points: the published one (orthonormalize false, behind
     # the findings) and our QR variant; layer reset in the reference's scope behind the finding, and
@@ -454,6 +467,7 @@ class StudyConfig(Strict):
         return out
 
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    kl: KlConfig = Field(default_factory=KlConfig)
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     repair: RepairConfig = Field(default_factory=RepairConfig)
 

@@ -46,6 +46,9 @@ class Run:
     def eval(self, name: str) -> Path:
         return self.root / "eval" / f"{name}.json"
 
+    def kl(self, name: str) -> Path:
+        return self.root / "kl" / f"{name}.json"
+
     def diagnostics(self, a: str, b: str) -> Path:
         return self.root / "diagnostics" / f"{a}__{b}.json"
 
@@ -235,6 +238,9 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     # ---- weight diagnostics -----------------------------------------------------------------
     diagnostics, diag_extra = weight_diagnostics(cfg, run, stages, base_dir, model_dirs, keys, base_key, say)
 
+    # ---- KL to the base on each method's task ------------------------------------------------
+    kls = kl_stage(cfg, run, stages, tasks, base_dir, model_dirs, keys, base_key, device, say)
+
     # ---- recovery sweep ---------------------------------------------------------------------
     repairs: dict = {}
     damaged = damaged_method(cfg)
@@ -247,6 +253,10 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
 
     results = assemble_results(cfg, evals, diagnostics, run, wall_seconds=time.time() - t0, diag_extra=diag_extra)
     results["repairs"] = repairs
+    from posttrain.analysis.predictors import points_from_results, predictor_fits
+
+    results["kl_to_base"] = kls
+    results["forgetting_predictors"] = predictor_fits(points_from_results(results))
     results["findings"] = evaluate_findings(results, cfg)
     atomic_write_json(run.results, results)
     from posttrain.report.html import write_report
@@ -318,6 +328,46 @@ def weight_diagnostics(cfg: StudyConfig, run: Run, stages: Stages, base_dir: Pat
     atomic_write_json(extra_path, extra)
     stages.finish("diagnostics", key)
     return summaries, extra
+
+
+def kl_stage(cfg: StudyConfig, run: Run, stages: Stages, tasks: dict[str, Task], base_dir: Path,
+             model_dirs: dict[str, Path], keys: dict[str, str], base_key: str, device: str,
+             say: Callable[[str], None]) -> dict[str, dict]:
+    """Every method's KL to the base, both directions, on the first `kl.n_prompts` problems of its
+    task split's fixed test set (posttrain/evaluation/kl.py); one cached stage per method, written to
+    kl/<m>.json. The base's completions of a task split are drawn once and shared by its methods."""
+    kc = cfg.kl
+    if kc.n_prompts == 0:
+        return {}
+    from posttrain.evaluation.kl import kl_seed, kl_to_base, sample
+    from posttrain.models.loading import load_model
+
+    max_new = kc.max_new_tokens or cfg.eval.max_new_tokens
+    base: tuple | None = None
+    base_samples: dict[str, Any] = {}
+    out: dict[str, dict] = {}
+    for name, m in cfg.methods.items():
+        split = f"{m.task}/{m.split}"
+        key = config_hash({"model": keys[name], "base": base_key, "kl": kc.model_dump(), "max_new_tokens": max_new,
+                           "split": split, "seed": cfg.seed, "world": cfg.world_key})
+        if stages.done(f"kl-{name}", key, [run.kl(name)]):
+            say(f"kl {name}: cached")
+            out[name] = read_json(run.kl(name))
+            continue
+        say(f"kl {name} vs base on {split}: {kc.n_prompts} prompts x {kc.n_samples} samples")
+        problems = eval_problems(tasks[m.task], m.split, kc.n_prompts, cfg.seed)[: kc.n_prompts]
+        prompts = [p.prompt for p in problems]
+        base = base or load_model(base_dir, device=device)
+        if split not in base_samples:
+            base_samples[split] = sample(base[0], base[1], prompts, kc.n_samples, max_new,
+                                         kl_seed(cfg.seed, split, "base"), kc.batch_size)
+        model, _ = load_model(model_dirs[name], device=device)
+        out[name] = {"task": split, "n_prompts": len(prompts), "n_samples": kc.n_samples, "max_new_tokens": max_new,
+                     "temperature": 1.0, **kl_to_base(model, base[0], base[1], base_samples[split], prompts, max_new,
+                                                      kl_seed(cfg.seed, split, "policy"), kc.batch_size)}
+        atomic_write_json(run.kl(name), out[name])
+        stages.finish(f"kl-{name}", key)
+    return out
 
 
 def damaged_method(cfg: StudyConfig) -> str | None:

@@ -99,18 +99,28 @@ def test_quick_demo_end_to_end(quick_study):
     for f in (sfm, rfl, rgi):
         assert f["holds"] == decide(f["value"], f["threshold"], f["se"]), f["id"]
     assert all(f["evidence"] for f in res["findings"])
+    # both KLs to the base for every trained model (exactly 0 for a model whose weights did not move)
+    for name, k in res["kl_to_base"].items():
+        assert k["task"] == "points24/id" and (k["n_prompts"], k["n_samples"]) == (16, 4)
+        unmoved = res["diagnostics"][name]["rel_update_total"] == 0
+        for key in ("kl_pi_pi0_per_seq", "kl_pi_pi0_per_token", "kl_pi0_pi_per_seq", "kl_pi0_pi_per_token"):
+            assert (k[key] == 0) == unmoved and k[f"{key}_se"] >= 0, (name, key)
+    assert set(res["kl_to_base"]) == {"sft", "grpo"} and res["forgetting_predictors"]["kl_pi0_pi_per_seq"]["n"] == 2
+    (kl_f,) = [f for f in res["findings"] if f["id"] == "kl_predicts_forgetting"]
+    assert kl_f["holds"] is None and "untestable: 2 trained models" in kl_f["evidence"] and kl_f["n_models"] == 2
     html = (out / "report.html").read_text()
     assert "Rotation or rescaling?" in html and "Over training" in html
-    assert html.count("data:image/png;base64,") >= 8 and "Findings" in html and "http" not in html.split("<body>")[1][:200]
+    assert "KL to the base and forgetting" in html
+    assert html.count("data:image/png;base64,") >= 9 and "Findings" in html and "http" not in html.split("<body>")[1][:200]
     for rel in ("config.yaml", "versions.json", "base/config.json", "methods/sft/model/model.safetensors",
                 "methods/grpo/metrics.jsonl", "eval/base.json", "diagnostics/base__sft.json",
                 "diagnostics/sft__grpo.json", "diagnostics/diff/tensors.parquet", "diagnostics/trajectory/trajectory.json"):
         assert (out / rel).exists(), rel
     # a second run reuses every stage and gives identical metrics (determinism + caching)
     r2 = cli("demo", "--preset", "quick", "--out", out)
-    assert r2.returncode == 0 and "cached" in r2.stderr
+    assert r2.returncode == 0 and "cached" in r2.stderr and "kl sft: cached" in r2.stderr
     res2 = json.loads((out / "results.json").read_text())
-    assert res2["models"] == res["models"]
+    assert res2["models"] == res["models"] and res2["kl_to_base"] == res["kl_to_base"]
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """The findings table: which published claims held in a study, each with its numbers.
 
 A finding is one registered function of a `Context` (the study's results, its config, and which
-methods play which role, by their declared traits). It returns either `(holds, evidence)`, with
+methods play which role, by their declared traits). It returns either `(holds, evidence)` (optionally
+`(holds, evidence, stats)`, a dict of the numbers behind it copied into the entry), with
 `holds` None when the run lacks what the claim needs, or, for a comparison, a `Measured` statistic:
 the claim holds when `value` exceeds `threshold` beyond noise. Each rule is fixed in advance and
 stated in the claim's text; nothing tunes a threshold to make a claim hold.
@@ -167,7 +168,8 @@ def evaluate_findings(results: dict, cfg: StudyConfig) -> list[dict[str, Any]]:
                 evidence += (f"; within noise: margin {got.value - got.threshold:+.3f} vs 2 SE = {2 * got.se:.3f}")
             entry.update(holds=holds, evidence=evidence, value=got.value, threshold=got.threshold, se=got.se)
         else:
-            entry.update(holds=got[0], evidence=got[1])
+            # an optional third element: the statistics behind a non-comparison verdict (rho, R^2, ...)
+            entry.update(holds=got[0], evidence=got[1], **(got[2] if len(got) > 2 else {}))
         entry["held_in"] = "1/1" if entry["holds"] else "0/1"
         out.append(entry)
     return out
@@ -221,4 +223,4 @@ def fmt3(x: float) -> str:
 
 
 # registration order is report order
-from posttrain.findings import learning, weights, spectra, repairs, formats  # noqa: E402,F401
+from posttrain.findings import learning, weights, spectra, repairs, formats, kl  # noqa: E402,F401

@@ -292,3 +292,27 @@ def trajectories(points: list[dict], keys: list[tuple[str, str]] | None = None):
         runs.setdefault(p["run"], []).append(p)
     curves = {run: sorted(rows, key=lambda p: p["step"]) for run, rows in runs.items()}
     return training_curves(curves, keys, ncols=len(keys))
+
+
+def forgetting_scatter(points: list[dict], fits: dict[str, dict], panels: list[tuple[str, str]]):
+    """Forgetting against each predictor (one panel per (key, label)), one labelled dot per model,
+    the least-squares line where `fits[key]` has one, Spearman rho and R^2 in the title."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        pts = [(p[key], p["forgetting"], p.get("name", "")) for p in points
+               if isinstance(p.get(key), (int, float)) and isinstance(p.get("forgetting"), (int, float))]
+        for i, (x, y, name) in enumerate(pts):
+            ax.scatter([x], [y], color=color(name.split("/")[-1], i), s=30, zorder=3)
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        fit = fits.get(key) or {}
+        if fit.get("slope") is not None and pts:
+            xs = np.linspace(min(x for x, _, _ in pts), max(x for x, _, _ in pts), 2)
+            ax.plot(xs, fit["intercept"] + fit["slope"] * xs, color="#555555", lw=1, ls="--")
+        rho, r2 = fit.get("rho"), fit.get("r2")
+        stats = f"rho {'–' if rho is None else f'{rho:+.2f}'}, R² {'–' if r2 is None else f'{r2:.2f}'}, n {len(pts)}"
+        ax.set_title(f"{label}\n{stats}", fontsize=9)
+        ax.set_xlabel(key, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("forgetting (retention drop)")
+    fig.tight_layout()
+    return fig
