@@ -58,12 +58,28 @@ def test_quick_demo_end_to_end(tmp_path):
     r = cli("demo", "--preset", "quick", "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    assert set(res["models"]) == {"base", "sft", "grpo"}
+    heal = {"sft_long", "grpo_from_sft", "grpo_from_peak", "grpo_from_long"}
+    assert set(res["models"]) == {"base", "sft", "grpo"} | heal
     for m in res["models"].values():
         assert 0 <= m["id_acc"] <= 1 and 0 <= m["ood_acc"] <= 1
         assert set(m["retention"]) == {"facts", "strings", "arith"}
         assert abs(sum(m["format_share"].values()) - 1) < 1e-6
-    assert set(res["forgetting"]) == {"sft", "grpo"}
+    assert set(res["forgetting"]) == {"sft", "grpo"} | heal
+    # RL from SFT checkpoints: every kept SFT checkpoint evaluated, the peak picked, the starts recorded
+    assert [p["step"] for p in res["checkpoint_evals"]["sft"]] == [2, 4]
+    assert [p["step"] for p in res["checkpoint_evals"]["sft_long"]] == [4, 8, 12]
+    assert res["checkpoint_evals"]["sft"][-1]["ood_acc"] == res["models"]["sft"]["ood_acc"]
+    peak = res["peak_ood"]["sft"]
+    assert peak["ood_acc"] == max(p["ood_acc"] for p in res["checkpoint_evals"]["sft"])
+    assert res["init_from"]["grpo_from_peak"] == {"init": "sft@peak_ood", "method": "sft", "step": peak["step"]}
+    assert res["init_from"]["grpo_from_long"]["step"] == 12 and "grpo" not in res["init_from"]
+    # repairs from both sources, each naming its source; the peak source is skipped when it is the final model
+    srcs = res["repair_sources"]
+    assert set(srcs) == {"base", "sft_peak_ood"} and ("skipped" in srcs["sft_peak_ood"]) == (peak["step"] == 4)
+    assert {r["source"] for r in res["repairs"].values()} == {"base"} | ({"sft_peak_ood"} - {k for k, v in srcs.items()
+                                                                                               if "skipped" in v})
+    for name, r in res["repairs"].items():
+        assert name.endswith("@" + r["source"]) and r["reference_ood_acc"] == srcs[r["source"]]["ood_acc"]
     for name in ("sft", "grpo"):
         d = res["diagnostics"][name]
         assert {"q_proj", "k_proj", "down_proj"} <= set(d["rel_update_by_module"])
@@ -75,11 +91,15 @@ def test_quick_demo_end_to_end(tmp_path):
         assert [p["step"] for p in res["trajectories"][name]] == [2, 4]
     cos = res["diagnostic_pairs"]["sft|grpo"]["cosine_total"]  # None when one update is exactly zero
     assert (cos is None) == (res["diagnostics"]["grpo"]["rel_update_total"] == 0) and (cos is None or -1 <= cos <= 1)
-    assert {f["id"] for f in res["findings"]} >= {"sft_forgets_more", "rl_gains_id", "qk_change_most"}
+    assert {f["id"] for f in res["findings"]} >= {"sft_forgets_more", "rl_gains_id", "qk_change_most",
+                                                 "rl_heals_sft_ood", "stronger_sft_heals_better", "rl_undoes_sft_rotation"}
+    by_id = {f["id"]: f for f in res["findings"]}
+    assert "grpo_from_sft" in by_id["rl_undoes_sft_rotation"]["evidence"] and by_id["rl_undoes_sft_rotation"]["holds"] is not None
+    assert "grpo_from_long" in by_id["stronger_sft_heals_better"]["evidence"]
     for f in res["findings"]:
         assert f["holds"] in (True, False, None) and f["evidence"]
     html = (out / "report.html").read_text()
-    assert "Rotation or rescaling?" in html and "Over training" in html
+    assert "Rotation or rescaling?" in html and "Over training" in html and "RL from SFT checkpoints" in html
     assert html.count("data:image/png;base64,") >= 8 and "Findings" in html and "http" not in html.split("<body>")[1][:200]
     for rel in ("config.yaml", "versions.json", "base/config.json", "methods/sft/model/model.safetensors",
                 "methods/grpo/metrics.jsonl", "eval/base.json", "diagnostics/base__sft.json",

@@ -82,24 +82,53 @@ def examples_block(run: Path, res: dict) -> str:
 
 def repair_section(res: dict) -> str:
     reps = res["repairs"]
-    damaged = next(iter(reps.values()))
-    rows = []
+    rows, by_source = [], {}
     for name, r in reps.items():
+        by_source.setdefault(r.get("source_model", "base"), {})[name] = r
         kept, rec = r.get("id_kept_frac"), r.get("ood_recovered_frac")
         ret = (r.get("eval") or {}).get("retention_mean")
-        rows.append(f'<tr><td class="l">{html.escape(name)}</td><td>{_pct(r["id_acc"])}</td><td>{_pct(r["ood_acc"])}</td>'
+        rows.append(f'<tr><td class="l">{html.escape(name)}</td><td class="l">{html.escape(r.get("source_model", "base"))}'
+                    f'</td><td>{_pct(r["id_acc"])}</td><td>{_pct(r["ood_acc"])}</td>'
                     f'<td>{_pct(ret)}</td><td>{_pct(rec)}</td><td>{_pct(kept)}</td></tr>')
-    gap = damaged.get("ood_gap")
-    note = ("" if gap is None or abs(gap) >= 0.05 else
-            f'<p class="meta">The OOD gap to recover is only {100 * gap:+.1f} points: recovered fractions are noisy.</p>')
-    return ("<h2>Repairing SFT's damage</h2><p>Each repair starts from the SFT model and restores part of the base: "
-            "UV-merge swaps in the base's singular directions (direction) or singular values (magnitude) for the top-k "
-            "fraction of every weight's spectrum; reset-layers copies the first layers from the base; wise interpolates "
-            "the weights. OOD recovered = (ood(repaired) − ood(SFT)) / (ood(base) − ood(SFT)); in-domain gain kept = "
-            "(id(repaired) − id(base)) / (id(SFT) − id(base)).</p>" + note
-            + _img(P.recovery_curves(reps), "recovery curves")
-            + '<table><tr><th class="l">repair</th><th>in-domain</th><th>OOD</th><th>retention (mean)</th>'
-            + "<th>OOD recovered</th><th>ID gain kept</th></tr>" + "".join(rows) + "</table>")
+    parts = []
+    for src, group in by_source.items():
+        first = next(iter(group.values()))
+        gap, ref = first.get("ood_gap"), first.get("reference", src)
+        note = ("" if gap is None or abs(gap) >= 0.05 else
+                f" The OOD gap to recover is only {100 * gap:+.1f} points: recovered fractions are noisy.")
+        parts.append(f'<h3>From {html.escape(src)}</h3><p class="meta">Reference for "recovered": {html.escape(ref)} '
+                     f"(OOD {_pct(first.get('reference_ood_acc'))}).{note}</p>"
+                     + _img(P.recovery_curves(group), f"recovery curves from {src}"))
+    skipped = "".join(f'<p class="meta">Source {html.escape(k)} skipped: {html.escape(v["skipped"])}.</p>'
+                      for k, v in res.get("repair_sources", {}).items() if v.get("skipped"))
+    return ("<h2>Repairing SFT's damage</h2><p>Each repair starts from the SFT model and restores part of a source "
+            "model (<code>repair.source</code>: the base, or SFT's own checkpoint with the best OOD accuracy, as the "
+            "reference code restores SFT_MaxOOD into SFT_END): UV-merge swaps in the source's singular directions "
+            "(direction) or singular values (magnitude) for the top-k fraction of every weight's spectrum; "
+            "reset-layers copies the first layers from the source; wise interpolates the weights. OOD recovered = "
+            "(ood(repaired) − ood(SFT)) / (ood(reference) − ood(SFT)), the reference being the source unless "
+            "<code>repair.reference</code> says otherwise; in-domain gain kept = (id(repaired) − id(base)) / "
+            "(id(SFT) − id(base)).</p>" + skipped + "".join(parts)
+            + '<table><tr><th class="l">repair</th><th class="l">source</th><th>in-domain</th><th>OOD</th>'
+            + "<th>retention (mean)</th><th>OOD recovered</th><th>ID gain kept</th></tr>" + "".join(rows) + "</table>")
+
+
+def healing_section(res: dict, curves: dict[str, list[dict]]) -> str:
+    """SFT's accuracy over its kept checkpoints and RL started from them (arXiv 2508.16546)."""
+    ck, starts = res.get("checkpoint_evals") or {}, res.get("init_from") or {}
+    if not ck and not starts:
+        return ""
+    peaks = res.get("peak_ood") or {}
+    txt = "; ".join(f"{html.escape(m)}: step {p['step']} (OOD {_pct(p['ood_acc'])}, in-domain {_pct(p['id_acc'])})"
+                    for m, p in peaks.items())
+    started = "; ".join(f"{html.escape(n)} from <code>{html.escape(st['init'])}</code> (step {st['step']})"
+                        for n, st in starts.items())
+    return ("<h2>RL from SFT checkpoints</h2><p>Greedy accuracy of every kept checkpoint on the fixed problem sets "
+            "(solid; final model last; the checkpoint with the best OOD accuracy ringed) and, dashed, the training "
+            "curves of the methods that started from one of them, drawn from the step they started at."
+            + (f" Peak OOD: {txt}." if txt else "") + (f" Started from another method: {started}." if started else "")
+            + "</p>" + _img(P.healing_curves(ck, starts, curves, res["id_task"], res["ood_task"], peaks),
+                            "accuracy over SFT checkpoints and RL from them"))
 
 
 def _num(x: Any, fmt: str) -> str:
@@ -180,6 +209,7 @@ def build_report(run: Path) -> str:
             keys.append(("kl_ref", "KL to base (k1, per token, on the training batch)"))
         body.append("<h2>Training curves</h2>")
         body.append(_img(P.training_curves(curves, keys), "training curves"))
+    body.append(healing_section(res, curves))
     pre = _read_metrics(run / "pretrain" / "metrics.jsonl")
     if pre:
         body.append(_img(P.training_curves({"pretrain": pre}, [("loss", "pretraining loss (all tokens)")]), "pretraining loss"))
