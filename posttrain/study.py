@@ -366,7 +366,10 @@ def weight_diagnostics(cfg: StudyConfig, run: Run, stages: Stages, base_dir: Pat
         return method if step == final[method] else step_key(method, step)
 
     traj_models, traj_pairs = trajectory_plan(runs, point_key)
-    method_pairs = list(itertools.combinations(names, 2)) if 2 <= len(names) <= MAX_DEFAULT_PAIRS_MODELS else []
+    # a method started from another one's model carries that model's update: the cosines compare the
+    # methods trained from the base (or a directory)
+    roots = [n for n in names if init_ref(cfg.methods[n].init, cfg.methods) is None]
+    method_pairs = list(itertools.combinations(roots, 2)) if 2 <= len(roots) <= MAX_DEFAULT_PAIRS_MODELS else []
     n_ck = len(traj_models) - len(runs)
     say(f"diff base vs {', '.join(names)}" + (" (spectral)" if dcfg.spectral else "")
         + (f" and {n_ck} earlier checkpoint{'s' * (n_ck != 1)}" if n_ck else ""))

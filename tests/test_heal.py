@@ -240,3 +240,28 @@ def test_repair_findings_read_the_base_source():
     assert repair_pick(reps, "uv_merge", top=0.2)[0] == "uv@base"
     assert repair_pick(reps, "uv_merge", source="sft_peak_ood", top=0.2)[0] == "uv@sft_peak_ood"
     assert repair_pick({"uv": {"method": "uv_merge", "params": {"top": 0.2}}}, "uv_merge", top=0.2)[0] == "uv"
+
+
+# ---- report --------------------------------------------------------------------------------------------
+
+def test_report_shows_the_checkpoint_curve_and_the_rl_starts():
+    from posttrain.report.html import healing_section, repair_section
+
+    res = results(OOD)
+    res.update(id_task="points24/id", ood_task="points24/ood",
+               checkpoint_evals={"sft": [{"step": 50, "id_acc": 0.4, "ood_acc": 0.45}, {"step": 150, "id_acc": 0.6, "ood_acc": 0.2}]})
+    curves = {"rl_sft": [{"step": 0, "eval/points24/ood/acc": 0.2, "eval/points24/id/acc": 0.6},
+                         {"step": 10, "eval/points24/ood/acc": 0.3}]}
+    html = healing_section(res, curves)
+    assert "RL from SFT checkpoints" in html and html.count("data:image/png;base64,") == 1
+    assert "sft: step 50 (OOD 45.0%" in html and "rl_peak from <code>sft@peak_ood</code> (step 50)" in html
+    assert healing_section({**res, "checkpoint_evals": {}, "init_from": {}}, {}) == ""
+    # repair rows name their source; one plot per source
+    rep = {"method": "uv_merge", "params": {}, "id_acc": 0.5, "ood_acc": 0.3, "x": 0.2, "series": "uv", "axis": "top",
+           "ood_recovered_frac": 0.5, "id_kept_frac": 0.5, "ood_gap": 0.2}
+    reps = {"uv@base": {**rep, "source": "base", "source_model": "base", "reference": "base", "reference_ood_acc": 0.5},
+            "uv@sft_peak_ood": {**rep, "source": "sft_peak_ood", "source_model": "sft@step-50", "reference": "sft@step-50",
+                                "reference_ood_acc": 0.45}}
+    html = repair_section({"repairs": reps, "repair_sources": {}})
+    assert "From sft@step-50" in html and "From base" in html and html.count("data:image/png;base64,") == 2
+    assert '<td class="l">sft@step-50</td>' in html
