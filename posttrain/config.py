@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -149,7 +151,9 @@ class TrainConfig(Strict):
     data: str | None = None  # None: the objective's natural source
     task: str = "points24"
     split: str = "id"
-    init: str = "base"  # "base", another method's name, or a checkpoint directory
+    # "base"; another method's final model ("sft" or "sft@end"), one of its kept checkpoints
+    # ("sft@step-50"), or the kept checkpoint with its best OOD accuracy ("sft@peak_ood"); or a directory
+    init: str = "base"
     steps: int = Field(150, ge=1)
     prompts_per_step: int = Field(16, ge=1)
     # group size (RL); demos or kept samples per prompt (SFT). Canonical demos are identical, so they
@@ -307,6 +311,11 @@ class TrainConfig(Strict):
     def is_expert_sft(self) -> bool:
         return not self.is_rl and self.data_source == "expert"
 
+    @property
+    def kept_steps(self) -> list[int]:
+        """The steps of the checkpoints this method keeps (`checkpoints/step-<N>/`)."""
+        return list(range(self.checkpoint_every, self.steps + 1, self.checkpoint_every)) if self.checkpoint_every else []
+
     def resolved(self) -> dict[str, Any]:
         """Every knob of this method with its effective value (the run's resolved config)."""
         out = self.model_dump(mode="json")
@@ -327,6 +336,40 @@ def _knob_owner(key: str) -> str | None:
     owners += [f"estimator {n!r}" for n, e in ESTIMATORS.items() if key in e.params.model_fields]
     owners += [f"data source {n!r}" for n, c in DATA_SOURCES.items() if key in c.Params.model_fields]
     return ", ".join(owners) or None
+
+
+@dataclass(frozen=True)
+class InitRef:
+    """Where a method starts when its `init` names another method of the study: that method's final
+    model (`point` "end"), a kept checkpoint ("step-<N>") or its peak-OOD checkpoint ("peak_ood")."""
+
+    method: str
+    point: str
+
+    @property
+    def step(self) -> int | None:
+        return int(self.point.removeprefix("step-")) if self.point.startswith("step-") else None
+
+
+INIT_POINT = re.compile(r"step-([1-9][0-9]*)|peak_ood|end")
+
+
+def init_ref(init: str, methods: dict[str, Any]) -> InitRef | None:
+    """The method `init` names (`sft`, `sft@end`, `sft@step-50`, `sft@peak_ood`), or None for "base"
+    or a directory. ValueError for `<x>@<point>` that is neither a reference to a method of `methods`
+    with a known point nor an existing directory."""
+    if init == "base":
+        return None
+    if init in methods:
+        return InitRef(init, "end")
+    name, at, point = init.rpartition("@")
+    if not at or Path(init).exists():
+        return None
+    if name not in methods:
+        raise ValueError(f"{init!r} names no method {name!r} of this study (methods: {', '.join(methods)})")
+    if not INIT_POINT.fullmatch(point):
+        raise ValueError(f"{init!r}: after '@' expected step-<N>, peak_ood or end, got {point!r}")
+    return InitRef(name, point)
 
 
 # Named recipes: `{method: ei}` in a study expands to these settings (explicit fields win).
@@ -386,8 +429,17 @@ def _default_repair_grid() -> list[dict[str, Any]]:
     ]
 
 
+SOURCE_KINDS = ("base", "sft_peak_ood")
+
+
+def source_label(source: str) -> str:
+    """A repair source's name in repair names and results.json: "base", "sft_peak_ood", or a
+    directory's last path component (non-identifier characters as "_")."""
+    return source if source in SOURCE_KINDS else re.sub(r"[^A-Za-z0-9_.-]", "_", Path(source).name) or "dir"
+
+
 class RepairConfig(Strict):
-    """A recovery sweep: repair the `damaged` method's model towards the base, score each repair.
+    """A recovery sweep: repair the `damaged` method's model towards a source model, score each repair.
 
     Grid format: see `posttrain.repair.sweep` (one entry per method, list values are swept).
     """
@@ -395,8 +447,33 @@ class RepairConfig(Strict):
     # the method whose model is repaired: "auto" = the study's first SFT-on-expert-data method (no
     # sweep when there is none); a method name; or None for no sweep
     damaged: str | None = "auto"
-    reference: str = "base"  # the model whose OOD accuracy counts as fully recovered
+    # whose weights the repairs restore into the damaged model: "base" (the pretrained model),
+    # "sft_peak_ood" (the damaged method's kept checkpoint with the best OOD accuracy, as the
+    # reference code restores SFT_MaxOOD into SFT_END), or a checkpoint directory; a list sweeps
+    # from each (the repairs' names then end in "@<source>")
+    source: str | list[str] = "base"
+    # the model whose OOD accuracy counts as fully recovered: "source" (the source the repair used),
+    # "base", or a method of the study
+    reference: str = "source"
     grid: list[dict[str, Any]] = Field(default_factory=_default_repair_grid)
+
+    @field_validator("source")
+    @classmethod
+    def _valid_source(cls, v: str | list[str]) -> str | list[str]:
+        items = [v] if isinstance(v, str) else v
+        if not items:
+            raise ValueError("repair.source: an empty list (give at least one of base, sft_peak_ood or a directory)")
+        for s in items:
+            if s not in SOURCE_KINDS and not Path(s).is_dir():
+                raise ValueError(f"repair.source: {s!r} is neither 'base', 'sft_peak_ood' nor a checkpoint directory")
+        labels = [source_label(s) for s in items]
+        if dup := sorted({x for x in labels if labels.count(x) > 1}):
+            raise ValueError(f"repair.source lists {dup[0]!r} twice")
+        return v
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.source] if isinstance(self.source, str) else list(self.source)
 
     @field_validator("grid")
     @classmethod
@@ -508,10 +585,7 @@ class StudyConfig(Strict):
             if m.is_expert_sft and fmt is not None and fmt not in task.solution_formats:
                 raise ValueError(f"methods.{name}.expert_format: task {m.task!r} has reference solutions in format(s) "
                                  f"{', '.join(task.solution_formats)} only")
-            if m.init not in ("base", *self.methods) and not Path(m.init).exists():
-                raise ValueError(f"methods.{name}.init: {m.init!r} is neither 'base', a method, nor a directory")
-            if m.init == name:
-                raise ValueError(f"methods.{name}.init refers to itself")
+            self._check_init(name, m)
         keys = [r.key for r in self.lm_eval_retention]
         if dup := sorted({k for k in keys if keys.count(k) > 1}):
             raise ValueError(f"retention lists {dup[0]!r} twice (each lm_eval task once per num_fewshot)")
@@ -525,9 +599,62 @@ class StudyConfig(Strict):
         if rep.damaged not in (None, "auto") and rep.damaged not in self.methods:
             raise ValueError(f"repair.damaged: {rep.damaged!r} is not a method of this study "
                              "(set repair.damaged: null to skip the recovery sweep)")
-        if rep.reference not in ("base", *self.methods):
-            raise ValueError(f"repair.reference: {rep.reference!r} is neither 'base' nor a method of this study")
+        if rep.reference not in ("source", "base", *self.methods):
+            raise ValueError(f"repair.reference: {rep.reference!r} is neither 'source', 'base' nor a method of this study")
+        damaged = self.damaged_method
+        if "sft_peak_ood" in rep.sources and damaged is not None and not self.methods[damaged].checkpoint_every:
+            raise ValueError(f"repair.source sft_peak_ood needs the damaged method {damaged!r} to keep checkpoints "
+                             f"(set methods.{damaged}.checkpoint_every > 0)")
+        from posttrain.study import method_order  # cycles of `init` references
+
+        try:
+            method_order(self)
+        except UserError as e:
+            raise ValueError(str(e)) from None
         return self
+
+    def _check_init(self, name: str, m: TrainConfig) -> None:
+        where = f"methods.{name}.init"
+        try:
+            ref = init_ref(m.init, self.methods)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if ref is None:
+            if m.init != "base" and not Path(m.init).exists():
+                raise ValueError(f"{where}: {m.init!r} is neither 'base', a method, <method>@<checkpoint>, nor a directory")
+            return
+        if ref.method == name:
+            raise ValueError(f"{where}: {m.init!r} refers to the method itself")
+        src = self.methods[ref.method]
+        if ref.point == "peak_ood" and not src.checkpoint_every:
+            raise ValueError(f"{where}: {m.init!r} needs {ref.method} to keep checkpoints "
+                             f"(set methods.{ref.method}.checkpoint_every > 0)")
+        if ref.step is not None and ref.step not in src.kept_steps:
+            kept = src.kept_steps
+            have = (f"it keeps step-{kept[0]} to step-{kept[-1]} every {src.checkpoint_every}" if kept
+                    else "it keeps no checkpoints (checkpoint_every: 0)")
+            raise ValueError(f"{where}: {ref.method} keeps no step-{ref.step} ({have}, steps {src.steps})")
+
+    @property
+    def damaged_method(self) -> str | None:
+        """The method whose model the recovery sweep repairs (see RepairConfig.damaged)."""
+        if self.repair.damaged != "auto":
+            return self.repair.damaged
+        return next((name for name, m in self.methods.items() if m.is_expert_sft), None)
+
+    @property
+    def checkpoint_eval_methods(self) -> list[str]:
+        """Methods whose kept checkpoints are evaluated on the in-domain and OOD sets: SFT on expert
+        data, methods whose peak-OOD checkpoint another method starts from, and the damaged method of
+        a repair sweep from its peak-OOD checkpoint (all only when they keep checkpoints)."""
+        want = {n for n, m in self.methods.items() if m.is_expert_sft}
+        for m in self.methods.values():
+            ref = init_ref(m.init, self.methods)
+            if ref is not None and ref.point == "peak_ood":
+                want.add(ref.method)
+        if "sft_peak_ood" in self.repair.sources and self.repair.damaged is not None and self.damaged_method:
+            want.add(self.damaged_method)
+        return [n for n, m in self.methods.items() if n in want and m.checkpoint_every]
 
     @property
     def task_retention(self) -> list[TaskRef]:

@@ -77,5 +77,11 @@ def assemble_results(cfg: StudyConfig, evals: dict[str, dict], diagnostics: dict
         "trajectories": (diag_extra or {}).get("trajectory", {}),
         "training": {name: training_summary(run, name) for name in cfg.methods},
         "repairs": {},
+        # per method with evaluated kept checkpoints: [{step, id_acc, ood_acc}] (final model last) and
+        # the point with the best OOD accuracy; where methods started from another one's checkpoint
+        "checkpoint_evals": {},
+        "peak_ood": {},
+        "init_from": {},
+        "repair_sources": {},
         "findings": [],
     }

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from posttrain.config import StudyConfig, TrainConfig, config_hash, dump_yaml
+from posttrain.config import StudyConfig, TrainConfig, config_hash, dump_yaml, init_ref, source_label
 from posttrain.errors import UserError
 from posttrain.evaluation.evaluate import eval_problems, evaluate_model
 from posttrain.evaluation.lm_eval_bridge import evaluate_lm_eval_refs, local_tasks_digest
@@ -98,9 +98,9 @@ def method_order(cfg: StudyConfig) -> list[str]:
         if name in visiting:
             raise UserError(f"methods form an init cycle through {name!r}")
         visiting.add(name)
-        init = cfg.methods[name].init
-        if init in cfg.methods:
-            visit(init)
+        ref = init_ref(cfg.methods[name].init, cfg.methods)
+        if ref is not None:
+            visit(ref.method)
         order.append(name)
 
     for name in cfg.methods:
@@ -207,13 +207,19 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         cfg.id_task.key: problem_sets[cfg.id_task.key][:curve_n],
         cfg.ood_task.key: problem_sets[cfg.ood_task.key][:curve_n],
     }
+    checkpoint_evals: dict[str, list[dict]] = {}  # method -> [{step, id_acc, ood_acc}], final model last
+    peaks: dict[str, dict] = {}  # method -> its point with the best OOD accuracy
+    starts: dict[str, dict] = {}  # method -> {init, method, step} when it starts from another method
     for name in method_order(cfg):
         m = cfg.methods[name]
         task = tasks[m.task]
         base_eval = evals["base"].get(f"{m.task}/{m.split}")
         expert_format = expert_format_for(m, task, lambda: base_eval["format_share"] if base_eval else {})
-        init_dir = model_dirs.get(m.init) or Path(m.init)  # "base", an earlier method, or a directory
-        upstream = keys.get(m.init, config_hash({"path": str(init_dir)}))
+        # "base", a directory, or an earlier method's final model or kept checkpoint; the stage key
+        # of the weights it starts from is part of this method's key
+        init_dir, upstream, start = resolve_start(cfg, m, run, model_dirs, keys, peaks)
+        if start is not None:
+            starts[name] = start
         key = config_hash({"method": m.model_dump(mode="json"), "init": upstream, "base": base_key,
                            "expert_format": expert_format, "seed": cfg.seed, "world": cfg.world_key})
         out_dir = run.method(name)
@@ -234,6 +240,10 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         model_dirs[name] = out_dir / "model"
         keys[name] = key
         evals[name] = evaluate(name, model_dirs[name], key)
+        if name in cfg.checkpoint_eval_methods:
+            checkpoint_evals[name] = checkpoint_curve(cfg, run, stages, name, key, evals[name], tasks, problem_sets,
+                                                      eval_key, device, say)
+            peaks[name] = peak_ood(checkpoint_evals[name])
 
     # ---- weight diagnostics -----------------------------------------------------------------
     diagnostics, diag_extra = weight_diagnostics(cfg, run, stages, base_dir, model_dirs, keys, base_key, say)
@@ -243,9 +253,11 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
 
     # ---- recovery sweep ---------------------------------------------------------------------
     repairs: dict = {}
+    repair_source_info: dict = {}
     damaged = damaged_method(cfg)
     if damaged is not None and cfg.repair.grid:
-        repairs = repair_sweep(cfg, damaged, run, tasks, problem_sets, evals, model_dirs, keys, eval_key, device, say)
+        repairs, repair_source_info = repair_sweep(cfg, damaged, run, tasks, problem_sets, evals, model_dirs, keys,
+                                                eval_key, device, say, peaks=peaks, evaluate=evaluate)
 
     # ---- results and report -----------------------------------------------------------------
     from posttrain.findings import evaluate_findings
@@ -257,6 +269,10 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
 
     results["kl_to_base"] = kls
     results["forgetting_predictors"] = predictor_fits(points_from_results(results))
+    results["checkpoint_evals"] = checkpoint_evals
+    results["peak_ood"] = peaks
+    results["init_from"] = starts
+    results["repair_sources"] = repair_source_info
     results["findings"] = evaluate_findings(results, cfg)
     atomic_write_json(run.results, results)
     from posttrain.report.html import write_report
@@ -264,6 +280,66 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     write_report(run.root)
     say(f"done in {time.time() - t0:.0f}s: {run.results} and {run.report}")
     return results
+
+
+def resolve_start(cfg: StudyConfig, m: TrainConfig, run: Run, model_dirs: dict[str, Path], keys: dict[str, str],
+                  peaks: dict[str, dict]) -> tuple[Path, str, dict | None]:
+    """Where method `m` starts: (its init directory, the stage key of those weights, and {init, method,
+    step} when `init` names another method of the study, else None). The named method has run
+    (`method_order`) and, for `@peak_ood`, its checkpoints have been evaluated (`peaks`)."""
+    ref = init_ref(m.init, cfg.methods)
+    if ref is None:
+        if m.init == "base":
+            return model_dirs["base"], keys["base"], None
+        return Path(m.init), config_hash({"path": str(Path(m.init))}), None
+    src = cfg.methods[ref.method]
+    step = {"end": src.steps, "peak_ood": peaks.get(ref.method, {}).get("step")}.get(ref.point, ref.step)
+    if step == src.steps:  # the final model (a checkpoint kept at the last step holds the same weights)
+        return model_dirs[ref.method], keys[ref.method], {"init": m.init, "method": ref.method, "step": step}
+    path = run.method(ref.method) / "checkpoints" / f"step-{step}"
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: the checkpoint that init {m.init!r} names is missing "
+                        f"(rerun the study without --resume to train {ref.method} again)")
+    return path, config_hash({"from": keys[ref.method], "step": step}), {"init": m.init, "method": ref.method, "step": step}
+
+
+def peak_ood(points: list[dict]) -> dict:
+    """The point of a checkpoint curve with the highest OOD accuracy (ties: the earliest step)."""
+    if not points:
+        raise ValueError("peak_ood of an empty checkpoint curve")
+    return dict(max(points, key=lambda p: (p["ood_acc"], -p["step"])))
+
+
+def checkpoint_curve(cfg: StudyConfig, run: Run, stages: Stages, name: str, key: str, final_scores: dict,
+                     tasks: dict[str, Task], problem_sets: dict[str, list[Problem]], eval_key: str, device: str,
+                     say: Callable[[str], None]) -> list[dict]:
+    """Greedy in-domain and OOD accuracy of every kept checkpoint of method `name` on the study's fixed
+    problem sets, each cached as the stage `eval-<name>@step-<N>` (eval/<name>@step-<N>.json); the
+    final model's point comes from its own evaluation. Returns [{step, id_acc, ood_acc}] by step."""
+    from posttrain.models.loading import load_model
+
+    m = cfg.methods[name]
+    id_key, ood_key = cfg.id_task.key, cfg.ood_task.key
+    sets = {id_key: problem_sets[id_key], ood_key: problem_sets[ood_key]}
+    greedy = cfg.eval.model_copy(update={"n_sampled_problems": 0})
+    points = []
+    for step in (s for s in m.kept_steps if s < m.steps):
+        label = f"{name}@step-{step}"
+        ck = run.method(name) / "checkpoints" / f"step-{step}"
+        ck_key = config_hash({"upstream": key, "step": step, "eval": eval_key, "sets": sorted(sets)})
+        if stages.done(f"eval-{label}", ck_key, [run.eval(label)]):
+            scores = read_json(run.eval(label))
+        else:
+            if not (ck / "config.json").is_file():
+                raise UserError(f"{ck}: kept checkpoint missing (rerun the study without --resume to train {name} again)")
+            say(f"eval {label}")
+            model, tok = load_model(ck, device=device)
+            scores = evaluate_model(model, tok, tasks, sets, greedy, cfg.seed)
+            atomic_write_json(run.eval(label), scores)
+            stages.finish(f"eval-{label}", ck_key)
+        points.append({"step": step, "id_acc": scores[id_key]["acc"], "ood_acc": scores[ood_key]["acc"]})
+    points.append({"step": m.steps, "id_acc": final_scores[id_key]["acc"], "ood_acc": final_scores[ood_key]["acc"]})
+    return points
 
 
 def weight_diagnostics(cfg: StudyConfig, run: Run, stages: Stages, base_dir: Path, model_dirs: dict[str, Path],
@@ -302,7 +378,10 @@ def weight_diagnostics(cfg: StudyConfig, run: Run, stages: Stages, base_dir: Pat
         return method if step == final[method] else step_key(method, step)
 
     traj_models, traj_pairs = trajectory_plan(runs, point_key)
-    method_pairs = list(itertools.combinations(names, 2)) if 2 <= len(names) <= MAX_DEFAULT_PAIRS_MODELS else []
+    # a method started from another one's model carries that model's update: the cosines compare the
+    # methods trained from the base (or a directory)
+    roots = [n for n in names if init_ref(cfg.methods[n].init, cfg.methods) is None]
+    method_pairs = list(itertools.combinations(roots, 2)) if 2 <= len(roots) <= MAX_DEFAULT_PAIRS_MODELS else []
     n_ck = len(traj_models) - len(runs)
     say(f"diff base vs {', '.join(names)}" + (" (spectral)" if dcfg.spectral else "")
         + (f" and {n_ck} earlier checkpoint{'s' * (n_ck != 1)}" if n_ck else ""))
@@ -372,16 +451,51 @@ def kl_stage(cfg: StudyConfig, run: Run, stages: Stages, tasks: dict[str, Task],
 
 def damaged_method(cfg: StudyConfig) -> str | None:
     """The method whose model the recovery sweep repairs (see RepairConfig.damaged)."""
-    if cfg.repair.damaged != "auto":
-        return cfg.repair.damaged
-    return next((name for name, m in cfg.methods.items() if m.is_expert_sft), None)
+    return cfg.damaged_method
+
+
+def repair_sources(cfg: StudyConfig, damaged: str, run: Run, model_dirs: dict[str, Path], keys: dict[str, str],
+                   peaks: dict[str, dict], evaluate: Callable[[str, Path, str], dict]) -> tuple[list[dict], dict]:
+    """The models the repairs restore from (`repair.source`): [{source, label, model, dir, key, scores}]
+    and {label: why} for sources skipped (the damaged method's peak-OOD point is its final model, so
+    there is nothing to restore). `scores` holds at least the greedy id/ood accuracy (the base's and a
+    directory's full evaluation)."""
+    out, skipped = [], {}
+    for src in cfg.repair.sources:
+        label = source_label(src)
+        if src == "base":
+            out.append({"source": src, "label": label, "model": "base", "dir": model_dirs["base"], "key": keys["base"],
+                        "scores": None})
+        elif src == "sft_peak_ood":
+            peak, final = peaks[damaged], cfg.methods[damaged].steps
+            if peak["step"] == final:
+                skipped[label] = (f"{damaged}'s best OOD accuracy ({peak['ood_acc']:.3f}) is its final model (step "
+                                  f"{final}): nothing to restore")
+                continue
+            out.append({"source": src, "label": label, "model": f"{damaged}@step-{peak['step']}",
+                        "dir": run.method(damaged) / "checkpoints" / f"step-{peak['step']}",
+                        "key": config_hash({"from": keys[damaged], "step": peak["step"]}),
+                        "scores": {"id_acc": peak["id_acc"], "ood_acc": peak["ood_acc"]}})
+        else:
+            d = Path(src)
+            key = config_hash({"path": str(d)})
+            out.append({"source": src, "label": label, "model": str(d), "dir": d, "key": key, "scores": None,
+                        "eval_name": f"repair-source-{label}", "eval_key": key})
+    return out, skipped
 
 
 def repair_sweep(cfg: StudyConfig, damaged: str, run: Run, tasks: dict[str, Task], problem_sets: dict[str, list[Problem]],
                  evals: dict[str, dict], model_dirs: dict[str, Path], keys: dict[str, str], eval_key: str,
-                 device: str, say: Callable[[str], None]) -> dict:
-    """Repair the damaged method's model with every grid point; greedy-evaluate each on the
-    in-domain, OOD and retention sets (sampling is skipped: the curves need accuracies only)."""
+                 device: str, say: Callable[[str], None], *, peaks: dict[str, dict] | None = None,
+                 evaluate: Callable[[str, Path, str], dict] | None = None) -> tuple[dict, dict]:
+    """Repair the damaged method's model with every grid point from every source (`repair.source`);
+    greedy-evaluate each on the in-domain, OOD and retention sets (sampling is skipped: the curves
+    need accuracies only). `ood_recovered_frac` is measured against the source actually used unless
+    `repair.reference` names a model; `id_kept_frac` always against the pretrained base.
+
+    Returns ({name: entry}, {label: {source, model, id_acc, ood_acc} or {source, skipped: why}}); with
+    several sources every name ends in "@<source label>" and the repaired models sit under
+    repair/<label>/<name>/."""
     from posttrain.evaluation.evaluate import evaluate_model
     from posttrain.models.loading import load_model
     from posttrain.repair.sweep import expand_grid, run_repair_sweep
@@ -401,15 +515,39 @@ def repair_sweep(cfg: StudyConfig, damaged: str, run: Run, tasks: dict[str, Task
         scores = evaluate_model(model, tok, tasks, problem_sets, greedy, cfg.seed)
         return summary({**scores, **evaluate_lm_eval_refs(model, tok, cfg.lm_eval_retention, cfg.seed)})
 
-    anchors = {"base": summary(evals["base"]), "damaged": summary(evals[damaged]),
-               "reference": summary(evals[rep.reference])}
-    say(f"repair sweep: {len(expand_grid(rep.grid))} repairs of {damaged} towards base (reference {rep.reference})")
-    key = config_hash({"eval": eval_key, "damaged": keys[damaged], "reference": keys.get(rep.reference)})
-    out = run_repair_sweep(model_dirs["base"], model_dirs[damaged], model_dirs[rep.reference],
-                           run.root / "repair", rep.grid, evaluate_fn, anchors=anchors, eval_key=key,
-                           device="cpu", log=lambda msg: say(f"  {msg}"))
-    for entry in out.values():  # paths relative to the run directory, so a moved run stays readable
-        path = Path(entry["path"])
-        if path.is_relative_to(run.root):
-            entry["path"] = str(path.relative_to(run.root))
-    return out
+    sources, skipped = repair_sources(cfg, damaged, run, model_dirs, keys, peaks or {}, evaluate)
+    info: dict[str, dict] = {}
+    for label, why in skipped.items():
+        say(f"repair sweep from {label}: skipped, {why}")
+        info[label] = {"source": label, "skipped": why}
+    multi = len(rep.sources) > 1
+    n = len(expand_grid(rep.grid))
+    out: dict = {}
+    for src in sources:
+        if src["source"] == "base":
+            src["scores"] = summary(evals["base"])
+        elif src["scores"] is None:  # a directory: evaluated once, cached like every model of the study
+            if evaluate is None:
+                raise ValueError("repair_sweep needs `evaluate` to score a directory source")
+            src["scores"] = summary(evaluate(src["eval_name"], src["dir"], src["eval_key"]))
+        info[src["label"]] = {"source": src["source"], "model": src["model"], "id_acc": src["scores"]["id_acc"],
+                              "ood_acc": src["scores"]["ood_acc"]}
+        if rep.reference == "source":
+            ref_scores, ref_dir, ref_key = src["scores"], src["dir"], src["key"]
+        else:
+            ref_scores, ref_dir, ref_key = summary(evals[rep.reference]), model_dirs[rep.reference], keys[rep.reference]
+        anchors = {"base": summary(evals["base"]), "damaged": summary(evals[damaged]), "reference": ref_scores}
+        ref_name = src["model"] if rep.reference == "source" else rep.reference
+        say(f"repair sweep: {n} repairs of {damaged} from {src['model']} (reference {ref_name})")
+        key = config_hash({"eval": eval_key, "damaged": keys[damaged], "source": src["key"], "reference": ref_key})
+        got = run_repair_sweep(src["dir"], model_dirs[damaged], ref_dir,
+                               run.root / "repair" / (src["label"] if multi else ""), rep.grid, evaluate_fn,
+                               anchors=anchors, eval_key=key, device="cpu", log=lambda msg: say(f"  {msg}"))
+        for name, entry in got.items():
+            path = Path(entry["path"])  # relative to the run directory, so a moved run stays readable
+            if path.is_relative_to(run.root):
+                entry["path"] = str(path.relative_to(run.root))
+            entry.update(source=src["source"], source_model=src["model"], reference=ref_name,
+                         reference_ood_acc=ref_scores["ood_acc"])
+            out[f"{name}@{src['label']}" if multi else name] = entry
+    return out, info

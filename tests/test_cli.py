@@ -56,7 +56,8 @@ def test_diff_cli_on_checkpoints(tiny_checkpoint, tmp_path):
 def test_quick_demo_end_to_end(quick_study):
     out = quick_study
     res = json.loads((out / "results.json").read_text())
-    assert set(res["models"]) == {"base", "sft", "grpo"}
+    heal = {"sft_long", "grpo_from_sft", "grpo_from_peak", "grpo_from_long"}
+    assert set(res["models"]) == {"base", "sft", "grpo"} | heal
     for name, m in res["models"].items():
         # results.json carries the numbers of the evaluation stage, not others
         scores = json.loads((out / "eval" / f"{name}.json").read_text())
@@ -65,10 +66,25 @@ def test_quick_demo_end_to_end(quick_study):
         assert abs(sum(m["format_share"].values()) - 1) < 1e-6
     # forgetting is the mean retention drop from the base (positive = forgot)
     base_ret = res["models"]["base"]["retention"]
-    assert set(res["forgetting"]) == {"sft", "grpo"}
+    assert set(res["forgetting"]) == {"sft", "grpo"} | heal
     for name, f in res["forgetting"].items():
         ret = res["models"][name]["retention"]
         assert f == pytest.approx(sum(base_ret[t] - ret[t] for t in base_ret) / 3, abs=1e-12)
+    # RL from SFT checkpoints: every kept SFT checkpoint evaluated, the peak picked, the starts recorded
+    assert [p["step"] for p in res["checkpoint_evals"]["sft"]] == [2, 4]
+    assert [p["step"] for p in res["checkpoint_evals"]["sft_long"]] == [4, 8, 12]
+    assert res["checkpoint_evals"]["sft"][-1]["ood_acc"] == res["models"]["sft"]["ood_acc"]
+    peak = res["peak_ood"]["sft"]
+    assert peak["ood_acc"] == max(p["ood_acc"] for p in res["checkpoint_evals"]["sft"])
+    assert res["init_from"]["grpo_from_peak"] == {"init": "sft@peak_ood", "method": "sft", "step": peak["step"]}
+    assert res["init_from"]["grpo_from_long"]["step"] == 12 and "grpo" not in res["init_from"]
+    # repairs from both sources, each naming its source; the peak source is skipped when it is the final model
+    srcs = res["repair_sources"]
+    assert set(srcs) == {"base", "sft_peak_ood"} and ("skipped" in srcs["sft_peak_ood"]) == (peak["step"] == 4)
+    assert {r["source"] for r in res["repairs"].values()} == {"base"} | ({"sft_peak_ood"} - {k for k, v in srcs.items()
+                                                                                               if "skipped" in v})
+    for name, r in res["repairs"].items():
+        assert name.endswith("@" + r["source"]) and r["reference_ood_acc"] == srcs[r["source"]]["ood_acc"]
     for name in ("sft", "grpo"):
         d = res["diagnostics"][name]
         assert {"q_proj", "k_proj", "down_proj"} <= set(d["rel_update_by_module"])
@@ -86,7 +102,11 @@ def test_quick_demo_end_to_end(quick_study):
 
     findings = {f["id"]: f for f in res["findings"]}
     assert res["findings"] == evaluate_findings(res, load_study_config(out / "config.yaml"))
-    assert {"sft_forgets_more", "rl_gains_id", "qk_change_most"} <= set(findings)
+    assert {"sft_forgets_more", "rl_gains_id", "qk_change_most",
+            "rl_heals_sft_ood", "stronger_sft_heals_better", "rl_undoes_sft_rotation"} <= set(findings)
+    assert "grpo_from_sft" in findings["rl_undoes_sft_rotation"]["evidence"]
+    assert findings["rl_undoes_sft_rotation"]["holds"] is not None
+    assert "grpo_from_long" in findings["stronger_sft_heals_better"]["evidence"]
     forg, models, n = res["forgetting"], res["models"], res["n_problems"]
     # the comparisons carry their statistic; the verdict is the noise rule applied to it (within
     # 2 binomial standard errors: None)
@@ -109,7 +129,7 @@ def test_quick_demo_end_to_end(quick_study):
     (kl_f,) = [f for f in res["findings"] if f["id"] == "kl_predicts_forgetting"]
     assert kl_f["holds"] is None and "untestable: 2 trained models" in kl_f["evidence"] and kl_f["n_models"] == 2
     html = (out / "report.html").read_text()
-    assert "Rotation or rescaling?" in html and "Over training" in html
+    assert "Rotation or rescaling?" in html and "Over training" in html and "RL from SFT checkpoints" in html
     assert "KL to the base and forgetting" in html
     assert html.count("data:image/png;base64,") >= 9 and "Findings" in html and "http" not in html.split("<body>")[1][:200]
     for rel in ("config.yaml", "versions.json", "base/config.json", "methods/sft/model/model.safetensors",

@@ -8,9 +8,17 @@ def test_presets_load_and_are_complete():
     for name in ("quick", "default"):
         cfg = load_study_config(preset_path(name))
         assert cfg.name == name and {"sft", "grpo"} <= set(cfg.methods)
-        # identical step budget, prompt batch and group size across methods: only the method differs
-        budgets = {(m.steps, m.prompts_per_step, m.samples_per_prompt, m.task, m.split, m.schedule) for m in cfg.methods.values()}
+        # identical step budget, prompt batch and group size for SFT and RL from the base: only the method differs
+        budgets = {(m.steps, m.prompts_per_step, m.samples_per_prompt, m.task, m.split, m.schedule)
+                   for n, m in cfg.methods.items() if n in ("sft", "grpo")}
         assert len(budgets) == 1
+        # the healing experiment: RL from the final SFT model, from its peak-OOD checkpoint, and from an
+        # SFT run several times as long (which keeps checkpoints); repairs from the base and the peak
+        inits = {m.init for m in cfg.methods.values() if m.is_rl}
+        longer = [n for n, m in cfg.methods.items() if m.is_expert_sft and m.steps >= 3 * cfg.methods["sft"].steps
+                  and m.checkpoint_every]
+        assert {"sft", "sft@peak_ood"} <= inits and len(longer) == 1 and longer[0] in inits
+        assert cfg.repair.sources == ["base", "sft_peak_ood"] and "sft" in cfg.checkpoint_eval_methods
 
 
 def test_override_changes_one_field_keeps_defaults():

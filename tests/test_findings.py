@@ -101,6 +101,8 @@ ALL = ["sft_gains_id", "rl_gains_id", "sft_gains_more_id", "sft_forgets_more", "
        "rl_generalizes_ood", "sft_moves_mlp_more", "qk_change_most", "sft_rotates_not_rescales",
        "rotation_at_spectrum_ends", "uv_top20_recovers_ood", "reset_first_quarter_recovers_ood",
        "sft_damage_is_rotation", "rl_format_collapse"]
+# claims the made-up run cannot test: too few models for the KL rule, no RL started from SFT
+UNTESTED = ["kl_predicts_forgetting", "rl_heals_sft_ood", "stronger_sft_heals_better", "rl_undoes_sft_rotation"]
 
 
 def verdicts(res, cfg=CFG):
@@ -111,9 +113,9 @@ def verdicts(res, cfg=CFG):
 
 def test_every_claim_holds_on_the_made_up_run():
     v = verdicts(results())
-    assert list(v) == ALL
+    assert list(v) == ALL + UNTESTED
     # qk_change_most: sft's top module is q_proj but grpo's is k_proj: both count
-    assert v == dict.fromkeys(ALL, True)
+    assert v == {**dict.fromkeys(ALL, True), **dict.fromkeys(UNTESTED)}
 
 
 # (claim, results override, expected verdict); every other claim keeps its verdict of the base case.
@@ -465,8 +467,8 @@ def test_claims_and_evidence_text():
     res = results(**{"diagnostics__grpo__principal_angle_top": 9.0, "diagnostics__grpo__sv_rel_change_top": 0.25,
                      "repairs__uv20__id_kept_frac": None})
     out = evaluate_findings(res, CFG)
-    assert {f["id"]: f["claim"] for f in out} == CLAIMS
-    assert {f["id"]: f["evidence"] for f in out} == {
+    assert {f["id"]: f["claim"] for f in out if f["id"] in CLAIMS} == CLAIMS
+    assert {f["id"]: f["evidence"] for f in out if f["id"] in CLAIMS} == {
         "sft_gains_id": "sft: id_acc 0.300 -> 0.600 (+0.300)",
         "rl_gains_id": "grpo: id_acc 0.300 -> 0.500 (+0.200)",
         "sft_gains_more_id": "id gain sft +0.300 vs grpo +0.200",
@@ -494,9 +496,9 @@ def test_untestable_evidence_text():
     res = results(repairs={}, diagnostics={})
     del res["models"]["sft"], res["models"]["grpo"]
     out = evaluate_findings(res, neither)
-    assert {f["id"]: f["claim"] for f in out} == CLAIMS
+    assert {f["id"]: f["claim"] for f in out if f["id"] in CLAIMS} == CLAIMS
     both = "this run has no SFT method and no RL method"
-    assert {f["id"]: (f["holds"], f["evidence"]) for f in out} == {
+    assert {f["id"]: (f["holds"], f["evidence"]) for f in out if f["id"] in CLAIMS} == {
         **{cid: (None, both) for cid in ("sft_gains_id", "rl_gains_id", "sft_gains_more_id", "sft_forgets_more",
                                           "rl_forgets_little", "rl_generalizes_ood", "sft_moves_mlp_more",
                                           "rl_format_collapse")},
@@ -513,7 +515,7 @@ def test_untestable_evidence_text():
     res = results(**{"diagnostics__sft__principal_angle_top": DELETE, "diagnostics__sft__angle_curve": DELETE,
                      "diagnostics__grpo__rel_update_by_layer_module": DELETE})
     out = evaluate_findings(res, CFG)
-    assert {f["id"]: f["claim"] for f in out} == CLAIMS
+    assert {f["id"]: f["claim"] for f in out if f["id"] in CLAIMS} == CLAIMS
     ev = {f["id"]: f["evidence"] for f in out}
     assert ev["sft_rotates_not_rescales"] == "no spectral diagnostics (diagnostics.spectral: false)"
     assert ev["rotation_at_spectrum_ends"] == "no principal-angle curve"
@@ -593,7 +595,7 @@ def test_comparisons_report_value_threshold_and_standard_error():
     # findings that are not comparisons carry no statistic
     for fid in ("qk_change_most", "sft_rotates_not_rescales", "rotation_at_spectrum_ends", "rl_format_collapse"):
         assert not {"value", "threshold", "se"} & set(out[fid]), fid
-    assert {f["held_in"] for f in out.values()} == {"1/1"}
+    assert {f["held_in"] for f in out.values() if f["id"] in ALL} == {"1/1"}
 
 
 def test_the_same_margin_decides_on_many_problems_and_is_within_noise_on_few():
@@ -668,7 +670,7 @@ def test_without_problem_counts_comparisons_are_plain():
     out = by_id(res)
     assert all(out[f]["se"] is None for f in ("sft_gains_id", "rl_gains_id", "sft_gains_more_id", "sft_forgets_more",
                                               "rl_forgets_little", "rl_generalizes_ood", "sft_damage_is_rotation"))
-    assert {f["id"]: f["holds"] for f in out.values()} == dict.fromkeys(ALL, True)
+    assert {f["id"]: f["holds"] for f in out.values() if f["id"] in ALL} == dict.fromkeys(ALL, True)
     for fid, over in (("sft_gains_id", {"models__sft__id_acc": 0.3}), ("rl_gains_id", {"models__grpo__id_acc": 0.3}),
                       ("sft_gains_more_id", {"models__sft__id_acc": 0.5}), ("sft_forgets_more", {"forgetting__sft": 0.01}),
                       ("rl_forgets_little", {"forgetting__grpo": 0.05}),

@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from posttrain.config import StudyConfig
+from posttrain.config import StudyConfig, init_ref
 from posttrain.evaluation.noise import binomial_se, combine_se  # noqa: F401  (re-exported for findings)
 
 NOISE_RULE = ("Noise rule: one seed, the margin must exceed twice its binomial standard error on the fixed problem "
@@ -112,7 +112,8 @@ def finding(fid: str, claim: str, paper: str = "", noisy: bool = False) -> Calla
 class Context:
     """What a finding's rule reads: `results` (results.json so far), `cfg`, and the roles of the
     study's methods: `sft` (the first SFT-on-expert-data method) and `rl` (the first method whose
-    objective learns from rewards), each None when the study has none."""
+    objective learns from rewards and that does not start from another method of the study), each
+    None when the study has none."""
 
     def __init__(self, results: dict, cfg: StudyConfig) -> None:
         self.results, self.cfg = results, cfg
@@ -121,7 +122,10 @@ class Context:
         self.base = self.models["base"]
         done = self.models
         self.sft = next((n for n, m in cfg.methods.items() if n in done and m.is_expert_sft), None)
-        self.rl = next((n for n, m in cfg.methods.items() if n in done and m.is_rl), None)
+        # RL started from another method of the study (RL on top of SFT) is another experiment
+        # (findings/heal.py), not "the RL method" compared with SFT
+        self.rl = next((n for n, m in cfg.methods.items()
+                        if n in done and m.is_rl and init_ref(m.init, cfg.methods) is None), None)
 
     def gain(self, name: str, key: str) -> float:
         return self.models[name][key] - self.base[key]
@@ -223,4 +227,4 @@ def fmt3(x: float) -> str:
 
 
 # registration order is report order
-from posttrain.findings import learning, weights, spectra, repairs, formats, kl  # noqa: E402,F401
+from posttrain.findings import learning, weights, spectra, repairs, formats, kl, heal  # noqa: E402,F401

@@ -21,10 +21,10 @@ FRACTION_RULE = ("recovered fraction = (ood(repaired) - ood(SFT)) / (ood(referen
 UV_REFERENCE = {"mode": "direction", "top": 0.2, "bottom": 0.0, "orthonormalize": False}
 
 
-def repair_pick(repairs: dict, method: str, **params) -> tuple[str, dict] | None:
-    """The first repair of the sweep made by `method` with these parameter values."""
+def repair_pick(repairs: dict, method: str, source: str = "base", **params) -> tuple[str, dict] | None:
+    """The first repair of the sweep made by `method` from `source` (repair.source) with these parameter values."""
     for name, r in repairs.items():
-        if r["method"] == method and all(r["params"].get(k) == v for k, v in params.items()):
+        if r["method"] == method and r.get("source", "base") == source and all(r["params"].get(k) == v for k, v in params.items()):
             return name, r
     return None
 

@@ -106,38 +106,66 @@ def repair_operator(r: dict) -> str:
 
 def repair_section(res: dict) -> str:
     reps = res["repairs"]
-    damaged = next(iter(reps.values()))
-    rows = []
+    rows, by_source = [], {}
     for name, r in reps.items():
+        by_source.setdefault(r.get("source_model", "base"), {})[name] = r
         kept, rec, se = r.get("id_kept_frac"), r.get("ood_recovered_frac"), r.get("ood_recovered_se")
         ret = (r.get("eval") or {}).get("retention_mean")
         rec_s = _pct(rec) + ("" if rec is None or se is None else f" ± {100 * se:.0f}")
         rows.append(f'<tr><td class="l">{html.escape(name)}</td><td class="l">{html.escape(repair_operator(r))}</td>'
+                    f'<td class="l">{html.escape(r.get("source_model", "base"))}</td>'
                     f'<td>{_pct(r["id_acc"])}</td><td>{_pct(r["ood_acc"])}</td>'
                     f'<td>{_pct(ret)}</td><td>{rec_s}</td><td>{_pct(kept)}</td></tr>')
-    gap, gap_se = damaged.get("ood_gap"), damaged.get("ood_gap_se")
-    if gap is not None and damaged.get("ood_recovered_frac") is None and all(
-            r.get("ood_recovered_frac") is None for r in reps.values()):
-        noise = "" if gap_se is None else f" (2 SE = {200 * gap_se:.1f} points)"
-        note = (f'<p class="meta">SFT\'s OOD gap to the reference is {100 * gap:+.1f} points{noise}: not a loss beyond '
-                "noise, so no recovered fraction is computed and the repair findings cannot be tested.</p>")
-    elif gap is not None and abs(gap) < 0.05:
-        note = (f'<p class="meta">The OOD gap to recover is only {100 * gap:+.1f} points: recovered fractions '
-                "are noisy.</p>")
-    else:
-        note = ""
-    return ("<h2>Repairing SFT's damage</h2><p>Each repair starts from the SFT model and restores part of the base: "
-            "UV-merge swaps in the base's singular directions (direction) or singular values (magnitude) for the top-k "
-            "fraction of every 2-D weight's spectrum (embeddings and LM head included), with the published operator "
-            "(base and SFT singular vectors concatenated as they are) or our QR variant (re-orthonormalised); "
-            "reset-layers copies the first layers from the base (scope reference: their matrices plus the token "
-            "embeddings and LM head, norms kept; scope layers: the layers whole); wise interpolates the weights. "
-            "OOD recovered = (ood(repaired) − ood(SFT)) / (ood(base) − ood(SFT)) ± its delta-method SE, computed "
-            "only when SFT lost OOD accuracy by more than twice the gap's binomial SE; in-domain gain kept = "
-            "(id(repaired) − id(base)) / (id(SFT) − id(base)).</p>" + note
-            + _img(P.recovery_curves(reps), "recovery curves")
-            + '<table><tr><th class="l">repair</th><th class="l">operator</th><th>in-domain</th><th>OOD</th>'
-            + "<th>retention (mean)</th><th>OOD recovered</th><th>ID gain kept</th></tr>" + "".join(rows) + "</table>")
+    parts = []
+    for src, group in by_source.items():
+        first = next(iter(group.values()))
+        gap, gap_se, ref = first.get("ood_gap"), first.get("ood_gap_se"), first.get("reference", src)
+        if gap is not None and all(r.get("ood_recovered_frac") is None for r in group.values()):
+            noise = "" if gap_se is None else f" (2 SE = {200 * gap_se:.1f} points)"
+            note = (f" SFT's OOD gap to the reference is {100 * gap:+.1f} points{noise}: not a loss beyond noise, "
+                    "so no recovered fraction is computed and the repair findings cannot be tested.")
+        elif gap is not None and abs(gap) < 0.05:
+            note = f" The OOD gap to recover is only {100 * gap:+.1f} points: recovered fractions are noisy."
+        else:
+            note = ""
+        parts.append(f'<h3>From {html.escape(src)}</h3><p class="meta">Reference for "recovered": {html.escape(ref)} '
+                     f"(OOD {_pct(first.get('reference_ood_acc'))}).{note}</p>"
+                     + _img(P.recovery_curves(group), f"recovery curves from {src}"))
+    skipped = "".join(f'<p class="meta">Source {html.escape(k)} skipped: {html.escape(v["skipped"])}.</p>'
+                      for k, v in res.get("repair_sources", {}).items() if v.get("skipped"))
+    return ("<h2>Repairing SFT's damage</h2><p>Each repair starts from the SFT model and restores part of a source "
+            "model (<code>repair.source</code>: the base, or SFT's own checkpoint with the best OOD accuracy, as the "
+            "reference code restores SFT_MaxOOD into SFT_END): UV-merge swaps in the source's singular directions "
+            "(direction) or singular values (magnitude) for the top-k fraction of every 2-D weight's spectrum "
+            "(embeddings and LM head included), with the published operator (both models' singular vectors "
+            "concatenated as they are) or our QR variant (re-orthonormalised); reset-layers copies the first layers "
+            "from the source (scope reference: their matrices plus the token embeddings and LM head, norms kept; "
+            "scope layers: the layers whole); wise interpolates the weights. OOD recovered = "
+            "(ood(repaired) − ood(SFT)) / (ood(reference) − ood(SFT)) ± its delta-method SE, the reference being the "
+            "source unless <code>repair.reference</code> says otherwise, computed only when SFT lost OOD accuracy by "
+            "more than twice the gap's binomial SE; in-domain gain kept = (id(repaired) − id(base)) / "
+            "(id(SFT) − id(base)).</p>" + skipped + "".join(parts)
+            + '<table><tr><th class="l">repair</th><th class="l">operator</th><th class="l">source</th><th>in-domain</th>'
+            + "<th>OOD</th><th>retention (mean)</th><th>OOD recovered</th><th>ID gain kept</th></tr>" + "".join(rows)
+            + "</table>")
+
+
+def healing_section(res: dict, curves: dict[str, list[dict]]) -> str:
+    """SFT's accuracy over its kept checkpoints and RL started from them (arXiv 2508.16546)."""
+    ck, starts = res.get("checkpoint_evals") or {}, res.get("init_from") or {}
+    if not ck and not starts:
+        return ""
+    peaks = res.get("peak_ood") or {}
+    txt = "; ".join(f"{html.escape(m)}: step {p['step']} (OOD {_pct(p['ood_acc'])}, in-domain {_pct(p['id_acc'])})"
+                    for m, p in peaks.items())
+    started = "; ".join(f"{html.escape(n)} from <code>{html.escape(st['init'])}</code> (step {st['step']})"
+                        for n, st in starts.items())
+    return ("<h2>RL from SFT checkpoints</h2><p>Greedy accuracy of every kept checkpoint on the fixed problem sets "
+            "(solid; final model last; the checkpoint with the best OOD accuracy ringed) and, dashed, the training "
+            "curves of the methods that started from one of them, drawn from the step they started at."
+            + (f" Peak OOD: {txt}." if txt else "") + (f" Started from another method: {started}." if started else "")
+            + "</p>" + _img(P.healing_curves(ck, starts, curves, res["id_task"], res["ood_task"], peaks),
+                            "accuracy over SFT checkpoints and RL from them"))
 
 
 def _num(x: Any, fmt: str) -> str:
@@ -278,6 +306,7 @@ def _render(run: Path, res: dict) -> str:
             keys.append(("kl_ref", "KL to base (k1, per token, on the training batch)"))
         body.append("<h2>Training curves</h2>")
         body.append(_img(P.training_curves(curves, keys), "training curves"))
+    body.append(healing_section(res, curves))
     pre = _read_metrics(run / "pretrain" / "metrics.jsonl")
     if pre:
         body.append(_img(P.training_curves({"pretrain": pre}, [("loss", "pretraining loss (all tokens)")]), "pretraining loss"))

@@ -316,3 +316,38 @@ def forgetting_scatter(points: list[dict], fits: dict[str, dict], panels: list[t
     axes[0][0].set_ylabel("forgetting (retention drop)")
     fig.tight_layout()
     return fig
+
+
+def healing_curves(checkpoint_evals: dict[str, list[dict]], starts: dict[str, dict], rl_curves: dict[str, list[dict]],
+                   id_key: str, ood_key: str, peaks: dict[str, dict] | None = None):
+    """OOD (left) and in-domain (right) accuracy over training steps: each method's kept checkpoints
+    (solid; the study's full problem sets; the peak-OOD point ringed) and each run that started from one
+    of them (dashed, x = the start's step + its own step; its training-curve evaluations,
+    `eval/<task>/acc` in metrics.jsonl, on the first problems of the same sets)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), squeeze=False)
+    panels = [("ood_acc", ood_key, "OOD accuracy"), ("id_acc", id_key, "in-domain accuracy")]
+    names = list(checkpoint_evals) + [n for n in starts if n not in checkpoint_evals]
+    for ax, (acc, key, title) in zip(axes[0], panels):
+        for name, pts in checkpoint_evals.items():
+            c = color(name, names.index(name))
+            ax.plot([p["step"] for p in pts], [p[acc] for p in pts], marker="o", ms=4, color=c, label=f"{name} (checkpoints)")
+            peak = (peaks or {}).get(name)
+            if peak is not None:
+                ax.plot([peak["step"]], [peak[acc]], marker="o", ms=11, mfc="none", mec=c, mew=1.5)
+        for name, st in starts.items():
+            col = f"eval/{key}/acc"
+            pts = [(st["step"] + r["step"], r[col]) for r in rl_curves.get(name, []) if r.get(col) is not None
+                   and not _nan(r[col])]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, ls="--", marker="s", ms=3, color=color(name, names.index(name)),
+                        label=f"{name} (from {st['init']})")
+        ax.set_xlabel("training steps (start's step + own step)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", fontsize=7, ncol=min(3, len(labels)),
+                   bbox_to_anchor=(0.5, -0.02 - 0.05 * ((len(labels) + 2) // 3)))
+    fig.tight_layout()
+    return fig
