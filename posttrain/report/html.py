@@ -204,7 +204,18 @@ def build_report(run: Path) -> str:
 
 
 def write_report(run: str | Path) -> Path:
+    """Write RUN/report.html: a sweep's (sweep.json), a multi-seed study's or a single run's."""
     run = Path(run)
     out = run / "report.html"
-    atomic_write_text(out, build_report(run))
+    if (run / "sweep.json").is_file():
+        from posttrain.report.sweep_html import build_sweep_report
+
+        page = build_sweep_report(run)
+    elif (run / "results.json").is_file() and read_json(run / "results.json").get("kind") == "seeds":
+        from posttrain.report.seeds_html import build_seeds_report
+
+        page = build_seeds_report(run)
+    else:
+        page = build_report(run)
+    atomic_write_text(out, page)
     return out
