@@ -83,11 +83,16 @@ def set_dotted(data: Any, path: str, value: Any) -> None:
 
 
 def format_value(v: Any) -> str:
-    """A value as it appears in a cell name: 64, 0.001, 5e-05, true, steps."""
+    """A value as it appears in a cell name: 64, 0.001, 5e-05, true, steps; a mapping as
+    `eq-0.8_steps-0.2`, a list as `1_2`."""
     if isinstance(v, bool) or v is None:
         return json.dumps(v)
     if isinstance(v, (int, float, str)):
         return str(v)
+    if isinstance(v, dict):
+        return "_".join(f"{k}-{format_value(x)}" for k, x in v.items())
+    if isinstance(v, list):
+        return "_".join(format_value(x) for x in v)
     return json.dumps(v, sort_keys=True, separators=(",", ":"))
 
 

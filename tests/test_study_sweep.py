@@ -71,12 +71,13 @@ def test_labels_and_names_are_short_distinct_and_filesystem_safe():
     assert axis_labels(["methods.sft.lr", "methods.grpo.lr", "model.hidden_size"]) == {
         "methods.sft.lr": "sft.lr", "methods.grpo.lr": "grpo.lr", "model.hidden_size": "hidden_size"}
     name = cell_name({"a.b": "x/y z", "c": {"k": [1, 2]}}, {"a.b": "b", "c": "c"})
-    assert name == "b=x_y_z,c=__k___1,2__"
+    assert name == "b=x_y_z,c=k-1_2"
+    assert cell_name({"f": {"eq": 0.8, "steps": 0.2}}, {"f": "formats"}) == "formats=eq-0.8_steps-0.2"
     long = cell_name({"a": "v" * 300}, {"a": "a"})
     assert len(long) <= 120 and long != cell_name({"a": "v" * 299}, {"a": "a"})
     # values that read alike once sanitised still get distinct directories
     cells = plan_sweep(quick(sweep={"methods.sft.trackers": [["a/b"], ["a b"]]}))
-    assert [c.name for c in cells] == ["trackers=__a_b__", "trackers=__a_b__-2"]
+    assert [c.name for c in cells] == ["trackers=a_b", "trackers=a_b-2"]
 
 
 def test_set_dotted_errors():
@@ -111,14 +112,16 @@ def cli(*args):
                           cwd=ROOT, env=env, timeout=900)
 
 
+# the quick preset made quicker (the machine running the suite may be shared); every stage still runs
 FAST = ["--set", "methods.sft.steps=2", "--set", "methods.grpo.steps=2", "--set", "methods.sft.checkpoint_every=0",
-        "--set", "methods.grpo.checkpoint_every=0", "--set", "pretrain.steps=20"]
+        "--set", "methods.grpo.checkpoint_every=0", "--set", "pretrain.steps=20", "--set", "eval.n_sampled_problems=4",
+        "--set", "repair.grid=[{method: reset_layers, first_frac: 0.5}]"]
 
 
 @pytest.mark.slow
 def test_quick_study_over_two_seeds(tmp_path):
     out = tmp_path / "D"
-    r = cli("study", QUICK, "--seeds", "0,1", "--out", out)
+    r = cli("study", QUICK, "--seeds", "0,1", "--out", out, *FAST)
     assert r.returncode == 0, r.stderr[-3000:]
     per = {s: json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)}
     assert per[0]["seed"] == 0 and per[1]["seed"] == 1 and (out / "seed-0" / "report.html").is_file()
@@ -146,12 +149,12 @@ def test_quick_study_over_two_seeds(tmp_path):
     assert "over 2 seeds" in page and 'href="seed-1/report.html"' in page and "held in" in page
     assert page.count("data:image/png;base64,") >= 2
     # rerun: every stage cached, the same numbers; a single-seed run cannot reuse this directory
-    r2 = cli("study", QUICK, "--seeds", "0,1", "--out", out, "--resume")
+    r2 = cli("study", QUICK, "--seeds", "0,1", "--out", out, "--resume", *FAST)
     assert r2.returncode == 0 and "pretrain: cached" in r2.stderr and "train grpo: cached" in r2.stderr
     assert json.loads((out / "results.json").read_text())["models"] == agg["models"]
-    r3 = cli("study", QUICK, "--out", out, "--resume")
+    r3 = cli("study", QUICK, "--out", out, "--resume", *FAST)
     assert r3.returncode == 2 and "holds a multi-seed study" in r3.stderr
-    r4 = cli("study", QUICK, "--seeds", "0,1", "--out", out)
+    r4 = cli("study", QUICK, "--seeds", "0,1", "--out", out, *FAST)
     assert r4.returncode == 2 and "pass --resume" in r4.stderr
 
 
