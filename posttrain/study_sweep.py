@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from posttrain.config import StudyConfig, dump_yaml, format_validation_error
+from posttrain.config import StudyConfig, deep_merge, dump_yaml, format_validation_error
 from posttrain.errors import UserError
 from posttrain.io import atomic_write_json, atomic_write_text, read_json, versions
 from posttrain.multiseed import Log, claim_root, default_log, run_cell, run_seeds
@@ -49,7 +49,8 @@ def axis_paths(axis: str) -> list[str]:
 
 def set_dotted(data: Any, path: str, value: Any) -> None:
     """Set the node at dotted `path` of nested dicts/lists `data` to `value`. Every step but the last
-    must exist (a dict key, or an in-range integer index of a list); the last may add a dict key."""
+    must exist (a dict key, or an in-range integer index of a list); the last may add a dict key. A
+    mapping set on a section merges into it (`model: {hidden_size: 64}` keeps the other model fields)."""
     parts = path.split(".")
     if not path or any(p == "" for p in parts):
         raise UserError(f"sweep axis {path!r} is not a dotted config path (e.g. model.hidden_size)")
@@ -64,12 +65,12 @@ def set_dotted(data: Any, path: str, value: Any) -> None:
             if not re.fullmatch(r"\d+", part) or int(part) >= len(node):
                 raise UserError(f"sweep axis {path!r}: {where} is a list of {len(node)}; {part!r} is not an index of it")
             if last:
-                node[int(part)] = value
+                node[int(part)] = _merged(node[int(part)], value)
             else:
                 node = node[int(part)]
         elif isinstance(node, dict):
             if last:
-                node[part] = value
+                node[part] = _merged(node.get(part), value)
             elif part in node and not isinstance(node[part], (dict, list)):
                 raise UserError(f"sweep axis {path!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
             elif part not in node:
@@ -80,6 +81,10 @@ def set_dotted(data: Any, path: str, value: Any) -> None:
                 node = node[part]
         else:  # a value reached through a list index
             raise UserError(f"sweep axis {path!r}: {where} is a value, not a section")
+
+
+def _merged(old: Any, value: Any) -> Any:
+    return deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
 
 
 def format_value(v: Any) -> str:

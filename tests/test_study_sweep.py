@@ -80,10 +80,16 @@ def test_labels_and_names_are_short_distinct_and_filesystem_safe():
     assert [c.name for c in cells] == ["trackers=a_b", "trackers=a_b-2"]
 
 
-def test_set_dotted_errors():
-    data = {"a": [{"b": 1}], "c": 2}
+def test_set_dotted_sets_indices_and_merges_sections():
+    data = {"a": [{"b": 1, "c": {"x": 1, "y": 2}}], "c": 2}
     set_dotted(data, "a.0.b", 5)
-    assert data["a"][0]["b"] == 5
+    set_dotted(data, "a.0.c", {"y": 3})
+    set_dotted(data, "c", {"z": 1})  # a mapping replaces a value
+    assert data == {"a": [{"b": 5, "c": {"x": 1, "y": 3}}], "c": {"z": 1}}
+    cells = plan_sweep(quick(sweep={"model": [{"hidden_size": 16, "intermediate_size": 48}]}))
+    m = cells[0].cfg.model
+    assert (m.hidden_size, m.intermediate_size, m.num_layers, m.max_length) == (16, 48, 2, 96)
+    assert cells[0].name == "model=hidden_size-16_intermediate_size-48"
     with pytest.raises(UserError, match="not a dotted config path"):
         set_dotted(data, "a..b", 1)
 
