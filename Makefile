@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/posttrain demo --preset default --out runs/demo
+	$(VENV)/bin/posttrain demo --preset default --seeds 0,1,2 --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
