@@ -18,11 +18,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 SET_HELP = "Override any config field, e.g. --set pretrain.steps=300 (repeatable)."
 
 
-def _study_config(config: Path | None, preset: str | None, overrides: list[str]):
-    from posttrain.config import load_study_config, preset_path
+def _study_config(config: Path | None, preset: str | None, overrides: list[str], task_specs: list[Path] = ()):
+    from posttrain.config import build_study_config, preset_path, read_study_yaml
 
-    path = config if config is not None else preset_path(preset or "default")
-    return load_study_config(path, overrides)
+    data = read_study_yaml(config if config is not None else preset_path(preset or "default"))
+    if task_specs:
+        from posttrain.tasks.spec import spec_name
+
+        data["tasks"] = {**(data.get("tasks") or {}), **{spec_name(p): str(p) for p in task_specs}}
+    return build_study_config(data, overrides)
 
 
 SEEDS_HELP = ("Run the whole study once per seed, e.g. --seeds 0,1,2, under OUT/seed-<n>/, and aggregate them in "
@@ -161,6 +165,8 @@ def eval_(
     tasks: List[str] = typer.Option(["points24/id,points24/ood,facts/id"],
                                     help="task/split keys, comma-separated and/or repeated."),
     config: Optional[Path] = typer.Option(None, help="Study YAML for task parameters and eval settings."),
+    task_spec: List[Path] = typer.Option([], "--task-spec", help="A dataset task YAML (repeatable), named by its "
+                                         "`name:` or file name: --task-spec configs/tasks/gsm8k.yaml --tasks gsm8k/id."),
     out: Optional[Path] = typer.Option(None, help="Write the scores as JSON here."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -171,9 +177,7 @@ def eval_(
     from posttrain.evaluation.evaluate import eval_problems, evaluate_model
     from posttrain.io import atomic_write_json
     from posttrain.models.loading import load_model
-    from posttrain.tasks import build_task
-
-    cfg = _study_config(config, None, list(set_)) if config else _study_config(None, "default", list(set_))
+    cfg = _study_config(config, None if config else "default", list(set_), list(task_spec))
     keys = list(dict.fromkeys(k.strip() for t in tasks for k in t.split(",") if k.strip()))
     if not keys:
         raise UserError("--tasks names no task/split (e.g. --tasks points24/id,facts/id)")
@@ -181,7 +185,8 @@ def eval_(
     for key in keys:
         name, _, split = key.partition("/")
         split = split or "id"
-        objs[name] = build_task(name, cfg.world.get(name, {}))
+        if name not in objs:
+            objs[name] = cfg.make_task(name)
         objs[name].check_split(split)
         sets[f"{name}/{split}"] = eval_problems(objs[name], split, cfg.eval.n_per_split, cfg.seed)
     mdl, tok = load_model(model, device=device)

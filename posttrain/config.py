@@ -16,6 +16,8 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       model_validator)
 
 from posttrain.errors import UserError
+from posttrain.tasks import Task, build_task
+from posttrain.tasks.spec import TaskSpec
 
 
 class Strict(BaseModel):
@@ -438,6 +440,16 @@ class StudyConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     # task name -> constructor parameters; a task's own signature holds its defaults
     world: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # dataset tasks by name: a task YAML path, {file: PATH, <overrides>} or an inline spec (posttrain/tasks/spec.py)
+    tasks: dict[str, TaskSpec] = Field(default_factory=dict)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _read_task_files(cls, v: Any) -> Any:
+        from posttrain.tasks.spec import resolve_entries
+
+        return resolve_entries(v)
+
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     id_task: TaskRef = Field(default_factory=lambda: TaskRef(task="points24", split="id"))
     ood_task: TaskRef = Field(default_factory=lambda: TaskRef(task="points24", split="ood"))
@@ -470,19 +482,38 @@ class StudyConfig(Strict):
 
     @model_validator(mode="after")
     def _check_refs(self) -> "StudyConfig":
-        from posttrain.tasks import build_task
+        from posttrain.tasks import TASKS
 
+        for name in self.tasks:
+            if name in TASKS:
+                raise ValueError(f"tasks.{name}: {name!r} is a built-in task; give the dataset task another name")
+            if name in self.world:
+                raise ValueError(f"world.{name}: dataset task {name!r} takes no parameters (its YAML holds them)")
         refs = [self.id_task, self.ood_task, *self.task_retention, *self.pretrain.mixture]
         refs += [TaskRef(task=m.task, split=m.split) for m in self.methods.values()]
         for ref in refs:
-            task = build_task(ref.task, self.world.get(ref.task, {}))
+            task = self.make_task(ref.task)
             task.check_split(ref.split)
             for fmt in ref.formats:
                 task.check_format(fmt)
+        for i, ref in enumerate(self.pretrain.mixture if self.base_model is None else []):
+            fmts = self.make_task(ref.task).solution_formats
+            bad = [f for f in ref.formats if f not in fmts]
+            if not fmts or bad:
+                raise ValueError(f"pretrain.mixture.{i}: task {ref.task!r} has reference solutions in format(s) "
+                                 f"{', '.join(fmts) or 'none'}, so it cannot be written in pretraining"
+                                 + (f" as {', '.join(bad)}" if bad and fmts else ""))
         for name, m in self.methods.items():
+            task = self.make_task(m.task)
             fmt = getattr(m.data_params, "expert_format", None)
             if fmt is not None:
-                build_task(m.task, self.world.get(m.task, {})).check_format(fmt)
+                task.check_format(fmt)
+            if m.is_expert_sft and not task.solution_formats:
+                raise ValueError(f"methods.{name}: task {m.task!r} has no reference solutions, so it cannot be used "
+                                 "for SFT on expert data")
+            if m.is_expert_sft and fmt is not None and fmt not in task.solution_formats:
+                raise ValueError(f"methods.{name}.expert_format: task {m.task!r} has reference solutions in format(s) "
+                                 f"{', '.join(task.solution_formats)} only")
             if m.init not in ("base", *self.methods) and not Path(m.init).exists():
                 raise ValueError(f"methods.{name}.init: {m.init!r} is neither 'base', a method, nor a directory")
             if m.init == name:
@@ -507,6 +538,25 @@ class StudyConfig(Strict):
     def lm_eval_retention(self) -> list[LmEvalRef]:
         """The retention probes run through lm-evaluation-harness."""
         return [r for r in self.retention if isinstance(r, LmEvalRef)]
+
+    def make_task(self, name: str) -> Task:
+        """The task called `name`: a dataset task of `tasks`, else a built-in one with `world` parameters."""
+        if name in self.tasks:
+            from posttrain.tasks.dataset import DatasetTask
+
+            return DatasetTask(name, self.tasks[name])
+        return build_task(name, self.world.get(name, {}))
+
+    @property
+    def world_key(self) -> Any:
+        """What stage hashes see of the task world: `world` alone when there are no dataset tasks, else
+        also their specs and the contents of their local data files (so changed data is not cached)."""
+        if not self.tasks:
+            return self.world
+        from posttrain.tasks.spec import data_fingerprint
+
+        return {"world": self.world, "tasks": {k: {"spec": v.model_dump(mode="json", exclude={"origin"}),
+                                                   "data": data_fingerprint(v.source)} for k, v in self.tasks.items()}}
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

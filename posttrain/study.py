@@ -21,7 +21,7 @@ from posttrain.evaluation.evaluate import eval_problems, evaluate_model
 from posttrain.evaluation.lm_eval_bridge import evaluate_lm_eval_refs, local_tasks_digest
 from posttrain.io import atomic_write_json, atomic_write_text, read_json, versions
 from posttrain.progress import progress_logger
-from posttrain.tasks import Problem, Task, build_task
+from posttrain.tasks import Problem, Task
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -81,7 +81,7 @@ class Stages:
 def build_tasks(cfg: StudyConfig) -> dict[str, Task]:
     names = {cfg.id_task.task, cfg.ood_task.task, *(r.task for r in cfg.task_retention),
              *(r.task for r in cfg.pretrain.mixture), *(m.task for m in cfg.methods.values())}
-    return {n: build_task(n, cfg.world.get(n, {})) for n in sorted(names)}
+    return {n: cfg.make_task(n) for n in sorted(names)}
 
 
 def method_order(cfg: StudyConfig) -> list[str]:
@@ -106,8 +106,12 @@ def method_order(cfg: StudyConfig) -> list[str]:
 
 
 def least_used_format(task: Task, shares: dict[str, float]) -> str:
-    """The task format the base model writes least often (ties: the task's format order)."""
-    return min(task.formats, key=lambda f: (shares.get(f, 0.0), task.formats.index(f)))
+    """The format the base model writes least often among those the task's expert can write (ties:
+    the task's format order)."""
+    fmts = task.solution_formats
+    if not fmts:
+        raise UserError(f"task {task.name!r} has no reference solutions, so it cannot be used for SFT on expert data")
+    return min(fmts, key=lambda f: (shares.get(f, 0.0), fmts.index(f)))
 
 
 def expert_format_for(m: TrainConfig, task: Task, base_shares: Callable[[], dict[str, float]]) -> str | None:
@@ -132,7 +136,7 @@ def base_format_shares(cfg: StudyConfig, task: Task, split: str, model_dir: Path
 def pretrain_key(cfg: StudyConfig) -> str:
     """The stage key of the base model: everything the pretrained (or loaded) base depends on."""
     return config_hash({"model": cfg.model.model_dump(), "pretrain": cfg.pretrain.model_dump(mode="json"),
-                        "world": cfg.world, "seed": cfg.seed, "base_model": cfg.base_model})
+                        "world": cfg.world_key, "seed": cfg.seed, "base_model": cfg.base_model})
 
 
 def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: str = "auto",
@@ -174,7 +178,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         refs.setdefault(r.key, r)
     problem_sets = {k: eval_problems(tasks[r.task], r.split, cfg.eval.n_per_split, cfg.seed) for k, r in refs.items()}
     lm_refs = cfg.lm_eval_retention
-    eval_key = config_hash({"eval": cfg.eval.model_dump(), "refs": sorted(refs), "world": cfg.world, "seed": cfg.seed,
+    eval_key = config_hash({"eval": cfg.eval.model_dump(), "refs": sorted(refs), "world": cfg.world_key, "seed": cfg.seed,
                             **({"lm_eval": [r.model_dump(mode="json") for r in lm_refs],
                                 "local_tasks": local_tasks_digest(lm_refs)} if lm_refs else {})})
 
@@ -211,7 +215,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         init_dir = model_dirs.get(m.init) or Path(m.init)  # "base", an earlier method, or a directory
         upstream = keys.get(m.init, config_hash({"path": str(init_dir)}))
         key = config_hash({"method": m.model_dump(mode="json"), "init": upstream, "base": base_key,
-                           "expert_format": expert_format, "seed": cfg.seed, "world": cfg.world})
+                           "expert_format": expert_format, "seed": cfg.seed, "world": cfg.world_key})
         out_dir = run.method(name)
         if stages.done(f"train-{name}", key, [out_dir / "model" / "config.json"]):
             say(f"train {name}: cached")

@@ -174,3 +174,15 @@ def test_decode_mask_shortcut_samples_what_transformers_mask_samples(tiny_checkp
     model.config._attn_implementation = "eager"  # eager wants an additive mask: no shortcut
     monkeypatch.undo()
     assert not rollout._takes_bool_mask(model)
+
+
+def test_a_character_the_tiny_tokenizer_lacks_is_a_user_error():
+    from posttrain.errors import UserError
+
+    tok = build_char_tokenizer()
+    assert encode_prompts(tok, ["ab"]) == [[tok.bos_token_id, *tok("ab", add_special_tokens=False)["input_ids"]]]
+    with pytest.raises(UserError, match=r"cannot encode '\\n', 'é' in the prompt") as e:
+        encode_prompts(tok, ["fine", "line\nbreak é"])
+    assert "\n" not in str(e.value).replace("\\n", "")
+    with pytest.raises(UserError, match="in the completion"):
+        encode_completions(tok, ["tab\there"])

@@ -164,9 +164,16 @@ def test_quick_study_over_two_seeds(tmp_path):
     assert r4.returncode == 2 and "pass --resume" in r4.stderr
 
 
-def test_seed_options_exclude_each_other():
+def test_cli_rejects_bad_seeds_and_sweeps_before_running(tmp_path):
     r = cli("study", QUICK, "--seeds", "0,1", "--seed", "3")
     assert r.returncode == 2 and "--seed and --seeds exclude each other" in r.stderr
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"extends: {QUICK}\nsweep:\n  methods.grpo.kl_coef: [0.0, 0.01]\n  model.num_heads: [2, 5]\n")
+    r = cli("study", cfg, "--out", tmp_path / "out")
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: sweep axis 'model.num_heads' = 5 (cell kl_coef=0.0,num_heads=5)"), lines[0]
+    assert not (tmp_path / "out").exists()  # every cell is checked before anything runs
     from posttrain.cli import _seed_overrides
 
     with pytest.raises(UserError, match="comma-separated integers"):

@@ -28,7 +28,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def eval_problems(task: Task, split: str, n: int, seed: int) -> list[Problem]:
-    """The fixed evaluation set of a task split (the whole knowledge base for `facts`)."""
+    """The fixed evaluation set of a task split (the whole knowledge base for `facts`; up to `n`
+    distinct held-out rows for a dataset task)."""
+    if hasattr(task, "eval_set"):
+        return task.eval_set(split, n, seed)
     if hasattr(task, "all_problems"):
         return task.all_problems()
     rng = random.Random(f"{seed}/eval/{task.name}/{split}")

@@ -71,6 +71,12 @@ class Task:
         """Strictly parse and check `completion`."""
         raise NotImplementedError
 
+    @property
+    def solution_formats(self) -> tuple[str, ...]:
+        """The formats `solve` can write: every format for a task with a solver; for a dataset task
+        the formats of its reference solutions (none: it cannot be used for SFT on expert data)."""
+        return self.formats
+
     # -- shared helpers -----------------------------------------------------------------------
     def check_split(self, split: str) -> None:
         if split not in self.splits:

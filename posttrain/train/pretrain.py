@@ -35,7 +35,7 @@ def mixture_texts(tasks: dict[str, Task], mixture: list[TaskRef], rng: random.Ra
     for ref in rng.choices(mixture, weights=weights, k=n):
         task = tasks[ref.task]
         problem = task.sample(rng, ref.split, "train")
-        fmts = list(ref.formats) or list(task.formats)
+        fmts = list(ref.formats) or list(task.solution_formats)
         fw = [ref.formats[f] for f in fmts] if ref.formats else None
         fmt = rng.choices(fmts, weights=fw, k=1)[0]
         prompts.append(problem.prompt)

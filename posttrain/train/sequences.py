@@ -12,10 +12,29 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from posttrain.errors import UserError
+
+
+def _encode(tok, texts: list[str], what: str) -> list[list[int]]:
+    """Token ids of `texts`; a text the tokenizer cannot encode (the tiny world's character
+    tokenizer has no unknown token) is a one-line `UserError` naming it, not a tokenizers panic."""
+    try:
+        return tok(texts, add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001 - tokenizers raises a bare Exception ("WordLevel error: Missing [UNK] token")
+        vocab = tok.get_vocab()
+        for text in texts:
+            try:
+                tok([text], add_special_tokens=False)
+            except Exception:  # noqa: BLE001
+                bad = sorted({c for c in text if c not in vocab}) or [text[:20]]
+                raise UserError(f"the tokenizer cannot encode {', '.join(map(repr, bad))} in the {what} {text[:60]!r} "
+                                "(the tiny world's character tokenizer knows printable ASCII only)") from None
+        raise
+
 
 def encode_prompts(tok, prompts: list[str]) -> list[list[int]]:
     """Token ids of each prompt, prefixed with BOS when the tokenizer has one."""
-    ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    ids = _encode(tok, prompts, "prompt")
     if tok.bos_token_id is not None:
         ids = [[tok.bos_token_id, *x] for x in ids]
     return ids
@@ -23,7 +42,7 @@ def encode_prompts(tok, prompts: list[str]) -> list[list[int]]:
 
 def encode_completions(tok, texts: list[str]) -> list[list[int]]:
     """Token ids of each completion text followed by EOS."""
-    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    ids = _encode(tok, texts, "completion")
     return [[*x, tok.eos_token_id] for x in ids]
 
 
