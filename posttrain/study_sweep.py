@@ -231,8 +231,6 @@ def run_sweep(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     for i, cell in enumerate(cells):
         say(f"cell {i + 1} of {len(cells)}: {cell.name}")
         cell_dir = root / "cells" / cell.name
-        if cell_dir.is_dir() and any(cell_dir.iterdir()):
-            shared.record(cell.cfg, cell_dir)  # a rerun: this cell's own finished stages come first
         results[cell.name] = run_cell(cell.cfg, cell_dir, device, lambda m, c=cell.name: say(f"[{c}] {m}"), shared)
         shared.record(cell.cfg, cell_dir)
     from posttrain.sweep_summary import summarize_sweep
