@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
+from rich.markup import escape
 
 from posttrain.config import StudyConfig, dump_yaml
 from posttrain.errors import UserError
@@ -31,7 +32,8 @@ LAYOUTS = {"single": "a single-seed study", "seeds": "a multi-seed study", "swee
 
 
 def default_log(prefix: str = "") -> Log:
-    return lambda msg: console.print(f"[bold cyan]posttrain[/] {prefix}{msg}")
+    # messages carry "[seed 1]" / "[kl_coef=0.01]" tags, which rich would take for markup
+    return lambda msg: console.print(f"[bold cyan]posttrain[/] {escape(prefix + msg)}")
 
 
 def layout_of(root: Path) -> str | None:

@@ -115,7 +115,7 @@ def test_layouts_do_not_turn_into_each_other(tmp_path):
 def cli(*args):
     env = {**os.environ, "POSTTRAIN_NO_PROGRESS": "1"}
     return subprocess.run([sys.executable, "-m", "posttrain.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=900)
+                          cwd=ROOT, env=env, timeout=3600)
 
 
 # the quick preset made quicker (the machine running the suite may be shared); every stage still runs
@@ -156,7 +156,7 @@ def test_quick_study_over_two_seeds(tmp_path):
     assert page.count("data:image/png;base64,") >= 2
     # rerun: every stage cached, the same numbers; a single-seed run cannot reuse this directory
     r2 = cli("study", QUICK, "--seeds", "0,1", "--out", out, "--resume", *FAST)
-    assert r2.returncode == 0 and "pretrain: cached" in r2.stderr and "train grpo: cached" in r2.stderr
+    assert r2.returncode == 0 and "[seed 1] pretrain: cached" in r2.stderr and "[seed 1] train grpo: cached" in r2.stderr
     assert json.loads((out / "results.json").read_text())["models"] == agg["models"]
     r3 = cli("study", QUICK, "--out", out, "--resume", *FAST)
     assert r3.returncode == 2 and "holds a multi-seed study" in r3.stderr
