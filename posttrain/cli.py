@@ -320,8 +320,8 @@ def _repair_command(cls) -> None:
     declared `Params` and the shared `Selection` (types, defaults and help text come from there).
 
     A field may carry `json_schema_extra={"cli_flags": {"--flag": value, ...}}` (each flag sets the
-    field to that value; flags exclude each other) or `{"cli_name": "--name"}`; a bool field with
-    default True is `--x/--no-x`.
+    field to that value; flags exclude each other) or `{"cli_name": "--name"}`; a bool field is
+    `--x/--no-x` whatever its default, so a command line can state either value explicitly.
     """
     import inspect
     import typing
@@ -347,7 +347,7 @@ def _repair_command(cls) -> None:
             continue
         decl = extra.get("cli_name", "--" + name.replace("_", "-"))
         if field.annotation is bool or typing.get_args(field.annotation)[:1] == (bool,):
-            decl = f"{decl}/--no-{decl[2:]}" if field.default is True else decl
+            decl = f"{decl}/--no-{decl[2:]}"
             ann, default = bool, bool(field.default)
         elif is_list_param(field):
             inner = float if "float" in str(field.annotation) else str

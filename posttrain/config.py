@@ -360,11 +360,15 @@ class EvalConfig(Strict):
 
 
 def _default_repair_grid() -> list[dict[str, Any]]:
+    # UV-merge with both operators at the same points: the published one (orthonormalize false, behind
+    # the findings) and our QR variant; layer reset in the reference's scope behind the finding, and
+    # the whole-layer reset beside it
     return [
-        {"method": "uv_merge", "mode": "direction", "top": [0.05, 0.1, 0.2, 0.5, 1.0]},
-        {"method": "uv_merge", "mode": "direction", "top": 0.2, "bottom": 0.05},
+        {"method": "uv_merge", "mode": "direction", "top": [0.05, 0.1, 0.2, 0.5, 1.0], "orthonormalize": [False, True]},
+        {"method": "uv_merge", "mode": "direction", "top": 0.2, "bottom": 0.05, "orthonormalize": [False, True]},
         {"method": "uv_merge", "mode": "magnitude", "top": 1.0},
-        {"method": "reset_layers", "first_frac": [0.25, 0.5]},
+        {"method": "reset_layers", "scope": "reference", "first_frac": [0.25, 0.5]},
+        {"method": "reset_layers", "scope": "layers", "first_frac": 0.25},
         {"name": "wise", "method": "interpolate", "alpha": [0.25, 0.5, 0.75]},
     ]
 

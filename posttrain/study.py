@@ -346,6 +346,7 @@ def repair_sweep(cfg: StudyConfig, damaged: str, run: Run, tasks: dict[str, Task
     def summary(scores: dict) -> dict:
         ret = {k: scores[k]["acc"] for k in retention_keys}
         return {"id_acc": scores[cfg.id_task.key]["acc"], "ood_acc": scores[cfg.ood_task.key]["acc"],
+                "id_n": scores[cfg.id_task.key].get("n"), "ood_n": scores[cfg.ood_task.key].get("n"),
                 "retention": ret, "retention_mean": sum(ret.values()) / max(len(ret), 1)}
 
     def evaluate_fn(model_dir: Path) -> dict:

@@ -91,11 +91,21 @@ def test_sharded_checkpoint_gives_same_result(pair):
 
 def test_diff_writes_outputs(pair, tmp_path):
     base, ft, _ = pair
+    import pandas as pd
+
     res = diff(base, {"ft": ft}, tmp_path / "out", show_progress=False)
-    for f in ("diff.json", "tensors.csv", "tensors.parquet", "rel_update_heatmap.png", "rel_update_by_module.png"):
-        assert (tmp_path / "out" / f).stat().st_size > 0
-    js = json.loads((tmp_path / "out" / "diff.json").read_text())
+    out = tmp_path / "out"
+    for f in ("rel_update_heatmap.png", "rel_update_by_module.png"):
+        assert (out / f).read_bytes()[:4] == b"\x89PNG"
+    js = json.loads((out / "diff.json").read_text())
     assert js["models"]["ft"]["rel_update_by_module"] == res.summaries["ft"].rel_update_by_module
+    # the tables on disk hold the per-tensor numbers, which match numpy
+    _, _, per = numpy_rel(base, ft)
+    for table in (pd.read_csv(out / "tensors.csv"), pd.read_parquet(out / "tensors.parquet")):
+        got = dict(zip(table["name"], table["rel_update"]))
+        assert set(got) == set(per) and set(table["model"]) == {"ft"}
+        for name, value in per.items():
+            assert got[name] == pytest.approx(value, rel=1e-6, abs=1e-12), name
 
 
 def test_mismatch_and_corruption_are_clear_errors(pair, tmp_path):
@@ -278,7 +288,8 @@ def test_planted_rotations_and_scalings_are_recovered(planted, tmp_path):
     assert v["sv_rel_change_bottom"] == pytest.approx(0.5, abs=1e-10)
     assert v["angle_top_left"] == pytest.approx(0, abs=1e-4) and v["angle_bottom_right"] == pytest.approx(0, abs=1e-4)
     # dW = U diag(ds) V^T is diagonal in the base's singular basis: all magnitude, no rotation
-    assert v["energy_diag"] == pytest.approx(1.0, abs=1e-10) and v["energy_rotation"] == pytest.approx(0, abs=1e-10)
+    assert v["energy_magnitude"] == pytest.approx(1.0, abs=1e-10) and v["energy_rotation"] == pytest.approx(0, abs=1e-10)
+    assert v["energy_diag_in_span"] == pytest.approx(1.0, abs=1e-10)
     s = np.linspace(8, 1, 40)
     ds = np.abs(np.concatenate([0.25 * s[:2], 0.5 * s[-2:]]))
     assert v["stable_rank_delta"] == pytest.approx((ds**2).sum() / ds.max() ** 2, rel=1e-9)
@@ -496,11 +507,44 @@ def test_report_plots_from_summaries(planted):
     root, *_ = planted
     res = diff(root / "base", {"rot": root / "rot", "other": root / "other"}, spectral=True, show_progress=False)
     js = {k: v.to_json() for k, v in res.summaries.items()}
-    for fig in (P.angle_curves(js), P.spectra(js), P.layer_module_heatmaps(js, "principal_angle_top_by_layer_module", "t"),
-                P.cosine_heatmaps({"rot vs other": res.pairs[("rot", "other")].to_json()}),
-                P.trajectories([{"run": "a", "step": 1, "rel_update_total": 0.1, "changed_frac": 0.5}])):
-        assert P.to_png(fig)[:4] == b"\x89PNG"
+    nan = lambda xs: np.array([np.nan if x is None else x for x in xs], dtype=float)  # noqa: E731
+
+    # the curves drawn are the summaries' angle curves, per side and model
+    fig = P.angle_curves(js)
+    for ax, side in zip(fig.axes[:2], ("left", "right")):
+        lines = {ln.get_label(): ln for ln in ax.get_lines()}
+        assert set(lines) == {"rot", "other"}
+        for name, ln in lines.items():
+            np.testing.assert_allclose(ln.get_xdata(), js[name]["angle_curve"]["x"])
+            np.testing.assert_allclose(np.asarray(ln.get_ydata(), dtype=float), nan(js[name]["angle_curve"][side]))
     assert len(js["rot"]["angle_curve"]["left"]) == 20
+    # each heatmap cell is the layer x module value of its model (modules in first-seen order)
+    heat = lambda key: lambda s: P.layer_module_heatmaps(s, key, key)  # noqa: E731
+    for make, key, summaries in ((heat("principal_angle_top_by_layer_module"), "principal_angle_top_by_layer_module", js),
+                                 (heat("sv_rel_change_top_by_layer_module"), "sv_rel_change_top_by_layer_module", js),
+                                 (P.cosine_heatmaps, "cosine_by_layer_module",
+                                  {"rot vs other": res.pairs[("rot", "other")].to_json()})):
+        fig = make(summaries)
+        images = [ax for ax in fig.axes if ax.get_images()]
+        assert [ax.get_title() for ax in images] == list(summaries)
+        for ax, name in zip(images, summaries):
+            cells = summaries[name][key]
+            grid = np.asarray(ax.get_images()[0].get_array(), dtype=float)
+            for i, m in enumerate(cells):
+                np.testing.assert_allclose(grid[i, : len(cells[m])], nan(cells[m]))
+    # one spectrum panel per matrix with spectra, the base drawn once
+    fig = P.spectra(js)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == min(6, len(js["rot"]["spectra"]))
+    first = panels[0].get_title() + ".weight"
+    labels = [ln.get_label() for ln in panels[0].get_lines()]
+    assert labels[0] == "base" and sorted(labels[1:]) == sorted(m for m in js if first in js[m]["spectra"])
+    np.testing.assert_allclose(panels[0].get_lines()[0].get_ydata(), js["rot"]["spectra"][first]["base"])
+    fig = P.trajectories([{"run": "a", "step": 2, "rel_update_total": 0.2, "changed_frac": 0.5},
+                          {"run": "a", "step": 1, "rel_update_total": 0.1, "changed_frac": 0.4}])
+    (ln,) = fig.axes[0].get_lines()
+    assert list(ln.get_xdata()) == [1, 2] and list(ln.get_ydata()) == [0.1, 0.2]
+    assert P.to_png(fig)[:4] == b"\x89PNG"
 
 
 def test_cli_spectral_diff_and_errors(planted, tmp_path):
@@ -550,7 +594,8 @@ def test_float32_tall_matrices_take_the_gram_route_with_the_same_answers(tmp_pat
         assert r["sv_rel_change_top"] == pytest.approx(0.1, abs=1e-5)
         assert r["sv_rel_change_bottom"] == pytest.approx(0, abs=1e-5)
     # against float64 SVDs the Gram route is closer than float32 SVDs are
-    for col in ("angle_top_left", "angle_bottom_left", "angle_bottom_right", "energy_rotation", "alpha_base",
+    for col in ("angle_top_left", "angle_bottom_left", "angle_bottom_right", "energy_rotation", "energy_magnitude",
+                "energy_rotation_in_span", "alpha_base",
                 "stable_rank_delta", "effective_rank_delta", "sv_rel_change_all"):
         assert rows["auto"][col] == pytest.approx(rows["full64"][col], rel=1e-5, abs=1e-4)
         assert rows["full32"][col] == pytest.approx(rows["full64"][col], rel=1e-3, abs=1e-3)

@@ -39,13 +39,13 @@ def test_clipped_policy_loss_hand_computed():
     old = torch.zeros(1, 2)
     mask = torch.ones(1, 2)
     # A=+1: ratios 1.5, 0.5; unclipped -1.5, -0.5; clipped -1.2, -0.8; max -> -1.2, -0.5; mean -0.85
-    loss, clipfrac = clipped_policy_loss(logp, old, torch.tensor([1.0]), mask, 0.2, 0.2)
+    loss, clipfrac, _ = clipped_policy_loss(logp, old, torch.tensor([1.0]), mask, 0.2, 0.2)
     assert loss.item() == pytest.approx(-0.85, abs=1e-6) and clipfrac.item() == pytest.approx(0.5)
     # A=-1: unclipped 1.5, 0.5; clipped 1.2, 0.8; max -> 1.5, 0.8; mean 1.15
-    loss, clipfrac = clipped_policy_loss(logp, old, torch.tensor([-1.0]), mask, 0.2, 0.2)
+    loss, clipfrac, _ = clipped_policy_loss(logp, old, torch.tensor([-1.0]), mask, 0.2, 0.2)
     assert loss.item() == pytest.approx(1.15, abs=1e-6) and clipfrac.item() == pytest.approx(0.5)
     # asymmetric clip (DAPO clip-higher): eps_high 0.6 leaves ratio 1.5 unclipped for A>0
-    loss, _ = clipped_policy_loss(logp, old, torch.tensor([1.0]), mask, 0.2, 0.6)
+    loss, _, _ = clipped_policy_loss(logp, old, torch.tensor([1.0]), mask, 0.2, 0.6)
     assert loss.item() == pytest.approx((-1.5 - 0.5) / 2, abs=1e-6)
 
 
@@ -55,10 +55,9 @@ def test_ratio_one_gives_reinforce_gradient():
     logp = torch.log_softmax(logits, -1)[:, :2]
     adv = torch.tensor([0.7, -1.3])
     mask = torch.ones(2, 2)
-    ratio = torch.exp(logp - logp.detach())
-    assert torch.equal(ratio, torch.ones_like(ratio))
-    loss, clipfrac = clipped_policy_loss(logp, logp.detach(), adv, mask)
-    assert clipfrac.item() == 0.0
+    loss, clipfrac, _ = clipped_policy_loss(logp, logp.detach(), adv, mask)
+    # ratio 1 everywhere: the loss is -mean(A) over the tokens, (-0.7 * 2 + 1.3 * 2) / 4
+    assert clipfrac.item() == 0.0 and loss.item() == pytest.approx(0.3, abs=1e-6)
     (g,) = torch.autograd.grad(loss, logits, retain_graph=True)
     ref = -(adv.unsqueeze(-1) * logp).sum() / 4
     (g_ref,) = torch.autograd.grad(ref, logits)
@@ -92,7 +91,11 @@ def test_aggregation_modes_hand_computed():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     assert aggregate(loss, mask, "token-mean").item() == pytest.approx(10 / 4)
     assert aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
-    assert aggregate(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx((6 + 4) / 2 / 3)
+    # Dr. GRPO's divisor is now the constant generation budget passed as norm_len (TRL dr_grpo), no
+    # longer the batch width by default: with norm_len = 3 (= this width) the value is unchanged
+    assert aggregate(loss, mask, "seq-mean-token-sum-norm", norm_len=3).item() == pytest.approx((6 + 4) / 2 / 3)
+    with pytest.raises(ValueError, match="norm_len"):
+        aggregate(loss, mask, "seq-mean-token-sum-norm")
     assert nll_loss(-loss, mask).item() == pytest.approx(2.5)
 
 

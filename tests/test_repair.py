@@ -82,8 +82,10 @@ def test_uv_merge_matches_formula_on_planted_spectra():
         "magnitude": compose({i: ut for i in range(r)}, {i: vt for i in range(r)}, s_mix),
     }
     for mode, want in expected.items():
-        got = uv_merge_matrix(wb, wt, top=0.25, bottom=0.125, mode=mode)
-        assert torch.allclose(got, want, atol=1e-10), mode
+        # the blocks rotate only within themselves, so the mixed bases are orthonormal and both operators agree
+        for ortho in ((False, True) if mode != "magnitude" else (False,)):
+            got = uv_merge_matrix(wb, wt, top=0.25, bottom=0.125, mode=mode, orthonormalize=ortho)
+            assert torch.allclose(got, want, atol=1e-10), (mode, ortho)
     # the three modes really differ on this case (a test that cannot confuse them)
     assert (expected["full"] - expected["direction"]).abs().max() > 0.1
     assert (expected["full"] - expected["magnitude"]).abs().max() > 0.1
@@ -110,8 +112,9 @@ def test_uv_merge_endpoints_are_exact():
 
 
 def test_direction_only_keeps_target_spectrum_and_restores_base_directions():
+    """The QR variant (orthonormalize=True); the published operator is tested in test_repair_reference.py."""
     wb, wt = random_pair()
-    got = uv_merge_matrix(wb, wt, top=0.25, bottom=0.1, mode="direction")
+    got = uv_merge_matrix(wb, wt, top=0.25, bottom=0.1, mode="direction", orthonormalize=True)
     assert torch.allclose(torch.linalg.svdvals(got), torch.linalg.svdvals(wt), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, wt, atol=1e-3)
     # every restored triplet is exactly the base's direction with the target's magnitude: W v_b,i = s_t,i u_b,i
@@ -120,7 +123,7 @@ def test_direction_only_keeps_target_spectrum_and_restores_base_directions():
     for i in torch.nonzero(base_mask(16, 0.25, 0.1)).flatten().tolist():
         assert torch.allclose(got.double() @ vhb[i], st[i] * ub[:, i], atol=1e-5)
     # direction-only with the whole spectrum = U_b diag(s_t) V_bᵀ
-    whole = uv_merge_matrix(wb, wt, top=1.0, mode="direction").double()
+    whole = uv_merge_matrix(wb, wt, top=1.0, mode="direction", orthonormalize=True).double()
     assert torch.allclose(whole, (ub * st) @ vhb, atol=1e-5)
 
 
@@ -240,8 +243,8 @@ def test_uv_merge_checkpoint_endpoints(models, tmp_path):
 
 def test_uv_merge_checkpoint_direction_and_magnitude(models, tmp_path):
     base, target = tensors(models["base"]), tensors(models["target"])
-    write_repair(get_repair("uv_merge", top=0.2, bottom=0.05, mode="direction"), models["base"], [models["target"]],
-                 tmp_path / "dir")
+    write_repair(get_repair("uv_merge", top=0.2, bottom=0.05, mode="direction", orthonormalize=True), models["base"],
+                 [models["target"]], tmp_path / "dir")
     changed = 0
     for n, w in tensors(tmp_path / "dir").items():
         if w.ndim == 2:
@@ -265,7 +268,7 @@ def test_uv_merge_checkpoint_direction_and_magnitude(models, tmp_path):
 
 def test_reset_layers_changes_exactly_the_named_layers(models, tmp_path):
     base, target = tensors(models["base"]), tensors(models["target"])
-    cases = {
+    cases = {  # scope "layers": whole layers; the reference scope is tested in test_repair_reference.py
         "l1": (dict(layers="1"), lambda i: i.layer == 1),
         "first": (dict(first_frac=0.5), lambda i: i.layer == 0),
         "emb_head": (dict(layers="0", embeddings=True, head=True),
@@ -274,7 +277,8 @@ def test_reset_layers_changes_exactly_the_named_layers(models, tmp_path):
                       lambda i: i.layer == 1 and i.module in ("q_proj", "k_proj")),
     }
     for name, (params, expect_base) in cases.items():
-        write_repair(get_repair("reset_layers", **params), models["base"], [models["target"]], tmp_path / name)
+        write_repair(get_repair("reset_layers", scope="layers", **params), models["base"], [models["target"]],
+                     tmp_path / name)
         out = tensors(tmp_path / name)
         n_base = 0
         for n, w in out.items():
@@ -283,7 +287,7 @@ def test_reset_layers_changes_exactly_the_named_layers(models, tmp_path):
             n_base += from_base
         assert 0 < n_base < len(out), name
     with pytest.raises(UserError, match="say what to reset"):
-        get_repair("reset_layers")
+        get_repair("reset_layers", scope="layers")
 
 
 def test_interpolation_checkpoint_endpoints(models, tmp_path):

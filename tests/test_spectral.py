@@ -61,14 +61,16 @@ def test_principal_angles_two_rotations_and_batches():
     assert batched[1].abs().max() < 1e-7
 
 
-def test_energy_split():
+def test_energy_split_in_span():
     C = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
-    assert sp.energy_split(torch.diagonal(C), float(C.pow(2).sum())) == pytest.approx((1.0, 0.0))
+    assert sp.energy_split_in_span(torch.diagonal(C), float(C.pow(2).sum())) == pytest.approx((1.0, 0.0))
     C = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
-    assert sp.energy_split(torch.diagonal(C), float(C.pow(2).sum())) == pytest.approx((0.0, 1.0))
+    assert sp.energy_split_in_span(torch.diagonal(C), float(C.pow(2).sum())) == pytest.approx((0.0, 1.0))
     C = torch.tensor([[3.0, 0.0], [4.0, 0.0]])  # 9 on the diagonal, 16 off it
-    assert sp.energy_split(torch.diagonal(C), 25.0) == pytest.approx((0.36, 0.64))
-    assert all(math.isnan(x) for x in sp.energy_split(torch.zeros(2), 0.0))
+    assert sp.energy_split_in_span(torch.diagonal(C), 25.0) == pytest.approx((0.36, 0.64))
+    assert all(math.isnan(x) for x in sp.energy_split_in_span(torch.zeros(2), 0.0))
+    # the reference's normalisation: the same C inside a dW with 75 more energy outside the span
+    assert sp.energy_split(torch.diagonal(C), 25.0, 100.0) == pytest.approx((0.09, 0.16))
 
 
 def test_stable_and_effective_rank_hand_computed():

@@ -388,8 +388,11 @@ register(Diagnostic("singular_value_changes", tm.singular_value_changes, needs="
               plot=Plot("relative change of the top-k singular values |s_ft - s_base| / s_base", "sv_change_heatmap.png")),
     Aggregate("sv_rel_change_bottom", results=("total",)),
 )))
-register(Diagnostic("energy_split", tm.energy_split, columns=("energy_diag", "energy_rotation"), aggregates=(
+register(Diagnostic("energy_split", tm.energy_split, columns=(
+    "energy_magnitude", "energy_rotation", "energy_diag_in_span", "energy_rotation_in_span"), aggregates=(
     Aggregate("energy_rotation", scopes=("total", "module"), results=("total", "module"), trajectory=("total",)),
+    Aggregate("energy_magnitude", scopes=("total", "module"), results=("total", "module")),
+    Aggregate("energy_rotation_in_span", scopes=("total", "module"), results=("total", "module")),
 )))
 register(Diagnostic("update_energy_top", tm.update_energy_top, columns=("update_energy_top",)))
 register(Diagnostic("update_ranks", tm.update_ranks, columns=("stable_rank_delta", "effective_rank_delta"), aggregates=(

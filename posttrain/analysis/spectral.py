@@ -86,15 +86,33 @@ def subspace_alignment(theta: Tensor) -> float:
     return float(torch.cos(theta.double()).pow(2).mean())
 
 
-def energy_split(C_diag: Tensor, C_sq: float) -> tuple[float, float]:
-    """Diagonal ("magnitude") and off-diagonal ("rotation") shares of ||C||_F^2 for C = U_b^T dW V_b:
+def energy_split(C_diag: Tensor, C_sq: float, dW_sq: float) -> tuple[float, float]:
+    """The reference's magnitude / rotation energies of an update dW in the base's singular basis,
+    C = U_b^T dW V_b (RL_Heals_SFT, analysis/raw_metrics_angle.py, `projection_energy`):
+
+        magnitude = sum_i C_ii^2 / ||dW||_F^2,     rotation = (||C||_F^2 - sum_i C_ii^2) / ||dW||_F^2
+
+    given the diagonal of C, ||C||_F^2 and ||dW||_F^2 (C itself need not be formed). In the base's
+    singular basis, C_ii = u_i^T dW v_i changes singular value i without turning its vectors (to
+    first order), while C_ij (i != j) mixes triplets i and j, i.e. rotates the singular vectors. The
+    two need not sum to 1: for a non-square m x n matrix (or a truncated basis) the part of dW
+    outside span(U_b) x span(V_b), 1 - magnitude - rotation, belongs to neither. Returns (nan, nan)
+    when dW = 0 (the reference adds 1e-12 to the denominator instead).
+    """
+    if not dW_sq > 0:
+        return float("nan"), float("nan")
+    d = float(C_diag.double().pow(2).sum())
+    return d / dW_sq, max(C_sq - d, 0.0) / dW_sq  # rounding can make a pure scaling's C_sq - d negative
+
+
+def energy_split_in_span(C_diag: Tensor, C_sq: float) -> tuple[float, float]:
+    """Diagonal and off-diagonal shares of the in-span energy ||C||_F^2 for C = U_b^T dW V_b:
 
         diag = sum_i C_ii^2 / ||C||_F^2,     rotation = 1 - diag
 
-    given the diagonal of C and ||C||_F^2 (C itself need not be formed). In the base's singular
-    basis, C_ii = u_i^T dW v_i changes singular value i without turning its vectors (to first
-    order), while C_ij (i != j) mixes triplets i and j, i.e. rotates the singular vectors.
-    Returns (nan, nan) when C = 0.
+    (they sum to 1). Equal to `energy_split` when U_b, V_b are both square (a square matrix, all
+    triplets); on a non-square matrix each is larger by ||dW||_F^2 / ||C||_F^2. Returns (nan, nan)
+    when C = 0.
     """
     if not C_sq > 0:
         return float("nan"), float("nan")

@@ -225,11 +225,16 @@ def singular_value_changes(m: MatrixPair) -> dict[str, float]:
 
 
 def energy_split(m: MatrixPair) -> dict[str, float]:
-    """Diagonal ("magnitude") and off-diagonal ("rotation") shares of ||U_b^T dW V_b||_F^2 (complete only)."""
+    """Magnitude (diagonal) and rotation (off-diagonal) energy of C = U_b^T dW V_b (complete only):
+    `energy_magnitude`, `energy_rotation` divided by ||dW||_F^2 as in the reference code
+    (`spectral.energy_split`), and `energy_diag_in_span`, `energy_rotation_in_span` divided by
+    ||C||_F^2, summing to 1 (`spectral.energy_split_in_span`)."""
     if not m.complete:
         return {}
-    diag, rot = sp.energy_split(m.ps.c_diag, m.ps.c_sq)
-    return {"energy_diag": diag, "energy_rotation": rot}
+    mag, rot = sp.energy_split(m.ps.c_diag, m.ps.c_sq, m.delta_sq)
+    diag, rot_in = sp.energy_split_in_span(m.ps.c_diag, m.ps.c_sq)
+    return {"energy_magnitude": mag, "energy_rotation": rot, "energy_diag_in_span": diag,
+            "energy_rotation_in_span": rot_in}
 
 
 def update_energy_top(m: MatrixPair) -> dict[str, float]:

@@ -9,7 +9,7 @@ since the previous checkpoint. A point per checkpoint:
     {"run", "step", "checkpoint", "cosine_prev", "step_distance", and the aggregates the diagnostics
      table marks for trajectories (`diagnostics.trajectory_values`): "rel_update_total",
      "rel_update/<module>", "changed_frac", "unchanged_frac", and with spectral "principal_angle_top",
-     "principal_angle_bottom", "sv_rel_change_top", "energy_rotation"}
+     "principal_angle_bottom", "sv_rel_change_top", "energy_rotation" (the reference normalisation, by ||dW||_F^2)}
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from posttrain.config import StudyConfig
+from posttrain.evaluation.noise import binomial_se, combine_se  # noqa: F401  (re-exported for findings)
 
 NOISE_RULE = ("Noise rule: one seed, the margin must exceed twice its binomial standard error on the fixed problem "
               "sets; several seeds, a 95% paired interval over seeds must exclude it; otherwise within noise.")
@@ -57,16 +58,6 @@ def decide(value: float, threshold: float, se: float | None) -> bool | None:
     if margin < -2 * se:
         return False
     return None
-
-
-def binomial_se(p: float, n: int | None) -> float | None:
-    """Standard error sqrt(p (1 - p) / n) of an accuracy p measured on n problems (None without n)."""
-    return None if not n else math.sqrt(max(p * (1.0 - p), 0.0) / n)
-
-
-def combine_se(*ses: float | None) -> float | None:
-    """SE of a sum or difference of independent estimates: sqrt(sum se_i^2) (None if any is unknown)."""
-    return None if any(s is None for s in ses) else math.sqrt(sum(s * s for s in ses))
 
 
 # two-sided 95% critical values of Student's t with df degrees of freedom

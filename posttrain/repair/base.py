@@ -320,13 +320,19 @@ class Repair:
                             f"({self.describe_selection()})")
         return chosen
 
+    def in_scope(self, t: TensorInfo, layers: set[int]) -> bool:
+        """Whether a tensor is inside the layer restriction (every tensor without one); a repair with
+        its own notion of scope overrides this, the module/include/exclude filters apply after it."""
+        p = self.params
+        if not self.restricted:
+            return True
+        return (t.layer in layers) or (
+            t.layer is None and ((p["embeddings"] and t.module in _EMBED) or (p["head"] and t.module in _HEAD)))
+
     def _selected(self, t: TensorInfo, layers: set[int]) -> bool:
         p = self.params
-        if self.restricted:
-            in_scope = (t.layer in layers) or (
-                t.layer is None and ((p["embeddings"] and t.module in _EMBED) or (p["head"] and t.module in _HEAD)))
-            if not in_scope:
-                return False
+        if not self.in_scope(t, layers):
+            return False
         if p["modules"] is not None and t.module not in p["modules"]:
             return False
         if p["include"] is not None and not any(fnmatch.fnmatchcase(t.name, g) for g in p["include"]):

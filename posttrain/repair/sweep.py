@@ -21,19 +21,27 @@ Scores, per repaired model R, with D the damaged model, B the base and REF the r
 
 i.e. the share of the OOD gap to the reference that the repair closes, and the share of the
 in-domain gain that fine-tuning bought over the base that the repair keeps (1 = all kept, 0 = back
-to the base). Either is None when its denominator is zero (nothing to recover / nothing gained).
+to the base). `id_kept_frac` is None when its denominator is zero (nothing gained).
+
+Noise rule of `ood_recovered_frac`: it is None unless the lost gap ood(REF) − ood(D) is positive and
+larger than twice its binomial standard error sqrt(p_REF (1 − p_REF) / n + p_D (1 − p_D) / n) on the
+fixed OOD problem set (n = `ood_n` in the scores; an evaluator that reports no `ood_n` gets the sign
+check alone). A gap inside the noise, or an SFT that *raised* OOD accuracy, leaves nothing to
+recover, and a fraction of it would be noise over noise (a one-problem gap gives exactly 0 or 1).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from posttrain.errors import UserError
+from posttrain.evaluation.noise import binomial_se, combine_se
 from posttrain.io import atomic_write_json
 from posttrain.repair.base import REPAIRS, SELECTION, Repair, get_repair, is_list_param
 from posttrain.repair.writer import is_cached, model_info, open_inputs, read_record, record_key, write_repair
@@ -129,14 +137,44 @@ def _frac(num: float, den: float) -> float | None:
     return None if abs(den) < 1e-12 else num / den
 
 
+def recovered_frac_se(repaired: float, damaged: float, reference: float, se_repaired: float | None,
+                      se_damaged: float | None, se_reference: float | None) -> float | None:
+    """Delta-method standard error of f = (R − D) / (REF − D), the recovered fraction, from the SEs of
+    three accuracies treated as independent:
+
+        SE(f) = sqrt(se_R² + f² se_REF² + (1 − f)² se_D²) / |REF − D|
+
+    (∂f/∂R = 1/g, ∂f/∂REF = −f/g, ∂f/∂D = −(1 − f)/g with g = REF − D). The three models answer
+    the same problems, so their errors are positively correlated and this overstates the noise, the
+    conservative side for a claim. None when an SE is unknown or g = 0.
+    """
+    gap = reference - damaged
+    if any(x is None for x in (se_repaired, se_damaged, se_reference)) or abs(gap) < 1e-12:
+        return None
+    f = (repaired - damaged) / gap
+    return math.sqrt(se_repaired**2 + f * f * se_reference**2 + (1 - f) ** 2 * se_damaged**2) / abs(gap)
+
+
 def recovery_scores(repaired: dict, damaged: dict, reference: dict, base: dict) -> dict[str, float | None]:
-    """ood_recovered_frac and id_kept_frac (definitions in the module docstring) and their denominators."""
-    ood_gap = reference["ood_acc"] - damaged["ood_acc"]
+    """ood_recovered_frac (None unless the gap passes the noise rule of the module docstring) and its
+    delta-method SE (`recovered_frac_se`), id_kept_frac, and their denominators, with the gap's SE.
+
+    Each scores dict holds "id_acc", "ood_acc" and, for the noise rule, "ood_n" (the number of OOD
+    problems; the damaged model's count stands in for a repaired model's that lacks it)."""
+    n_d = damaged.get("ood_n")
+    n_ref, n_rep = reference.get("ood_n", n_d), repaired.get("ood_n", n_d)
+    r, d, ref = repaired["ood_acc"], damaged["ood_acc"], reference["ood_acc"]
+    se_r, se_d, se_ref = binomial_se(r, n_rep), binomial_se(d, n_d), binomial_se(ref, n_ref)
+    ood_gap = ref - d
+    gap_se = combine_se(se_ref, se_d)
+    beyond_noise = ood_gap > 1e-12 and (gap_se is None or ood_gap > 2 * gap_se)
     id_gain = damaged["id_acc"] - base["id_acc"]
     return {
-        "ood_recovered_frac": _frac(repaired["ood_acc"] - damaged["ood_acc"], ood_gap),
+        "ood_recovered_frac": (r - d) / ood_gap if beyond_noise else None,
+        "ood_recovered_se": recovered_frac_se(r, d, ref, se_r, se_d, se_ref) if beyond_noise else None,
         "id_kept_frac": _frac(repaired["id_acc"] - base["id_acc"], id_gain),
         "ood_gap": ood_gap,
+        "ood_gap_se": gap_se,
         "id_gain": id_gain,
     }
 
@@ -164,8 +202,8 @@ def run_repair_sweep(base_dir: str | Path, damaged_dir: str | Path, reference_di
     {"base", "damaged", "reference"} scores; missing ones are evaluated with `evaluate_fn`.
 
     Returns the ``repairs`` mapping of results.json: {name: {"method", "params", "axis", "x",
-    "series", "path", "cached", "id_acc", "ood_acc", "ood_recovered_frac", "id_kept_frac",
-    "ood_gap", "id_gain", "n_tensors_repaired", "eval"}} in grid order.
+    "series", "path", "cached", "id_acc", "ood_acc", "ood_recovered_frac", "ood_recovered_se",
+    "id_kept_frac", "ood_gap", "ood_gap_se", "id_gain", "n_tensors_repaired", "eval"}} in grid order.
     """
     say = log or (lambda _msg: None)
     items = expand_grid(grid)

@@ -80,26 +80,54 @@ def examples_block(run: Path, res: dict) -> str:
     return "".join(parts)
 
 
+def repair_operator(r: dict) -> str:
+    """Which operator made a repair, from its recorded parameters. Results written before the
+    published operator existed lack `orthonormalize` (they used QR) and `scope` (whole layers)."""
+    p = r.get("params") or {}
+    if r.get("method") == "uv_merge":
+        if p.get("mode") == "magnitude":
+            return "magnitude"
+        op = "QR" if p.get("orthonormalize", True) else "published"
+        return f"{p.get('mode')}, {op}"
+    if r.get("method") == "reset_layers":
+        return f"scope {p.get('scope', 'layers')}"
+    return ""
+
+
 def repair_section(res: dict) -> str:
     reps = res["repairs"]
     damaged = next(iter(reps.values()))
     rows = []
     for name, r in reps.items():
-        kept, rec = r.get("id_kept_frac"), r.get("ood_recovered_frac")
+        kept, rec, se = r.get("id_kept_frac"), r.get("ood_recovered_frac"), r.get("ood_recovered_se")
         ret = (r.get("eval") or {}).get("retention_mean")
-        rows.append(f'<tr><td class="l">{html.escape(name)}</td><td>{_pct(r["id_acc"])}</td><td>{_pct(r["ood_acc"])}</td>'
-                    f'<td>{_pct(ret)}</td><td>{_pct(rec)}</td><td>{_pct(kept)}</td></tr>')
-    gap = damaged.get("ood_gap")
-    note = ("" if gap is None or abs(gap) >= 0.05 else
-            f'<p class="meta">The OOD gap to recover is only {100 * gap:+.1f} points: recovered fractions are noisy.</p>')
+        rec_s = _pct(rec) + ("" if rec is None or se is None else f" ± {100 * se:.0f}")
+        rows.append(f'<tr><td class="l">{html.escape(name)}</td><td class="l">{html.escape(repair_operator(r))}</td>'
+                    f'<td>{_pct(r["id_acc"])}</td><td>{_pct(r["ood_acc"])}</td>'
+                    f'<td>{_pct(ret)}</td><td>{rec_s}</td><td>{_pct(kept)}</td></tr>')
+    gap, gap_se = damaged.get("ood_gap"), damaged.get("ood_gap_se")
+    if gap is not None and damaged.get("ood_recovered_frac") is None and all(
+            r.get("ood_recovered_frac") is None for r in reps.values()):
+        noise = "" if gap_se is None else f" (2 SE = {200 * gap_se:.1f} points)"
+        note = (f'<p class="meta">SFT\'s OOD gap to the reference is {100 * gap:+.1f} points{noise}: not a loss beyond '
+                "noise, so no recovered fraction is computed and the repair findings cannot be tested.</p>")
+    elif gap is not None and abs(gap) < 0.05:
+        note = (f'<p class="meta">The OOD gap to recover is only {100 * gap:+.1f} points: recovered fractions '
+                "are noisy.</p>")
+    else:
+        note = ""
     return ("<h2>Repairing SFT's damage</h2><p>Each repair starts from the SFT model and restores part of the base: "
             "UV-merge swaps in the base's singular directions (direction) or singular values (magnitude) for the top-k "
-            "fraction of every weight's spectrum; reset-layers copies the first layers from the base; wise interpolates "
-            "the weights. OOD recovered = (ood(repaired) − ood(SFT)) / (ood(base) − ood(SFT)); in-domain gain kept = "
+            "fraction of every 2-D weight's spectrum (embeddings and LM head included), with the published operator "
+            "(base and SFT singular vectors concatenated as they are) or our QR variant (re-orthonormalised); "
+            "reset-layers copies the first layers from the base (scope reference: their matrices plus the token "
+            "embeddings and LM head, norms kept; scope layers: the layers whole); wise interpolates the weights. "
+            "OOD recovered = (ood(repaired) − ood(SFT)) / (ood(base) − ood(SFT)) ± its delta-method SE, computed "
+            "only when SFT lost OOD accuracy by more than twice the gap's binomial SE; in-domain gain kept = "
             "(id(repaired) − id(base)) / (id(SFT) − id(base)).</p>" + note
             + _img(P.recovery_curves(reps), "recovery curves")
-            + '<table><tr><th class="l">repair</th><th>in-domain</th><th>OOD</th><th>retention (mean)</th>'
-            + "<th>OOD recovered</th><th>ID gain kept</th></tr>" + "".join(rows) + "</table>")
+            + '<table><tr><th class="l">repair</th><th class="l">operator</th><th>in-domain</th><th>OOD</th>'
+            + "<th>retention (mean)</th><th>OOD recovered</th><th>ID gain kept</th></tr>" + "".join(rows) + "</table>")
 
 
 def _num(x: Any, fmt: str) -> str:
@@ -115,16 +143,22 @@ def spectral_section(res: dict) -> str:
             f"<tr><td class=l>{html.escape(n)}</td><td>{_num(d.get('rel_update_total'), '{:.2e}')}</td>"
             f"<td>{_num(d.get('principal_angle_top'), '{:.2f}')}</td><td>{_num(d.get('principal_angle_bottom'), '{:.2f}')}</td>"
             f"<td>{_num(d.get('sv_rel_change_top'), '{:.2e}')}</td><td>{_num(d.get('sv_rel_change_bottom'), '{:.2e}')}</td>"
-            f"<td>{_pct(d.get('energy_rotation'))}</td><td>{_pct(d.get('changed_frac'))}</td></tr>"
+            f"<td>{_pct(d.get('energy_magnitude'))}</td><td>{_pct(d.get('energy_rotation'))}</td>"
+            f"<td>{_pct(d.get('energy_rotation_in_span'))}</td><td>{_pct(d.get('changed_frac'))}</td></tr>"
             for n, d in diag.items())
         parts.append(
             "<h3>Rotation or rescaling?</h3><p>Per 2-D weight, the principal angles between the base's and the "
             "fine-tuned model's top-k (bottom-k) singular subspaces (k = 5% of the rank; mean of left and right, "
-            "degrees), the relative change of the top-k (bottom-k) singular values, and the share of "
-            "‖U<sub>b</sub><sup>T</sup> ΔW V<sub>b</sub>‖² off the diagonal (the part of the update that turns "
-            "singular vectors rather than rescaling them); unweighted means over matrices.</p>"
+            "degrees), the relative change of the top-k (bottom-k) singular values, and the energy split of "
+            "C = U<sub>b</sub><sup>T</sup> ΔW V<sub>b</sub> as in the reference code: magnitude energy "
+            "‖diag C‖² / ‖ΔW‖²<sub>F</sub> (rescales singular values) and rotation energy "
+            "(‖C‖²<sub>F</sub> − ‖diag C‖²) / ‖ΔW‖²<sub>F</sub> (turns singular vectors); on non-square "
+            "matrices they leave out the part of ΔW outside the base's singular subspaces, so they need not "
+            "sum to 1. In-span rotation = the off-diagonal share of ‖C‖²<sub>F</sub> alone. Unweighted means "
+            "over matrices.</p>"
             "<table><tr><th class=l>model</th><th>rel. update</th><th>angle top-k (°)</th><th>angle bottom-k (°)</th>"
-            "<th>top-k s.v. change</th><th>bottom-k s.v. change</th><th>rotation energy</th>"
+            "<th>top-k s.v. change</th><th>bottom-k s.v. change</th><th>magnitude energy</th><th>rotation energy</th>"
+            "<th>in-span rotation</th>"
             f"<th>entries changed</th></tr>{rows}</table>")
         parts.append(_img(P.angle_curves(diag), "principal-angle curves"))
         parts += [_img(P.layer_module_heatmaps(diag, key, plot.title, cbar_label=plot.cbar, fmt=plot.fmt), key)

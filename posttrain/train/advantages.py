@@ -79,20 +79,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 def ppo_token_rewards(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None,
                       kl_coef: float = 0.0) -> torch.Tensor:
-    """Token-level rewards of PPO with a critic (Ziegler et al., 2019; Ouyang et al., 2022, the RLHF shaping):
+    """Per-token rewards of PPO from one outcome reward per sequence (the RLHF shaping of Ziegler et
+    al., 2019, "Fine-Tuning Language Models from Human Preferences", and Ouyang et al., 2022):
 
-        r_t = R * [t is the last completion token]  -  kl_coef * k_t * m_t
+        r_t = R * 1[t = last completion token]  -  kl_coef * k_t * m_t
 
-    `rewards` [B] are the verifier's sequence rewards, `mask` [B, T] marks completion tokens and `kl`
-    [B, T] holds the per-token KL estimate k_t (only subtracted when given and kl_coef != 0). A row
-    without completion tokens gets no outcome reward.
+    `rewards` is [B] (the verifier's), `mask` [B, T] marks the completion tokens, `kl` [B, T] is the
+    per-token KL estimate k_t (None, or kl_coef 0: no KL shaping). A row without completion tokens
+    gets no outcome reward.
     """
-    m = mask.float()
-    last = (m.cumsum(-1) == m.sum(-1, keepdim=True)) & (m > 0)
-    token_r = torch.zeros(m.shape, dtype=torch.float32, device=m.device)
-    token_r[last] = rewards.to(token_r.device, torch.float32)[last.any(-1)]
+    token_r = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # last completion token
+    token_r[last] = rewards.to(token_r.device)[last.any(-1)]
     if kl is not None and kl_coef:
-        token_r = token_r - kl_coef * kl * m
+        token_r = token_r - kl_coef * kl * mask
     return token_r
 
 

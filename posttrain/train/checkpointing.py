@@ -2,7 +2,9 @@
 
 A checkpoint `checkpoints/step-N/` is a complete HF checkpoint (config, tokenizer, safetensors) plus
 `trainer_state.pt` (optimizer and scheduler state, step, RNG state: plain tensors and numbers,
-read back with `torch.load(weights_only=True)`) and, for PPO, `value_head.safetensors`. The batch
+read back with `torch.load(weights_only=True)`) and, for PPO, its critic: `critic/` (a separate
+critic's trunk and value head; its optimizer and scheduler state are in `trainer_state.pt`) or
+`value_head.safetensors` (a value head on the policy's trunk). The batch
 of each step is a pure function of (seed, step), so these are all a resumed run needs to continue
 exactly as an uninterrupted one would. Checkpoints are written atomically.
 """
@@ -10,7 +12,9 @@ exactly as an uninterrupted one would. Checkpoints are written atomically.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,14 +24,29 @@ from posttrain.io import atomic_dir, atomic_write_text
 
 STATE_FILE = "trainer_state.pt"
 VALUE_HEAD_FILE = "value_head.safetensors"
+CRITIC_DIR = "critic"
 
 
-def save_training_checkpoint(path: Path, model, tok, optimizer, scheduler, step: int, value_head=None) -> Path:
+@dataclass
+class CriticState:
+    """A separate critic (`train.policy.Critic`, unwrapped) with its own optimizer and scheduler."""
+
+    module: Any
+    optimizer: Any
+    scheduler: Any
+
+
+def save_training_checkpoint(path: Path, model, tok, optimizer, scheduler, step: int, value_head=None,
+                             critic: CriticState | None = None) -> Path:
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        torch.save({"format": 1, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / STATE_FILE)
+        state = {"format": 1, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "torch_rng": torch.get_rng_state()}
+        if critic is not None:
+            state |= {"critic_optimizer": critic.optimizer.state_dict(), "critic_scheduler": critic.scheduler.state_dict()}
+            critic.module.save(tmp / CRITIC_DIR)
+        torch.save(state, tmp / STATE_FILE)
         if value_head is not None:
             value_head.save(tmp / VALUE_HEAD_FILE)
     return path
@@ -42,10 +61,12 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def resume_latest(out_dir: Path, model, optimizer, scheduler, metrics_path: Path, value_head=None) -> int:
+def resume_latest(out_dir: Path, model, optimizer, scheduler, metrics_path: Path, value_head=None,
+                  critic: CriticState | None = None) -> int:
     """Continue a run from its latest resumable checkpoint under `out_dir`: weights, optimizer and
-    scheduler state, torch RNG state and (PPO) the value head are restored and the metrics logged
-    after that step dropped. Returns the checkpoint's step, or 0 when there is none."""
+    scheduler state, torch RNG state and (PPO) the value head or the separate critic with its
+    optimizer and scheduler are restored and the metrics logged after that step dropped. Returns
+    the checkpoint's step, or 0 when there is none."""
     ck = latest_checkpoint(out_dir)
     if ck is None:
         return 0
@@ -55,7 +76,15 @@ def resume_latest(out_dir: Path, model, optimizer, scheduler, metrics_path: Path
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if value_head is not None:
+        if not (ck / VALUE_HEAD_FILE).is_file():
+            raise UserError(f"{ck}: no {VALUE_HEAD_FILE} (was this run trained with another critic setting?)")
         value_head.load(ck / VALUE_HEAD_FILE)
+    if critic is not None:
+        if "critic_optimizer" not in state or not (ck / CRITIC_DIR).is_dir():
+            raise UserError(f"{ck}: no separate critic (was this run trained with critic: shared?)")
+        critic.module.load(ck / CRITIC_DIR)
+        critic.optimizer.load_state_dict(state["critic_optimizer"])
+        critic.scheduler.load_state_dict(state["critic_scheduler"])
     step = int(state["step"])
     truncate_metrics(metrics_path, step)
     return step

@@ -217,16 +217,23 @@ class FilteredParams(BaseModel):
     rounds: Annotated[int, Field(ge=1)] = 1
     restart_from_base: bool = False  # each round trains from the init weights (Echo Chamber / ReST-EM)
     filter_samples: Annotated[int, Field(ge=1)] | None = None  # k samples per prompt to filter; None: samples_per_prompt
+    # drop exact duplicate (prompt, completion) pairs among the verified-correct samples of a round (Echo Chamber)
+    dedupe: bool = True
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0  # nucleus sampling of the k samples (Echo Chamber: 0.95); 1: off
 
 
 @register_source("filtered")
 class FilteredSource(DataSource):
     """Verified-correct samples of the policy, generated once per round for the round's prompts.
 
-    Each prompt gets `k` samples; those the verifier accepts (at most `n` per prompt, duplicates
-    kept since a policy's repeated answer is part of its distribution) are the step's batch. A
-    step whose prompts yielded nothing correct returns None (no update, the schedule still moves).
-    Round data is written to `out_dir/rounds/` so a resumed run trains on exactly the same data.
+    Each prompt gets `k` samples (temperature `temperature`, nucleus `top_p`); those the verifier
+    accepts, with exact duplicate (prompt, completion) pairs of the round dropped when `dedupe`
+    (Echo Chamber's `drop_duplicates` on (question, answer); rosieyzh/openrlhf-pretrain 34d239da,
+    openrlhf/cli/train_ei.py), and at most `n` = samples_per_prompt per prompt (ReST-EM's cap),
+    are the step's batch. Without `dedupe` the policy's most repeated answer is up-weighted by
+    its multiplicity, which is the format concentration the findings measure. A step whose
+    prompts yielded nothing correct returns None (no update, the schedule still moves). Round
+    data is written to `out_dir/rounds/` so a resumed run trains on exactly the same data.
     """
 
     on_policy = True  # the policy's own (filtered) samples
@@ -241,12 +248,13 @@ class FilteredSource(DataSource):
     def build(cls, cfg, ctx: SourceContext) -> "FilteredSource":
         p = cfg.data_params
         return cls(ctx.task, ctx.seed, ctx.max_length, ctx.schedule, p.rounds, p.filter_samples or cfg.samples_per_prompt,
-                   p.restart_from_base, ctx.out_dir)
+                   p.restart_from_base, ctx.out_dir, p.dedupe, p.top_p)
 
     def __init__(self, task: Task, seed: int, max_length: int | None, schedule: list[list[Problem]], rounds: int,
-                 k: int, restart: bool, out_dir: Path | None) -> None:
+                 k: int, restart: bool, out_dir: Path | None, dedupe: bool = True, top_p: float = 1.0) -> None:
         self.task, self.seed, self.max_length, self.schedule = task, seed, max_length, schedule
         self.rounds, self.k, self.restart, self.out_dir = rounds, k, restart, out_dir
+        self.dedupe, self.top_p = dedupe, top_p
         self.per_round = math.ceil(len(schedule) / rounds)
         self.data: dict[int, list[tuple[int, str]]] = {}  # step -> [(prompt index, completion text)]
         self.stats: dict[int, dict[str, float]] = {}
@@ -275,21 +283,32 @@ class FilteredSource(DataSource):
         was_training = model.training
         model.eval()
         ro = generate(model, tok, [p.prompt for _, _, p in flat], n=self.k, max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.temperature, generator=gen)
+                      temperature=cfg.temperature, generator=gen, top_p=self.top_p)
         model.train(was_training)
         rows = [x for x in flat for _ in range(self.k)]
         verdicts = score(self.task, [p for _, _, p in rows], ro.texts, ro.finished)
-        kept = 0
+        kept, duplicates = 0, 0
         per_prompt: Counter = Counter()
-        for (t, i, _), text, v in zip(rows, ro.texts, verdicts):
+        seen: set[tuple[str, str]] = set()
+        solved: set[tuple[int, int]] = set()
+        for (t, i, p), text, v in zip(rows, ro.texts, verdicts):
             self.data.setdefault(t, [])
-            if v.correct and per_prompt[(t, i)] < cfg.samples_per_prompt:
+            if not v.correct:
+                continue
+            solved.add((t, i))
+            if self.dedupe and (p.prompt, text) in seen:
+                duplicates += 1
+                continue
+            seen.add((p.prompt, text))
+            if per_prompt[(t, i)] < cfg.samples_per_prompt:
                 self.data[t].append((i, text))
                 per_prompt[(t, i)] += 1
                 kept += 1
-        self.stats[r] = {"filtered/sample_acc": sum(v.correct for v in verdicts) / max(len(verdicts), 1),
-                         "filtered/prompts_solved": len(per_prompt) / max(len(flat), 1),
-                         "filtered/kept": float(kept)}
+        n_correct = sum(v.correct for v in verdicts)
+        self.stats[r] = {"filtered/sample_acc": n_correct / max(len(verdicts), 1),
+                         "filtered/prompts_solved": len(solved) / max(len(flat), 1),
+                         "filtered/kept": float(kept),
+                         "filtered/duplicate_frac": duplicates / max(n_correct, 1)}
         if path is not None:
             atomic_write_json(path, {"data": {str(t): self.data.get(t, []) for t in steps}, "stats": self.stats[r]})
 

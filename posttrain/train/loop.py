@@ -34,11 +34,12 @@ from posttrain.errors import TrainingDiverged, UserError
 from posttrain.io import atomic_write_json, atomic_write_text, versions
 from posttrain.models.loading import load_model, save_checkpoint
 from posttrain.tasks import Problem, Task
-from posttrain.train.checkpointing import latest_checkpoint, load_weights_into, resume_latest, save_training_checkpoint
+from posttrain.train.checkpointing import (CRITIC_DIR, CriticState, latest_checkpoint, load_weights_into, resume_latest,
+                                           save_training_checkpoint)
 from posttrain.train.data_sources import Batch, SourceContext, prompt_schedule, score, step_seed, verdict_metrics
 from posttrain.train.freezing import apply_freezing
 from posttrain.train.objectives import OBJECTIVES, PolicyOutputs
-from posttrain.train.policy import ValueHead, policy_forward
+from posttrain.train.policy import Critic, ValueHead, policy_forward
 from posttrain.train.rollout import generate
 
 
@@ -148,28 +149,44 @@ def train(
     if ref_dir is not None:
         ref, _ = load_model(ref_dir, device="cpu")
         ref.requires_grad_(False)
-    value_head = ValueHead(model.config.hidden_size) if objective.traits.needs_critic else None
+    # PPO's critic: a separate model from the init's trunk (default) or a value head on the policy's
+    critic_mode = getattr(cfg.objective_params, "critic", "separate") if objective.traits.needs_critic else None
+    critic_lr = getattr(cfg.objective_params, "critic_lr", None) or cfg.lr
+    value_head = ValueHead(model.config.hidden_size) if critic_mode == "shared" else None
+    critic_model = Critic.from_checkpoint(init_dir) if critic_mode == "separate" else None
     max_length = getattr(model.config, "max_position_embeddings", None)
     schedule = prompt_schedule(task, cfg.split, seed, cfg.steps, cfg.prompts_per_step)
     source = cfg.source_cls.build(cfg, SourceContext(task, seed, max_length, schedule, out_dir, expert_format))
 
     params = [p for p in model.parameters() if p.requires_grad]
+    groups = params
     if value_head is not None:
-        params += list(value_head.parameters())
-    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
+        head = list(value_head.parameters())
+        groups = params + head if critic_lr == cfg.lr else [{"params": list(params)}, {"params": head, "lr": critic_lr}]
+        params += head
+    optimizer = make_optimizer(groups, cfg.lr, cfg.weight_decay)
     updates_per_step = cfg.num_iterations * cfg.minibatches
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps * updates_per_step, cfg.steps * updates_per_step)
     accelerator = make_accelerator(device, cfg.trackers, out_dir / "logs")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    critic = None
+    if critic_model is not None:
+        # its own optimizer, schedule and gradient clipping: value-loss gradients never reach the policy
+        c_opt = make_optimizer(list(critic_model.parameters()), critic_lr, cfg.weight_decay)
+        c_sched = make_scheduler(c_opt, cfg.schedule, cfg.warmup_steps * updates_per_step, cfg.steps * updates_per_step)
+        critic = CriticState(*accelerator.prepare(critic_model, c_opt, c_sched))
+        critic.module.train()
     dev = accelerator.device
     if ref is not None:
         ref = ref.to(dev)
     if value_head is not None:
         value_head.to(dev)
     policy = accelerator.unwrap_model(model)
+    critic_io = None if critic is None else CriticState(accelerator.unwrap_model(critic.module), critic.optimizer,
+                                                        critic.scheduler)
 
     metrics_path = out_dir / "metrics.jsonl"
-    start = resume_latest(out_dir, policy, optimizer, scheduler, metrics_path, value_head) if resume else 0
+    start = resume_latest(out_dir, policy, optimizer, scheduler, metrics_path, value_head, critic_io) if resume else 0
     if resume and not start and (out_dir / "model" / "config.json").is_file() and (out_dir / "train.json").is_file():
         raise UserError(f"{out_dir} already holds a finished run (model/); nothing to resume")
     log = metrics_path.open("a" if start else "w")
@@ -205,22 +222,26 @@ def train(
                 warnings.simplefilter("ignore", UserWarning)
                 for _ in range(updates_per_step):
                     scheduler.step()
+                    if critic is not None:
+                        critic.scheduler.step()
             row.update({"skipped": 1, "lr": scheduler.get_last_lr()[0]})
         else:
             row.update(_update(cfg, objective, model, ref, value_head, batch, optimizer, scheduler, accelerator,
-                               params, step, seed, out_dir))
+                               params, step, seed, out_dir, critic))
         row["step_seconds"] = time.time() - ts
         if curve_every and curve_problems and ((step + 1) % curve_every == 0 or step + 1 == cfg.steps):
             row.update(quick_eval(policy, tok, curve_tasks, curve_problems, cfg.max_new_tokens))
         log_line(row)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save_training_checkpoint(out_dir / "checkpoints" / f"step-{step + 1}", policy, tok, optimizer, scheduler,
-                                     step + 1, value_head)
+                                     step + 1, value_head, critic_io)
     log.close()
     accelerator.end_training()
     model_dir = save_checkpoint(policy, tok, out_dir / "model")
     if value_head is not None:
         value_head.save(out_dir / "value_head.safetensors")
+    if critic_io is not None:
+        critic_io.module.save(out_dir / CRITIC_DIR)  # beside model/, never inside it
     result = TrainResult(model_dir, metrics_path, cfg.steps, time.time() - t0, frz.trainable, frz.total)
     atomic_write_json(out_dir / "train.json", {
         "steps": cfg.steps, "wall_seconds": result.wall_seconds, "objective": cfg.objective, "data": cfg.data_source,
@@ -231,27 +252,29 @@ def train(
 
 
 def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, optimizer, scheduler, accelerator,
-            params, step: int, seed: int, out_dir: Path) -> dict:
+            params, step: int, seed: int, out_dir: Path, critic: CriticState | None = None) -> dict:
     """All optimizer updates of one step on one batch; returns the step's metrics."""
     dev = accelerator.device
+    temp = objective.logit_temperature(cfg)  # the reference's log-probs too: the KL compares like with like
+    values_from = value_head if critic is None else critic.module
     batch.packed = batch.packed.to(dev)
     if batch.rewards is not None:
         _check_finite(float(batch.rewards.sum()), "reward", step, out_dir)
     ref_logp = None
     if ref is not None:
         with torch.no_grad():
-            ref_logp = policy_forward(ref, batch.packed, cfg.temperature).logp
+            ref_logp = policy_forward(ref, batch.packed, temp).logp
     single = cfg.num_iterations == 1 and cfg.minibatches == 1
     if single:
         # one update: the behaviour policy is the current one, so old = current (ratio exactly 1)
-        new = policy_forward(model, batch.packed, cfg.temperature, objective.traits.needs_entropy, value_head,
+        new = policy_forward(model, batch.packed, temp, objective.traits.needs_entropy, values_from,
                              objective.grad_groups(batch, cfg))
         old = PolicyOutputs(new.logp.detach(), None, None if new.values is None else new.values.detach())
     else:
         # minibatches are padded row subsets: the old log-probs come from the same layout, so the
         # first ratio is 1 to the last bit
         with torch.no_grad():
-            old = policy_forward(model, batch.packed.padded(), cfg.temperature, False, value_head)
+            old = policy_forward(model, batch.packed.padded(), temp, False, values_from)
     targets, metrics = objective.prepare(batch, old, ref_logp, cfg)
     n = batch.packed.input_ids.shape[0]
     losses = []
@@ -272,7 +295,7 @@ def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, o
                 sub_old = _slice(old, t, width)
                 sub_ref = None if ref_logp is None else ref_logp[t.to(dev)][:, : width - 1]
                 sub_targets = targets.select(t, width)
-                new = policy_forward(model, sub.packed, cfg.temperature, objective.traits.needs_entropy, value_head)
+                new = policy_forward(model, sub.packed, temp, objective.traits.needs_entropy, values_from)
             out = objective.compute(new, sub_old, sub_ref, sub, sub_targets, cfg)
             loss_value = float(out.loss.detach())
             _check_finite(loss_value, "loss", step, out_dir)
@@ -281,6 +304,13 @@ def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, o
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if critic is not None:
+                metrics["critic_grad_norm"] = float(accelerator.clip_grad_norm_(critic.module.parameters(),
+                                                                                cfg.max_grad_norm))
+                critic.optimizer.step()
+                critic.scheduler.step()
+                critic.optimizer.zero_grad(set_to_none=True)
+                metrics["critic_lr"] = critic.scheduler.get_last_lr()[0]
             losses.append(loss_value)
     return {"loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
             **metrics, **(out.metrics if out else {}), **batch.metrics}

@@ -1,4 +1,5 @@
-"""The policy's forward pass for training: token log-probs, and entropy and values when asked."""
+"""The policy's forward pass for training (token log-probs, and entropy and values when asked)
+and PPO's critics: a value head on the policy's trunk, or a separate critic model."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from posttrain.errors import UserError
+from posttrain.io import atomic_dir
+from posttrain.train.checkpointing import VALUE_HEAD_FILE, load_weights_into
 from posttrain.train.objectives import PolicyOutputs
 from posttrain.train.sequences import PackedBatch, entropy_from_logits
 
 
 class ValueHead(nn.Module):
-    """A linear critic on the policy's final hidden state (PPO). Zero-initialised: V = 0 at start."""
+    """A linear value head on a trunk's final hidden state (PPO). Zero-initialised: V = 0 at start."""
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
@@ -31,13 +35,69 @@ class ValueHead(nn.Module):
         self.load_state_dict(load_file(str(path)))
 
 
+class Critic(nn.Module):
+    """PPO's separate critic (verl, OpenRLHF): a copy of a causal LM's trunk (its transformer
+    without the LM head) plus a `ValueHead`, with weights of its own.
+
+    Saved as a directory: the trunk as an HF checkpoint (`config.json`, `model.safetensors`,
+    loadable with `AutoModel.from_pretrained`) and `value_head.safetensors` beside it.
+    """
+
+    def __init__(self, trunk: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = ValueHead(hidden_size)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "Critic":
+        """The trunk of the causal LM at `path` (the policy's init) with a fresh zero value head."""
+        from posttrain.models.loading import load_model
+
+        lm, _ = load_model(path, device="cpu")
+        trunk = lm.base_model
+        trunk.requires_grad_(True)
+        return cls(trunk, lm.config.hidden_size)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """V(s_t) for every position, [B, T-1], aligned with `batch.target_mask`."""
+        inputs, unshare = _layout(batch)
+        return self.head(unshare(self.trunk(**inputs).last_hidden_state))[:, :-1]
+
+    def save(self, path: str | Path) -> Path:
+        with atomic_dir(Path(path)) as tmp:
+            self.trunk.save_pretrained(tmp, safe_serialization=True)
+            self.head.save(tmp / VALUE_HEAD_FILE)
+        return Path(path)
+
+    def load(self, path: str | Path) -> None:
+        path = Path(path)
+        if not (path / VALUE_HEAD_FILE).is_file():
+            raise UserError(f"{path}: no critic here (expected the trunk and {VALUE_HEAD_FILE})")
+        load_weights_into(self.trunk, path)
+        self.head.load(path / VALUE_HEAD_FILE)
+
+
+def _layout(batch: PackedBatch):
+    """The model inputs of `batch` (its shared-prefix layout when it has one) and the function
+    that gathers per-token outputs [R, L, ...] back into the padded [B, T, ...] layout."""
+    sh = batch.shared
+    if sh is None:
+        return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask), lambda x: x
+    inputs = dict(input_ids=sh.input_ids, attention_mask=sh.attention_mask, position_ids=sh.position_ids)
+    return inputs, lambda x: x.reshape(-1, *x.shape[2:])[sh.index]
+
+
 def policy_forward(model, batch: PackedBatch, temperature: float = 1.0, entropy: bool = False,
-                   value_head: ValueHead | None = None, grad_groups: list[int] | None = None) -> PolicyOutputs:
+                   value_head: ValueHead | Critic | None = None, grad_groups: list[int] | None = None) -> PolicyOutputs:
     """One forward pass; every output is [B, T-1], aligned with `batch.target_mask`.
 
-    With a value head the trunk runs once and feeds both the LM head and the critic. When the batch
+    With a `ValueHead` (PPO, shared critic) the trunk runs once and feeds both the LM head and the
+    critic; a `Critic` (PPO, separate critic) runs its own trunk on the same batch. When the batch
     carries a `SharedPrefix` layout (GRPO groups), the model runs on that (each prompt once, no
     padding) and the per-token outputs are gathered back into the padded [B, T] layout.
+
+    `temperature` divides the logits (log-probs and entropies are those of pi^(1/T)); values do
+    not depend on it.
 
     `grad_groups` (shared layout only; log-probs only): just these prompt groups are computed with
     autograd; the others run without it and their log-probs carry no gradient. For groups whose
@@ -47,21 +107,15 @@ def policy_forward(model, batch: PackedBatch, temperature: float = 1.0, entropy:
     if grad_groups is not None and batch.shared is not None and not entropy and value_head is None:
         return _split_forward(model, batch, temperature, grad_groups)
     values = None
-    sh = batch.shared
-    if sh is None:
-        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    else:
-        inputs = dict(input_ids=sh.input_ids, attention_mask=sh.attention_mask, position_ids=sh.position_ids)
-
-    def unshare(x: torch.Tensor) -> torch.Tensor:  # [R, L, ...] -> [B, T, ...]
-        return x if sh is None else x.reshape(-1, *x.shape[2:])[sh.index]
-
-    if value_head is None:
-        logits = unshare(model(**inputs).logits)[:, :-1]
-    else:
+    inputs, unshare = _layout(batch)
+    if isinstance(value_head, ValueHead):
         hidden = unshare(model.base_model(**inputs).last_hidden_state)
         logits = model.get_output_embeddings()(hidden)[:, :-1]
         values = value_head(hidden)[:, :-1]
+    else:
+        logits = unshare(model(**inputs).logits)[:, :-1]
+        if value_head is not None:
+            values = value_head(batch)
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature

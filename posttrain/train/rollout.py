@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, TopPLogitsWarper
 
 from posttrain.train.sequences import encode_prompts
 
@@ -27,6 +27,17 @@ class Rollouts:
     n: int
 
 
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus (top-p) filtering of [N, V] logits (Holtzman et al., 2020) by transformers'
+    `TopPLogitsWarper` (min_tokens_to_keep=1): the smallest set of most probable tokens whose mass
+    is >= top_p keeps its logits, every other token gets -inf; top_p = 1 keeps every token."""
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], not {top_p}")
+    if top_p == 1.0:
+        return logits
+    return TopPLogitsWarper(top_p)(None, logits)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -38,16 +49,21 @@ def generate(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     batch_size: int = 256,
+    top_p: float = 1.0,
 ) -> Rollouts:
     """Sample `n` completions per prompt (greedy decoding when `greedy`); batches of at most
-    `batch_size` completions, each batch holding whole prompt groups."""
+    `batch_size` completions, each batch holding whole prompt groups. Sampling divides the logits
+    by `temperature`, then keeps the `top_p` nucleus (`top_p_filter`; 1.0: off), in the order of
+    transformers' warpers."""
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], not {top_p}")
     prompt_ids = encode_prompts(tok, prompts)
     per_batch = max(1, batch_size // n)
     out_completions: list[list[int]] = []
     out_finished: list[bool] = []
     for start in range(0, len(prompts), per_batch):
         comp, fin = _generate_batch(
-            model, tok, prompt_ids[start : start + per_batch], n, max_new_tokens, temperature, greedy, generator
+            model, tok, prompt_ids[start : start + per_batch], n, max_new_tokens, temperature, greedy, generator, top_p
         )
         out_completions += comp
         out_finished += fin
@@ -67,7 +83,7 @@ def _takes_bool_mask(model) -> bool:
     return getattr(model.config, "_attn_implementation", None) == "sdpa" and kinds == {"full_attention"} and not windowed
 
 
-def _generate_batch(model, tok, prompt_ids, n, max_new_tokens, temperature, greedy, generator):
+def _generate_batch(model, tok, prompt_ids, n, max_new_tokens, temperature, greedy, generator, top_p=1.0):
     device = next(model.parameters()).device
     fast_mask = _takes_bool_mask(model)
     pad = tok.pad_token_id
@@ -103,7 +119,8 @@ def _generate_batch(model, tok, prompt_ids, n, max_new_tokens, temperature, gree
         if greedy:
             nxt = logits.argmax(-1)
         else:
-            probs = torch.softmax(logits / temperature, dim=-1)
+            scaled = logits / temperature
+            probs = torch.softmax(scaled if top_p >= 1.0 else top_p_filter(scaled, top_p), dim=-1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
         nxt_cpu = nxt.cpu()
         tokens[alive, step] = nxt_cpu

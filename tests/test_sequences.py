@@ -1,0 +1,56 @@
+"""Token plumbing by hand: document packing for pretraining, device moves, encoding."""
+
+import torch
+
+from posttrain.models.tiny import build_char_tokenizer
+from posttrain.train.sequences import encode_completions, encode_prompts, pack, pack_documents
+
+
+def test_pack_documents_first_fit_decreasing_by_hand():
+    p = pack_documents([[11, 12, 13], [14, 15], [16], [17, 18, 19, 20]], row_len=5, pad_id=0)
+    # longest first: [17..20] opens row 0 (1 free), [11..13] opens row 1 (2 free), [14, 15] fills
+    # row 1, [16] fills row 0
+    assert p.input_ids.tolist() == [[17, 18, 19, 20, 16], [11, 12, 13, 14, 15]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    # a target is the next token of the same document
+    assert p.target_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 1]]
+    m = p.attention_mask[:, 0]
+    assert m.shape == (2, 5, 5)
+    expect1 = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(m[1], expect1)
+    assert torch.equal(m[0, 4], torch.tensor([False, False, False, False, True]))
+
+
+def test_pack_documents_pads_truncates_and_masks_padding():
+    p = pack_documents([[1, 2, 3, 4, 5, 6], [7]], row_len=4, pad_id=9)
+    assert p.input_ids.tolist() == [[1, 2, 3, 4], [7, 9, 9, 9]]
+    # padding positions stay in range; padding is no target and attends only to itself
+    assert p.position_ids.tolist() == [[0, 1, 2, 3], [0, 0, 1, 2]]
+    assert p.target_mask.tolist() == [[1, 1, 1], [0, 0, 0]]
+    m = p.attention_mask[1, 0]
+    assert torch.equal(m, torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool))
+    short = pack_documents([[1, 2]], row_len=8, pad_id=0)
+    assert short.input_ids.tolist() == [[1, 2]] and short.target_mask.tolist() == [[1]]
+    empty = pack_documents([], row_len=4, pad_id=0)
+    assert empty.input_ids.shape == (0, 1)
+
+
+def test_packed_batch_moves_and_keeps_every_field():
+    b = pack([[1, 5], [1, 5]], [[6, 2], [7, 8, 2]], pad_id=3, group_size=2)
+    c = b.to(torch.device("cpu"))
+    assert c.pad_id == 3 and c.shared is not None
+    for f in ("input_ids", "attention_mask", "target_mask"):
+        assert torch.equal(getattr(c, f), getattr(b, f))
+    for f in ("input_ids", "position_ids", "attention_mask", "index"):
+        assert torch.equal(getattr(c.shared, f), getattr(b.shared, f))
+    p = b.padded()
+    assert p.shared is None and p.pad_id == 3 and torch.equal(p.target_mask, b.target_mask)
+    assert pack([[1, 5], [1, 6]], [[6, 2], [7, 2]], pad_id=0, group_size=2).shared is None  # prompts differ
+    assert pack([[1, 5]] * 3, [[6, 2]] * 3, pad_id=0, group_size=2).shared is None  # 3 rows, groups of 2
+
+
+def test_encoding_adds_bos_and_eos():
+    tok = build_char_tokenizer()
+    a, b = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
+    assert encode_prompts(tok, ["ab", "b"]) == [[tok.bos_token_id, a, b], [tok.bos_token_id, b]]
+    assert encode_completions(tok, ["ba", ""]) == [[b, a, tok.eos_token_id], [tok.eos_token_id]]

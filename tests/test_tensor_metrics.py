@@ -1,0 +1,170 @@
+"""One row of spectral metrics for a (base, fine-tuned) pair, against the definitions computed here
+from full SVDs, through both routes (explicit factors and Gram matrices) and both orientations."""
+
+import math
+
+import pytest
+import torch
+
+from posttrain.analysis import spectral as sp
+from posttrain.analysis.factors import Factors, gram_factors, svd_factors
+from posttrain.analysis.tensor_metrics import DEG, SPECTRAL_COLUMNS, from_gram, from_svd, pair_metrics, spectrum_metrics
+
+M, N, K, BINS = 30, 20, 3, 4
+
+
+def orthonormal(m, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))[0]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Tall base 30 x 20 with a spread spectrum; the fine-tuned matrix turns left vector 0 and right
+    vector 19 and rescales singular values 1 (x1.5) and 18 (x0.5)."""
+    U, V = orthonormal(M, N + 1, 1), orthonormal(N, N, 2)
+    s = torch.logspace(1, -1, N, dtype=torch.float64)
+    Wb = U[:, :N] @ torch.diag(s) @ V.T
+    Ut, Vt, st = U[:, :N].clone(), V.clone(), s.clone()
+    Ut[:, 0] = math.cos(0.3) * U[:, 0] + math.sin(0.3) * U[:, N]  # out of span(U_b)
+    c, sn = math.cos(0.2), math.sin(0.2)
+    Vt[:, 19], Vt[:, 10] = c * V[:, 19] + sn * V[:, 10], -sn * V[:, 19] + c * V[:, 10]
+    st[1] *= 1.5
+    st[18] *= 0.5
+    Wt = Ut @ torch.diag(st) @ Vt.T
+    return Wb, Wt
+
+
+def reference(Wb, Wt, k=K):
+    Ub, sb, Vbh = torch.linalg.svd(Wb, full_matrices=False)
+    Ut, st, Vth = torch.linalg.svd(Wt, full_matrices=False)
+    Vb, Vt = Vbh.T, Vth.T
+    dW = Wt - Wb
+    q = sb.numel()
+    out = {"k": k}
+    for side, (A, B) in (("left", (Ub, Ut)), ("right", (Vb, Vt))):
+        top = sp.principal_angles(A[:, :k], B[:, :k])
+        out[f"angle_top_{side}"] = float(top.mean()) * DEG
+        out[f"angle_top_max_{side}"] = float(top.max()) * DEG
+        out[f"proj_dist_top_{side}"] = sp.projection_distance(top)
+        out[f"alignment_top_{side}"] = sp.subspace_alignment(top)
+        out[f"angle_bottom_{side}"] = float(sp.principal_angles(A[:, q - k:], B[:, q - k:]).mean()) * DEG
+    rel = ((st - sb) / sb).abs()
+    out["sv_rel_change_top"] = float(rel[:k].mean())
+    out["sv_rel_change_bottom"] = float(rel[q - k:].mean())
+    out["sv_rel_change_all"] = float(rel.mean())
+    C = Ub.T @ dW @ Vb
+    out["energy_diag"] = float((C.diagonal() ** 2).sum() / (C ** 2).sum())
+    out["energy_rotation"] = 1 - out["energy_diag"]
+    dsq = float((dW ** 2).sum())
+    out["update_energy_top"] = float((C[:k, :k] ** 2).sum()) / dsq
+    ds = torch.linalg.svdvals(dW)
+    out["stable_rank_delta"] = dsq / float(ds[0]) ** 2
+    out["effective_rank_delta"] = sp.effective_rank(ds)
+    for tag, s in (("base", sb), ("ft", st)):
+        out[f"stable_rank_{tag}"] = sp.stable_rank(s)
+        out[f"log_spectral_norm_{tag}"] = 2 * math.log10(float(s[0]))
+        fit = sp.esd_powerlaw(s ** 2)
+        out[f"alpha_{tag}"] = fit.alpha
+        out[f"alpha_weighted_{tag}"] = fit.alpha * out[f"log_spectral_norm_{tag}"]
+    return out, dsq
+
+
+def check_row(row, ref, swap=False, rel=1e-6, abs=1e-9):
+    flip = {"left": "right", "right": "left"}
+    assert set(row) >= set(SPECTRAL_COLUMNS)
+    for key, value in ref.items():
+        name = key
+        if swap:
+            for a, b in flip.items():
+                if key.endswith(a):
+                    name = key[: -len(a)] + b
+        assert row[name] == pytest.approx(value, rel=rel, abs=abs), key
+    assert not any(isinstance(v, float) and math.isnan(v) for k, v in row.items() if k in SPECTRAL_COLUMNS)
+
+
+def test_explicit_factors_give_the_definitions(pair):
+    Wb, Wt = pair
+    ref, dsq = reference(Wb, Wt)
+    fb, ft = svd_factors(Wb), svd_factors(Wt)
+    row, curve = pair_metrics(from_svd(Wt - Wb, fb, ft), K, BINS, dsq, transposed=False)
+    check_row(row, ref)
+    assert row["_esd_base"].alpha == pytest.approx(ref["alpha_base"])
+    # the planted rotation: left vector 0 turned by 0.3 rad, right vector 19 by 0.2 rad
+    assert row["angle_top_max_left"] == pytest.approx(0.3 * DEG, rel=1e-6)
+    assert row["angle_bottom_right"] == pytest.approx(0.2 * DEG / K, rel=1e-6)
+    # the curve: BINS ranges of width 5 per side, x at the range's centre
+    starts, w = sp.bin_starts(N, BINS)
+    assert (starts, w) == ([0, 5, 10, 15], 5)
+    assert [(c["side"], c["bin"], c["lo"], c["hi"]) for c in curve] == \
+        [(side, b, s, s + 5) for side in ("left", "right") for b, s in enumerate(starts)]
+    assert [c["x"] for c in curve[:4]] == [2.5 / 20, 7.5 / 20, 12.5 / 20, 17.5 / 20]
+    Ub, _, Vbh = torch.linalg.svd(Wb, full_matrices=False)
+    Ut, _, Vth = torch.linalg.svd(Wt, full_matrices=False)
+    for c in curve:
+        A, B = (Ub, Ut) if c["side"] == "left" else (Vbh.T, Vth.T)
+        expect = float(sp.principal_angles(A[:, c["lo"]:c["hi"]], B[:, c["lo"]:c["hi"]]).mean()) * DEG
+        assert c["angle"] == pytest.approx(expect, rel=1e-6, abs=1e-9)
+
+
+def test_gram_route_gives_the_same_row(pair):
+    Wb, Wt = pair
+    ref, dsq = reference(Wb, Wt)
+    dW = Wt - Wb
+    fb, ft = gram_factors(Wb.T @ Wb), gram_factors(Wt.T @ Wt)
+    ps = from_gram(Wb.T @ Wb, Wb.T @ dW, dW.T @ dW, fb, ft)
+    assert not ps.explicit_left
+    row, curve = pair_metrics(ps, K, BINS, dsq, transposed=False)
+    # angles from cosines alone are accurate to ~sqrt(eps): 1e-5 degrees near zero
+    check_row(row, ref, rel=1e-5, abs=1e-4)
+    explicit, curve_svd = pair_metrics(from_svd(dW, svd_factors(Wb), svd_factors(Wt)), K, BINS, dsq, False)
+    assert [c["angle"] for c in curve] == pytest.approx([c["angle"] for c in curve_svd], rel=1e-5, abs=1e-4)
+
+
+def test_a_wide_matrix_names_its_sides_in_its_own_orientation(pair):
+    Wb, Wt = pair
+    ref, dsq = reference(Wb, Wt)
+    # the tall view of a wide matrix W (20 x 30) is W^T: its tall left side is W's right side
+    row, curve = pair_metrics(from_svd(Wt - Wb, svd_factors(Wb), svd_factors(Wt)), K, BINS, dsq, transposed=True)
+    check_row(row, ref, swap=True)
+    assert {c["side"] for c in curve[:4]} == {"right"} and {c["side"] for c in curve[4:]} == {"left"}
+
+
+def test_k_is_clamped_and_partial_factors_skip_what_they_cannot_give(pair):
+    Wb, Wt = pair
+    dsq = float(((Wt - Wb) ** 2).sum())
+    row, _ = pair_metrics(from_svd(Wt - Wb, svd_factors(Wb), svd_factors(Wt)), 99, BINS, dsq, False)
+    assert row["k"] == N
+    row, _ = pair_metrics(from_svd(Wt - Wb, svd_factors(Wb), svd_factors(Wt)), 0, BINS, dsq, False)
+    assert row["k"] == 1
+    # top-4 factors only (randomised SVD): no bottom angles, energy split, curve or ESD fit
+    fb, ft = svd_factors(Wb, rank=4), svd_factors(Wt, rank=4)
+    assert not fb.complete
+    row, curve = pair_metrics(from_svd(Wt - Wb, fb, ft), K, BINS, dsq, False)
+    ref, _ = reference(Wb, Wt)
+    assert curve == []
+    for key in ("angle_bottom_left", "energy_diag", "sv_rel_change_bottom", "alpha_base", "effective_rank_delta",
+                "stable_rank_base"):
+        assert math.isnan(row[key]), key
+    for key in ("angle_top_left", "angle_top_right", "sv_rel_change_top", "log_spectral_norm_ft", "stable_rank_delta"):
+        assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-8), key
+
+
+def test_spectrum_metrics_by_hand():
+    fb = Factors(torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64), None, None, True)
+    ft = Factors(torch.tensor([5.0, 2.0, 0.5], dtype=torch.float64), None, None, True)
+    row = spectrum_metrics(fb, ft, 1)
+    assert row["sv_rel_change_top"] == pytest.approx(0.25)
+    assert row["sv_rel_change_bottom"] == pytest.approx(0.5)
+    assert row["sv_rel_change_all"] == pytest.approx(0.75 / 3)
+    assert row["log_spectral_norm_base"] == pytest.approx(2 * math.log10(4.0))
+    assert row["log_spectral_norm_ft"] == pytest.approx(2 * math.log10(5.0))
+    assert row["stable_rank_base"] == pytest.approx(21 / 16) and row["stable_rank_ft"] == pytest.approx(29.25 / 25)
+    assert math.isnan(row["alpha_base"])  # three eigenvalues are too few for a power-law fit
+    # k is clamped to the spectrum; a partial factorisation has no bottom or all
+    assert spectrum_metrics(fb, ft, 10)["sv_rel_change_top"] == pytest.approx(0.75 / 3)
+    part = spectrum_metrics(Factors(fb.S, None, None, False), ft, 2)
+    assert part["sv_rel_change_top"] == pytest.approx(0.25 / 2) and "sv_rel_change_bottom" not in part
+    assert "stable_rank_base" not in part and "stable_rank_ft" in part
+    zero = spectrum_metrics(Factors(torch.zeros(2, dtype=torch.float64), None, None, True), ft, 1)
+    assert math.isnan(zero["log_spectral_norm_base"]) and math.isnan(zero["sv_rel_change_top"])
