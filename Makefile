@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/posttrain demo --preset default --out runs/demo
+	$(VENV)/bin/posttrain demo --preset default --seeds 0,1,2 --out runs/demo
 
 # headless Chromium for the browser test of the report (tests/test_report_browser.py skips, saying
 # why, when it cannot be had: no apt-get, not root, no network)

@@ -2,7 +2,7 @@
 on the identical tiny model, prompts, batch shape and completion budget, side by side in one run.
 
     .venv/bin/pip install trl            # bench-only dependency (not needed by posttrain)
-    .venv/bin/python bench/rollout_bench.py --base runs/demo/base --steps 12 --repeats 5 --beta 0 0.04
+    .venv/bin/python bench/rollout_bench.py --base runs/demo/seed-0/base --steps 12 --repeats 5 --beta 0 0.04
 
 Both sides: 16 prompts x 8 samples = 128 completions per optimizer step, at most 32 new tokens,
 temperature 1, one update per batch (mu = 1), AdamW, the same learning rate and KL coefficient
@@ -97,7 +97,7 @@ def trl_side(base: Path, steps: int, prompts: int, group: int, max_new: int, lr:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", type=Path, default=Path("runs/demo/base"), help="a pretrained tiny checkpoint")
+    ap.add_argument("--base", type=Path, default=Path("runs/demo/seed-0/base"), help="a pretrained tiny checkpoint")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--group", type=int, default=8)

@@ -2,7 +2,7 @@
 steps the sampler hands sdpa its own 4-D padding mask instead of letting transformers rebuild the
 mask at every token. Both ways must draw the same tokens; the script checks that and times them.
 
-    .venv/bin/python bench/sampler_bench.py --base runs/demo/base --batches 12 --repeats 10
+    .venv/bin/python bench/sampler_bench.py --base runs/demo/seed-0/base --batches 12 --repeats 10
 
 One batch = the GRPO shape of the default study: 16 prompts x 8 samples, at most 32 new tokens,
 temperature 1. The two ways alternate, `--repeats` times each, over the same `--batches` prompt sets
@@ -21,7 +21,7 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", type=Path, default=Path("runs/demo/base"))
+    ap.add_argument("--base", type=Path, default=Path("runs/demo/seed-0/base"))
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--prompts", type=int, default=16)

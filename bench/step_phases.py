@@ -1,7 +1,7 @@
 """Where a GRPO step's time goes in posttrain's loop: sampling, scoring, packing, the reference
 forward, the policy forward, the backward and AdamW, with timers around each phase.
 
-    .venv/bin/python bench/step_phases.py --base runs/demo/base --steps 31 --beta 0
+    .venv/bin/python bench/step_phases.py --base runs/demo/seed-0/base --steps 31 --beta 0
 
 Same shape as bench/rollout_bench.py (16 prompts x 8 samples, at most 32 new tokens). Printed: mean
 seconds per step of each phase over all steps, and the mean share of prompt groups whose advantages
@@ -23,7 +23,7 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", type=Path, default=Path("runs/demo/base"))
+    ap.add_argument("--base", type=Path, default=Path("runs/demo/seed-0/base"))
     ap.add_argument("--steps", type=int, default=31)
     ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient (k3 in the loss)")
     args = ap.parse_args()

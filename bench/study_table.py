@@ -3,8 +3,8 @@ forgetting, in-domain sampled accuracy, the on-policy reward over the first and 
 methods that sample), and training time.
 
     .venv/bin/python bench/study_table.py configs/all_methods.yaml --out runs/all_methods
-    .venv/bin/python bench/study_table.py configs/lr_sensitivity.yaml --out runs/lr_sensitivity
-Both configs start from the demo's base (`make demo` first, or --set base_model=DIR).
+The config starts from the demo's base (`make demo` first, or --set base_model=DIR). A cell of a sweep
+is a study too: `--only-report --out runs/lr_sensitivity/cells/lr=5e-05` tabulates it.
 """
 
 from __future__ import annotations

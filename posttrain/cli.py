@@ -45,21 +45,45 @@ def _study_config(config: Path | None, preset: str | None, overrides: list[str],
     return build_study_config(data, overrides)
 
 
+SEEDS_HELP = ("Run the whole study once per seed, e.g. --seeds 0,1,2, under OUT/seed-<n>/, and aggregate them in "
+              "OUT/results.json (config field `seeds`).")
+
+
+def _seed_overrides(seed: int | None, seeds: str | None) -> list[str]:
+    if seeds is None:
+        return [f"seed={seed}"] if seed is not None else []
+    if seed is not None:
+        raise UserError("--seed and --seeds exclude each other")
+    try:
+        values = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds expects comma-separated integers (e.g. 0,1,2), got {seeds!r}") from None
+    if not values:
+        raise UserError("--seeds names no seed (e.g. --seeds 0,1,2)")
+    return [f"seeds={values}"]
+
+
+def _check_seed(cfg, seed: int | None) -> None:
+    if seed is not None and cfg.seeds:
+        raise UserError(f"--seed does not apply: the config lists seeds {cfg.seeds} (use --seeds to change them)")
+
+
 @app.command()
 def demo(
     preset: str = typer.Option("default", help="Embedded study preset: quick (CI, ~1 min) or default (~5 min)."),
     out: Path = typer.Option(Path("runs/demo"), help="Run directory (stages already done there are reused)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the study (config field `seed`)."),
+    seeds: Optional[str] = typer.Option(None, help=SEEDS_HELP),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Run the embedded default study end to end: pretrain, SFT vs GRPO, evaluate, diff, report."""
-    from posttrain.study import run_study
+    from posttrain.study_sweep import run_config
 
     device = _device(device)
-    overrides = list(set_) + ([f"seed={seed}"] if seed is not None else [])
-    cfg = _study_config(None, preset, overrides)
-    run_study(cfg, out, resume=True, device=device)
+    cfg = _study_config(None, preset, list(set_) + _seed_overrides(seed, seeds))
+    _check_seed(cfg, seed)
+    run_config(cfg, out, resume=True, device=device)
 
 
 @app.command()
@@ -68,22 +92,23 @@ def study(
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<study name>)."),
     resume: bool = typer.Option(False, help="Continue a run directory, reusing finished stages."),
     seed: Optional[int] = typer.Option(None, help="Seed of the study (config field `seed`)."),
+    seeds: Optional[str] = typer.Option(None, help=SEEDS_HELP),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
-    """Run a whole study from a YAML config."""
+    """Run a whole study from a YAML config; several seeds with `seeds:`, a sweep with `sweep:`."""
     from posttrain.config import plain_name
-    from posttrain.study import run_study
+    from posttrain.study_sweep import run_config
 
     device = _device(device)
-    overrides = list(set_) + ([f"seed={seed}"] if seed is not None else [])
-    cfg = _study_config(config, None, overrides)
+    cfg = _study_config(config, None, list(set_) + _seed_overrides(seed, seeds))
+    _check_seed(cfg, seed)
     if out is None and not plain_name(cfg.name):
         raise UserError(f"study name {cfg.name!r} (in {config}) is not a plain directory name, so runs/<name> would "
                         "not be a directory of runs/; rename the study or pass --out")
     with _pickles(allow_pickle):
-        run_study(cfg, out or Path("runs") / cfg.name, resume=resume, device=device)
+        run_config(cfg, out or Path("runs") / cfg.name, resume=resume, device=device)
 
 
 @app.command()
@@ -309,8 +334,8 @@ def diff(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A study's run directory.")) -> None:
-    """(Re)write RUN_DIR/report.html from RUN_DIR/results.json."""
+def report(run_dir: Path = typer.Argument(..., help="A study's, multi-seed study's or sweep's run directory.")) -> None:
+    """(Re)write RUN_DIR/report.html from RUN_DIR/results.json (or a sweep's sweep.json)."""
     from posttrain.report.html import write_report
 
     if not run_dir.is_dir():

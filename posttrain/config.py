@@ -503,6 +503,33 @@ class StudyConfig(Strict):
 
     name: str = "default"
     seed: int = 0
+    # several seeds: each runs the whole study under <out>/seed-<n>/ and <out>/results.json aggregates
+    # them (posttrain/multiseed.py); None: one run of `seed` in <out> itself
+    seeds: list[int] | None = None
+    # axes of a sweep, config path -> values ("model.hidden_size: [64, 128]", list indices allowed,
+    # "a.b+c.d" sets both paths); every combination is a study under <out>/cells/<name>/ (posttrain/study_sweep.py)
+    sweep: dict[str, list[Any]] | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("seeds is empty (omit it to run the single `seed`)")
+            if any(s < 0 for s in v) or len(set(v)) != len(v):
+                raise ValueError(f"seeds must be distinct non-negative integers, got {v}")
+        return v
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, v: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("sweep names no axis (omit it for a single study)")
+            for axis, values in v.items():
+                if not values:
+                    raise ValueError(f"sweep axis {axis!r} has no values")
+        return v
     base_model: str | None = None  # a checkpoint dir or hub id; None: pretrain a tiny model
     model: ModelConfig = Field(default_factory=ModelConfig)
     # task name -> constructor parameters; a task's own signature holds its defaults

@@ -136,6 +136,12 @@ def base_format_shares(cfg: StudyConfig, task: Task, split: str, model_dir: Path
     return evaluate_split(model, tok, task, problems, cfg.eval, cfg.seed)["format_share"]
 
 
+def pretrain_key(cfg: StudyConfig) -> str:
+    """The stage key of the base model: everything the pretrained (or loaded) base depends on."""
+    return config_hash({"model": cfg.model.model_dump(), "pretrain": cfg.pretrain.model_dump(mode="json"),
+                        "world": cfg.world_key, "seed": cfg.seed, "base_model": cfg.base_model})
+
+
 def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: str = "auto",
               log: Callable[[str], None] | None = None) -> dict:
     """Run every stage of the study into `out`; return the results dict (also `results.json`)."""
@@ -155,8 +161,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     tasks = build_tasks(cfg)
 
     # ---- base model -------------------------------------------------------------------------
-    base_key = config_hash({"model": cfg.model.model_dump(), "pretrain": cfg.pretrain.model_dump(mode="json"),
-                            "world": cfg.world_key, "seed": cfg.seed, "base_model": cfg.base_model})
+    base_key = pretrain_key(cfg)
     if cfg.base_model is None:
         base_dir = run.base
         if stages.done("pretrain", base_key, [run.base / "config.json"]):

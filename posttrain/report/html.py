@@ -12,7 +12,7 @@ from posttrain.errors import UserError
 from posttrain.io import atomic_write_text, read_json
 from posttrain.analysis.diagnostics import heatmaps
 from posttrain.report import plots as P
-from posttrain.report.schema import read_results
+from posttrain.report.schema import read_object, read_results
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -333,7 +333,18 @@ def _render(run: Path, res: dict) -> str:
 
 
 def write_report(run: str | Path) -> Path:
+    """Write RUN/report.html: a sweep's (sweep.json), a multi-seed study's or a single run's."""
     run = Path(run)
     out = run / "report.html"
-    atomic_write_text(out, build_report(run))
+    if (run / "sweep.json").is_file():
+        from posttrain.report.sweep_html import build_sweep_report
+
+        page = build_sweep_report(run)
+    elif (run / "results.json").is_file() and read_object(run / "results.json").get("kind") == "seeds":
+        from posttrain.report.seeds_html import build_seeds_report
+
+        page = build_seeds_report(run)
+    else:
+        page = build_report(run)
+    atomic_write_text(out, page)
     return out

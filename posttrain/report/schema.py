@@ -48,16 +48,22 @@ class Results(_Open):
     repairs: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
-def read_results(path: Path) -> dict[str, Any]:
-    """The parsed results.json, checked against `Results`; `UserError` naming the first problem."""
+def read_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (results.json, sweep.json); `UserError` naming the file otherwise."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(Path(path).read_text())
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text file") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a JSON object (a study's results.json is one)")
+    return data
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """The parsed results.json, checked against `Results`; `UserError` naming the first problem."""
+    data = read_object(path)
     try:
         Results.model_validate(data)
     except ValidationError as e:
