@@ -531,6 +531,10 @@ class StudyConfig(Strict):
                     raise ValueError(f"sweep axis {axis!r} has no values")
         return v
     base_model: str | None = None  # a checkpoint dir or hub id; None: pretrain a tiny model
+    # prompts of an instruct model (its tokenizer has a chat template) as one user turn of that
+    # template (auto) or as they are (none); the tiny world's tokenizer has no template
+    chat_template: Literal["auto", "none"] = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"  # weights of every model the study loads and trains
     model: ModelConfig = Field(default_factory=ModelConfig)
     # task name -> constructor parameters; a task's own signature holds its defaults
     world: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -661,6 +665,11 @@ class StudyConfig(Strict):
             have = (f"it keeps step-{kept[0]} to step-{kept[-1]} every {src.checkpoint_every}" if kept
                     else "it keeps no checkpoints (checkpoint_every: 0)")
             raise ValueError(f"{where}: {ref.method} keeps no step-{ref.step} ({have}, steps {src.steps})")
+
+    @property
+    def load_options(self) -> dict[str, str]:
+        """How every model of the study is loaded (`posttrain.models.loading.load_model` keywords)."""
+        return {"dtype": self.dtype, "chat_template": self.chat_template}
 
     @property
     def damaged_method(self) -> str | None:

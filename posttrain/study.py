@@ -131,7 +131,7 @@ def base_format_shares(cfg: StudyConfig, task: Task, split: str, model_dir: Path
     from posttrain.evaluation.evaluate import evaluate_split
     from posttrain.models.loading import load_model
 
-    model, tok = load_model(model_dir, device=device)
+    model, tok = load_model(model_dir, device=device, **cfg.load_options)
     problems = eval_problems(task, split, cfg.eval.n_per_split, cfg.seed)
     return evaluate_split(model, tok, task, problems, cfg.eval, cfg.seed)["format_share"]
 
@@ -139,7 +139,9 @@ def base_format_shares(cfg: StudyConfig, task: Task, split: str, model_dir: Path
 def pretrain_key(cfg: StudyConfig) -> str:
     """The stage key of the base model: everything the pretrained (or loaded) base depends on."""
     return config_hash({"model": cfg.model.model_dump(), "pretrain": cfg.pretrain.model_dump(mode="json"),
-                        "world": cfg.world_key, "seed": cfg.seed, "base_model": cfg.base_model})
+                        "world": cfg.world_key, "seed": cfg.seed, "base_model": cfg.base_model,
+                        # only when set, so the keys of existing runs stay valid
+                        **({k: v for k, v in cfg.load_options.items() if v != StudyConfig.model_fields[k].default})})
 
 
 def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: str = "auto",
@@ -193,7 +195,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         from posttrain.models.loading import check_generation_fits, load_model
 
         say(f"eval {name}")
-        model, tok = load_model(model_dir, device=device)
+        model, tok = load_model(model_dir, device=device, **cfg.load_options)
         check_generation_fits(model, tok, [p.prompt for ps in problem_sets.values() for p in ps],
                               cfg.eval.max_new_tokens, "eval.max_new_tokens")
         scores = evaluate_model(model, tok, tasks, problem_sets, cfg.eval, cfg.seed)
@@ -240,7 +242,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
             train(m, init_dir=init_dir, ref_dir=base_dir, out_dir=out_dir, task=task, expert_format=expert_format,
                   seed=cfg.seed if m.seed is None else m.seed, curve_tasks=tasks, curve_problems=curve_problems,
                   curve_every=max(1, m.steps // 10), device=device, resume=resume,
-                  on_step=progress_logger(say, f"train {name}", m.steps), method=name)
+                  on_step=progress_logger(say, f"train {name}", m.steps), method=name, load_options=cfg.load_options)
             stages.finish(f"train-{name}", key)
         model_dirs[name] = out_dir / "model"
         keys[name] = key
@@ -338,7 +340,7 @@ def checkpoint_curve(cfg: StudyConfig, run: Run, stages: Stages, name: str, key:
             if not (ck / "config.json").is_file():
                 raise UserError(f"{ck}: kept checkpoint missing (rerun the study without --resume to train {name} again)")
             say(f"eval {label}")
-            model, tok = load_model(ck, device=device)
+            model, tok = load_model(ck, device=device, **cfg.load_options)
             scores = evaluate_model(model, tok, tasks, sets, greedy, cfg.seed)
             atomic_write_json(run.eval(label), scores)
             stages.finish(f"eval-{label}", ck_key)
@@ -441,11 +443,11 @@ def kl_stage(cfg: StudyConfig, run: Run, stages: Stages, tasks: dict[str, Task],
         say(f"kl {name} vs base on {split}: {kc.n_prompts} prompts x {kc.n_samples} samples")
         problems = eval_problems(tasks[m.task], m.split, kc.n_prompts, cfg.seed)[: kc.n_prompts]
         prompts = [p.prompt for p in problems]
-        base = base or load_model(base_dir, device=device)
+        base = base or load_model(base_dir, device=device, **cfg.load_options)
         if split not in base_samples:
             base_samples[split] = sample(base[0], base[1], prompts, kc.n_samples, max_new,
                                          kl_seed(cfg.seed, split, "base"), kc.batch_size)
-        model, _ = load_model(model_dirs[name], device=device)
+        model, _ = load_model(model_dirs[name], device=device, **cfg.load_options)
         out[name] = {"task": split, "n_prompts": len(prompts), "n_samples": kc.n_samples, "max_new_tokens": max_new,
                      "temperature": 1.0, **kl_to_base(model, base[0], base[1], base_samples[split], prompts, max_new,
                                                       kl_seed(cfg.seed, split, "policy"), kc.batch_size)}
@@ -516,7 +518,7 @@ def repair_sweep(cfg: StudyConfig, damaged: str, run: Run, tasks: dict[str, Task
                 "retention": ret, "retention_mean": sum(ret.values()) / max(len(ret), 1)}
 
     def evaluate_fn(model_dir: Path) -> dict:
-        model, tok = load_model(model_dir, device=device)
+        model, tok = load_model(model_dir, device=device, **cfg.load_options)
         scores = evaluate_model(model, tok, tasks, problem_sets, greedy, cfg.seed)
         return summary({**scores, **evaluate_lm_eval_refs(model, tok, cfg.lm_eval_retention, cfg.seed)})
 

@@ -22,13 +22,15 @@ from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase,
+                          PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
 
 from posttrain.analysis.checkpoints import Checkpoint, check_finite
 from posttrain.devices import resolve_device  # noqa: F401 - the resolver's historical home; callers import it from here
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir
+from posttrain.models.chat import set_chat_mode
 from posttrain.models.hub import resolve_checkpoint
 
 # per-file "Loading weights" bars are noise next to our own progress reporting
@@ -89,17 +91,31 @@ def _expected_shapes(config, trust_remote_code: bool) -> dict[str, tuple[int, ..
     return {n: tuple(t.shape) for n, t in meta.state_dict().items()}
 
 
+def _tokenizer_class(local: Path):
+    """The class that reads this checkpoint's tokenizer. transformers 5 picks the tokenizer of the
+    model type (Qwen2Tokenizer for a qwen2 config) even when tokenizer_config.json names the generic
+    fast tokenizer, and that class rebuilds its own pre-tokenizer: a tiny world's character
+    tokenizer saved with a qwen2 model came back dropping spaces. The generic name is honoured."""
+    try:
+        named = json.loads((local / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    return PreTrainedTokenizerFast if named in ("TokenizersBackend", "PreTrainedTokenizerFast") else AutoTokenizer
+
+
 def load_model(
     path: str | Path,
     device: str | torch.device = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
     allow_pickle: bool | None = None,
+    chat_template: str = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer after checking the checkpoint (module docstring).
 
     `dtype`: auto (the checkpoint's), fp32, bf16 or fp16. `allow_pickle`: read pickle-only weights
-    (None: as `posttrain.analysis.checkpoints.pickle_allowed` says; off by default)."""
+    (None: as `posttrain.analysis.checkpoints.pickle_allowed` says; off by default). `chat_template`:
+    whether prompts are wrapped in the tokenizer's chat template (`posttrain.models.chat`)."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} (auto, fp32, bf16 or fp16)")
     dev = resolve_device(device)
@@ -112,7 +128,7 @@ def load_model(
         raise UserError(f"{path}: cannot read config.json: {_first_line(e)}{hint}") from None
     try:
         with _quiet():
-            tok = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
+            tok = _tokenizer_class(local).from_pretrained(local, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exceptions on bad files
         raise UserError(f"{path}: cannot load the tokenizer: {_first_line(e)}") from None
     expected = _expected_shapes(config, trust_remote_code)
@@ -142,6 +158,7 @@ def load_model(
     if tok.pad_token_id is None:
         # right padding with the EOS id is safe: padded positions are always masked out
         tok.pad_token = tok.eos_token
+    set_chat_mode(tok, chat_template)
     model.to(dev)
     model.eval()
     return model, tok

@@ -52,3 +52,19 @@ def build_tiny_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.M
     if cfg.arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**common))
     return Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+
+
+# Qwen2.5-Instruct's template with a space where it writes a newline (the character tokenizer has none)
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+def build_chat_tokenizer() -> PreTrainedTokenizerFast:
+    """The character tokenizer of an instruct model: Qwen's <|im_start|>/<|im_end|> turn markers as
+    special tokens (ids len(char tokenizer) and +1), <|im_end|> as EOS and a chat template. Tests and
+    the GPU check stand it in for a hub instruct model's tokenizer, offline."""
+    tok = build_char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

@@ -132,21 +132,23 @@ def train(
     resume: bool = False,
     on_step: Callable[[int, dict], None] | None = None,
     method: str | None = None,
+    load_options: dict | None = None,
 ) -> TrainResult:
     """Train one method from `init_dir`; write `out_dir/model` (final HF checkpoint),
     `out_dir/checkpoints/step-N` every `cfg.checkpoint_every` steps and `out_dir/metrics.jsonl`.
     With `resume`, continue from the latest checkpoint under `out_dir` when there is one.
-    `method` (its name in the study) only makes error messages name the config key."""
+    `method` (its name in the study) only makes error messages name the config key. `load_options`:
+    `load_model` keywords of the policy and reference (dtype, chat_template)."""
     t0 = time.time()
     out_dir = Path(out_dir)
     seed_everything(seed)
     objective = OBJECTIVES[cfg.objective]()
     # every input is checked before anything is written to out_dir
-    model, tok = load_model(init_dir, device="cpu")
+    model, tok = load_model(init_dir, device="cpu", **(load_options or {}))
     frz = apply_freezing(model, cfg.freeze, cfg.train_only)
     ref = None
     if ref_dir is not None:
-        ref, _ = load_model(ref_dir, device="cpu")
+        ref, _ = load_model(ref_dir, device="cpu", **(load_options or {}))
         ref.requires_grad_(False)
     # PPO's critic: a separate model from the init's trunk (default) or a value head on the policy's
     critic_mode = getattr(cfg.objective_params, "critic", "separate") if objective.traits.needs_critic else None

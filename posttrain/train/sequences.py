@@ -33,7 +33,13 @@ def _encode(tok, texts: list[str], what: str) -> list[list[int]]:
 
 
 def encode_prompts(tok, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt, prefixed with BOS when the tokenizer has one."""
+    """Token ids of each prompt, prefixed with BOS when the tokenizer has one; an instruct model's
+    prompts are wrapped in its chat template instead (`posttrain.models.chat`), which carries its
+    own special tokens. Every prompt of training, sampling and evaluation is encoded here."""
+    from posttrain.models.chat import chat_prompts, uses_chat_template
+
+    if uses_chat_template(tok):
+        return _encode(tok, chat_prompts(tok, prompts), "prompt")
     ids = _encode(tok, prompts, "prompt")
     if tok.bos_token_id is not None:
         ids = [[tok.bos_token_id, *x] for x in ids]
