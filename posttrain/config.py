@@ -129,6 +129,18 @@ class PretrainConfig(Strict):
     checkpoint_every: int = Field(300, ge=0)  # resumable checkpoints under pretrain/checkpoints (0: none)
 
 
+class LoraSpec(Strict):
+    """A method's LoRA adapters (Hu et al., 2021): W' = W + (alpha / r) B A, B starting at zero."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # module names (peft's suffix match); the attention and MLP projections of Llama/Qwen2 by default
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1)
+
+
 class TrainConfig(Strict):
     """One post-training method: an objective fed by a data source, in the shared loop.
 
@@ -180,6 +192,9 @@ class TrainConfig(Strict):
     log_every: int = Field(1, ge=1)
     trackers: list[str] = Field(default_factory=lambda: ["auto"])  # accelerate trackers; "auto": tensorboard if installed
     seed: int | None = None  # None: the study seed
+    # LoRA adapters through peft ({r, alpha, dropout, target_modules}); None: full fine-tuning. The
+    # saved model and kept checkpoints are the merged weights (posttrain/train/lora.py)
+    lora: LoraSpec | None = None
 
     @field_validator("objective")
     @classmethod
@@ -215,6 +230,8 @@ class TrainConfig(Strict):
                                  f"needs a {obj.estimator_level}-level one")
         if obj.traits.rl and self.data_source != "on_policy":
             raise ValueError(f"objective {self.objective!r} learns from rewards; it needs on_policy data, not {self.data_source!r}")
+        if self.lora is not None and (self.freeze or self.train_only):
+            raise ValueError("lora trains only its adapters; it cannot be combined with freeze or train_only")
         if self.kl_mode == "reward" and not obj.traits.rl:
             raise ValueError(f"kl_mode 'reward' needs an objective that learns from rewards, not {self.objective!r}")
         self._check_knobs()

@@ -94,3 +94,106 @@ def test_char_tokenizer_of_a_qwen2_checkpoint_keeps_spaces(chat_checkpoint):
     _, tok = load_model(chat_checkpoint)
     ids = tok("a b", add_special_tokens=False)["input_ids"]
     assert len(ids) == 3 and tok.decode(ids) == "a b" and len(tok) == len(build_chat_tokenizer())
+
+
+# -- LoRA ------------------------------------------------------------------------------------
+
+def _lora_sft(init, out, resume=False, **kw):
+    from posttrain.config import TrainConfig
+    from posttrain.tasks import build_task
+    from posttrain.train.loop import train
+
+    c = TrainConfig(**{**dict(task="coin", objective="sft", data="expert", steps=3, prompts_per_step=2,
+                              samples_per_prompt=2, lr=1e-2, trackers=["none"], checkpoint_every=1,
+                              lora={"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}), **kw})
+    return train(c, init_dir=init, ref_dir=None, out_dir=out, task=build_task("coin"), expert_format="default",
+                 seed=0, device="cpu", resume=resume)
+
+
+def test_merged_state_dict_is_peft_merge_and_unload():
+    import copy
+
+    from posttrain.config import LoraSpec
+    from posttrain.train.lora import attach, merged_state_dict
+
+    model = build_tiny_model(TINY, 98, seed=0)
+    names = set(model.state_dict())
+    lora = attach(model, LoraSpec(r=2, alpha=3, target_modules=["q_proj", "down_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if "lora_B" in k:
+                p.normal_()  # B starts at zero: make the delta non-zero
+    want = copy.deepcopy(lora.wrapper).merge_and_unload().state_dict()
+    got = merged_state_dict(model)
+    assert set(got) == names == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in names)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 2 * (2 * 32 + 32 + 64)
+
+
+def test_lora_sft_changes_only_targeted_matrices_and_resumes_bitwise(chat_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    res = _lora_sft(chat_checkpoint, tmp_path / "a")
+    base = load_file(str(chat_checkpoint / "model.safetensors"))
+    merged = load_file(str(res.model_dir / "model.safetensors"))
+    assert set(merged) == set(base)  # exactly the base's tensor names: no lora_ or base_layer names
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    targeted = {k for k in base if k.endswith(("q_proj.weight", "v_proj.weight"))}
+    assert changed == targeted and len(targeted) == 2 * TINY.num_layers
+    # r * (in + out) per adapted matrix: q_proj and v_proj are 32 -> 32 here
+    assert res.trainable_params == TINY.num_layers * 2 * 2 * (32 + 32) < res.total_params
+    for step in (1, 2, 3):  # kept checkpoints are merged full models too
+        assert set(load_file(str(tmp_path / "a" / "checkpoints" / f"step-{step}" / "model.safetensors"))) == set(base)
+    # resume from step 1: the same adapters, the same merged model, bit for bit
+    b = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", b)
+    for p in ("checkpoints/step-2", "checkpoints/step-3", "model"):
+        shutil.rmtree(b / p)
+    (b / "train.json").unlink()
+    _lora_sft(chat_checkpoint, b, resume=True)
+    assert json_of(b / "train.json")["resumed_from_step"] == 1
+    for rel in ("model/model.safetensors", "model/adapter/adapter.safetensors"):
+        x, y = load_file(str(tmp_path / "a" / rel)), load_file(str(b / rel))
+        assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x), rel
+
+
+def json_of(path):
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
+def test_lora_config_is_checked():
+    from pydantic import ValidationError
+
+    from posttrain.config import TrainConfig
+
+    with pytest.raises(ValidationError, match="freeze"):
+        TrainConfig(objective="sft", lora={"r": 4}, freeze=["*.mlp.*"])
+    with pytest.raises(ValidationError, match="rank|r\\b|greater"):
+        TrainConfig(objective="sft", lora={"r": 0})
+    with pytest.raises(ValidationError, match="extra|rank_typo"):
+        TrainConfig(objective="sft", lora={"rank_typo": 4})
+
+
+def test_lora_target_that_matches_nothing_is_a_user_error(chat_checkpoint, tmp_path):
+    from posttrain.errors import UserError
+
+    with pytest.raises(UserError, match="lora.target_modules"):
+        _lora_sft(chat_checkpoint, tmp_path / "x", lora={"target_modules": ["nope_proj"]})
+    assert not (tmp_path / "x" / "model").exists()
+
+
+@pytest.mark.parametrize("kw", [dict(objective="grpo", data=None, samples_per_prompt=4, max_new_tokens=4),
+                                dict(objective="ppo", data=None, samples_per_prompt=2, max_new_tokens=4, critic="shared")])
+def test_lora_rl_methods_train_only_targets(coin_checkpoint, tmp_path, kw):
+    from safetensors.torch import load_file
+
+    # the coin model earns mixed rewards (a random one earns none, so RL would not move)
+    res = _lora_sft(coin_checkpoint, tmp_path / "a", checkpoint_every=0, **kw)
+    base, merged = load_file(str(coin_checkpoint / "model.safetensors")), load_file(str(res.model_dir / "model.safetensors"))
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and changed <= {k for k in base if k.endswith(("q_proj.weight", "v_proj.weight"))}

@@ -70,7 +70,10 @@ def resume_latest(out_dir: Path, model, optimizer, scheduler, metrics_path: Path
     ck = latest_checkpoint(out_dir)
     if ck is None:
         return 0
-    load_weights_into(model, ck)
+    if hasattr(model, "load_checkpoint_weights"):  # a LoRA policy (train.lora.LoraPolicy): its adapters
+        model.load_checkpoint_weights(ck)
+    else:
+        load_weights_into(model, ck)
     state = load_training_state(ck)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

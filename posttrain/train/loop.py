@@ -14,6 +14,7 @@ Checkpoints every `checkpoint_every` steps resume bit for bit (see `train.checkp
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import random
@@ -37,6 +38,7 @@ from posttrain.train.checkpointing import (CRITIC_DIR, CriticState, latest_check
                                            save_training_checkpoint)
 from posttrain.train.data_sources import Batch, SourceContext, prompt_schedule, score, step_seed, verdict_metrics
 from posttrain.train.freezing import apply_freezing
+from posttrain.train.lora import attach as attach_lora
 from posttrain.train.objectives import OBJECTIVES, PolicyOutputs
 from posttrain.train.policy import Critic, ValueHead, policy_forward
 from posttrain.train.rollout import generate
@@ -146,6 +148,10 @@ def train(
     # every input is checked before anything is written to out_dir
     model, tok = load_model(init_dir, device="cpu", **(load_options or {}))
     frz = apply_freezing(model, cfg.freeze, cfg.train_only)
+    lora = None
+    if cfg.lora is not None:
+        lora = attach_lora(model, cfg.lora, f"methods.{method}.lora" if method else "lora")
+        frz = dataclasses.replace(frz, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     ref = None
     if ref_dir is not None:
         ref, _ = load_model(ref_dir, device="cpu", **(load_options or {}))
@@ -189,11 +195,12 @@ def train(
     if value_head is not None:
         value_head.to(dev)
     policy = accelerator.unwrap_model(model)
+    saved = policy if lora is None else lora  # LoRA: checkpoints hold the merged weights (and the adapters)
     critic_io = None if critic is None else CriticState(accelerator.unwrap_model(critic.module), critic.optimizer,
                                                         critic.scheduler)
 
     metrics_path = out_dir / "metrics.jsonl"
-    start = resume_latest(out_dir, policy, optimizer, scheduler, metrics_path, value_head, critic_io) if resume else 0
+    start = resume_latest(out_dir, saved, optimizer, scheduler, metrics_path, value_head, critic_io) if resume else 0
     if resume and not start and (out_dir / "model" / "config.json").is_file() and (out_dir / "train.json").is_file():
         raise UserError(f"{out_dir} already holds a finished run (model/); nothing to resume")
     log = metrics_path.open("a" if start else "w")
@@ -220,7 +227,7 @@ def train(
         batch = source.batch(step, schedule[step], cfg.samples_per_prompt, policy, tok, cfg)
         if source.round_start(step):
             # Echo Chamber / ReST-EM: the round's data came from the latest policy, training restarts from init
-            load_weights_into(policy, Path(init_dir))
+            lora.reset() if lora is not None else load_weights_into(policy, Path(init_dir))
             getattr(optimizer, "optimizer", optimizer).state.clear()
         row: dict = {"step": step + 1}
         if batch is None:
@@ -240,11 +247,11 @@ def train(
             row.update(quick_eval(policy, tok, curve_tasks, curve_problems, cfg.max_new_tokens))
         log_line(row)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_training_checkpoint(out_dir / "checkpoints" / f"step-{step + 1}", policy, tok, optimizer, scheduler,
+            save_training_checkpoint(out_dir / "checkpoints" / f"step-{step + 1}", saved, tok, optimizer, scheduler,
                                      step + 1, value_head, critic_io)
     log.close()
     accelerator.end_training()
-    model_dir = save_checkpoint(policy, tok, out_dir / "model")
+    model_dir = save_checkpoint(saved, tok, out_dir / "model")
     if value_head is not None:
         value_head.save(out_dir / "value_head.safetensors")
     if critic_io is not None:
