@@ -141,6 +141,16 @@ class LoraSpec(Strict):
         min_length=1)
 
 
+class RolloutConfig(Strict):
+    """How a sampling method's rollouts are generated (posttrain/train/vllm_rollout.py)."""
+
+    # vllm: a colocated vLLM engine, the policy's weights loaded into it before every sampling call;
+    # without vLLM or a CUDA GPU the built-in sampler runs and train.json says so
+    backend: Literal["builtin", "vllm"] = "builtin"
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # vLLM's share of the GPU (the trainer keeps the rest)
+    max_model_len: int | None = Field(None, ge=16)  # None: the model's context
+
+
 class TrainConfig(Strict):
     """One post-training method: an objective fed by a data source, in the shared loop.
 
@@ -195,6 +205,7 @@ class TrainConfig(Strict):
     # LoRA adapters through peft ({r, alpha, dropout, target_modules}); None: full fine-tuning. The
     # saved model and kept checkpoints are the merged weights (posttrain/train/lora.py)
     lora: LoraSpec | None = None
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
     @field_validator("objective")
     @classmethod
@@ -232,6 +243,9 @@ class TrainConfig(Strict):
             raise ValueError(f"objective {self.objective!r} learns from rewards; it needs on_policy data, not {self.data_source!r}")
         if self.lora is not None and (self.freeze or self.train_only):
             raise ValueError("lora trains only its adapters; it cannot be combined with freeze or train_only")
+        if self.rollout.backend != "builtin" and not self.source_cls.on_policy:
+            raise ValueError(f"rollout.backend {self.rollout.backend!r} samples rollouts, but data {self.data_source!r} "
+                             "samples nothing (use it with on_policy or filtered data)")
         if self.kl_mode == "reward" and not obj.traits.rl:
             raise ValueError(f"kl_mode 'reward' needs an objective that learns from rewards, not {self.objective!r}")
         self._check_knobs()

@@ -136,6 +136,17 @@ def base_format_shares(cfg: StudyConfig, task: Task, split: str, model_dir: Path
     return evaluate_split(model, tok, task, problems, cfg.eval, cfg.seed)["format_share"]
 
 
+def method_key(m: TrainConfig) -> dict:
+    """A method's knobs for its stage key; lora and rollout only when set, so the keys of runs made
+    before they existed stay valid (the rollout backend changes samples: vLLM's, not ours)."""
+    out = m.model_dump(mode="json")
+    if m.lora is None:
+        out.pop("lora")
+    if m.rollout == type(m.rollout)():
+        out.pop("rollout")
+    return out
+
+
 def pretrain_key(cfg: StudyConfig) -> str:
     """The stage key of the base model: everything the pretrained (or loaded) base depends on."""
     return config_hash({"model": cfg.model.model_dump(), "pretrain": cfg.pretrain.model_dump(mode="json"),
@@ -227,7 +238,7 @@ def run_study(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
         init_dir, upstream, start = resolve_start(cfg, m, run, model_dirs, keys, peaks)
         if start is not None:
             starts[name] = start
-        key = config_hash({"method": m.model_dump(mode="json"), "init": upstream, "base": base_key,
+        key = config_hash({"method": method_key(m), "init": upstream, "base": base_key,
                            "expert_format": expert_format, "seed": cfg.seed, "world": cfg.world_key})
         out_dir = run.method(name)
         if stages.done(f"train-{name}", key, [out_dir / "model" / "config.json"]):

@@ -197,3 +197,110 @@ def test_lora_rl_methods_train_only_targets(coin_checkpoint, tmp_path, kw):
     base, merged = load_file(str(coin_checkpoint / "model.safetensors")), load_file(str(res.model_dir / "model.safetensors"))
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed and changed <= {k for k in base if k.endswith(("q_proj.weight", "v_proj.weight"))}
+
+
+# -- rollout backends ------------------------------------------------------------------------
+
+def test_rollout_backend_config_is_checked():
+    from pydantic import ValidationError
+
+    from posttrain.config import TrainConfig
+
+    assert TrainConfig(objective="grpo").rollout.backend == "builtin"
+    assert TrainConfig(objective="grpo", rollout={"backend": "vllm"}).rollout.gpu_memory_utilization == 0.3
+    with pytest.raises(ValidationError, match="backend"):
+        TrainConfig(objective="grpo", rollout={"backend": "sglang"})
+    with pytest.raises(ValidationError, match="samples nothing"):
+        TrainConfig(objective="sft", data="expert", rollout={"backend": "vllm"})
+    with pytest.raises(ValidationError, match="gpu_memory_utilization"):
+        TrainConfig(objective="grpo", rollout={"backend": "vllm", "gpu_memory_utilization": 1.5})
+
+
+def test_vllm_falls_back_to_the_builtin_sampler_with_one_notice(coin_checkpoint, tmp_path, capfd, monkeypatch):
+    import json
+
+    from posttrain.train import vllm_rollout
+
+    monkeypatch.setattr(vllm_rollout, "_NOTICES", set())
+    kw = dict(objective="grpo", data=None, samples_per_prompt=4, max_new_tokens=4, checkpoint_every=0, lora=None)
+    a = _lora_sft(coin_checkpoint, tmp_path / "a", **kw)
+    b = _lora_sft(coin_checkpoint, tmp_path / "b", rollout={"backend": "vllm"}, **kw)
+    c = _lora_sft(coin_checkpoint, tmp_path / "c", rollout={"backend": "vllm"}, **kw)
+    err = capfd.readouterr().err
+    why = vllm_rollout.unavailable_reason("cpu")
+    assert why in ("vllm is not installed", "the run is on the CPU")
+    assert err.count("rollout.backend vllm unavailable") == 1  # one line, once per process
+    assert json.loads((tmp_path / "a" / "train.json").read_text())["rollout_backend"] == "builtin"
+    for run in (b, c):
+        assert json.loads((run.model_dir.parent / "train.json").read_text())["rollout_backend"] == f"builtin (fallback: {why})"
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a.model_dir / "model.safetensors")), load_file(str(b.model_dir / "model.safetensors"))
+    assert all(torch.equal(x[k], y[k]) for k in x)  # the fallback is the built-in sampler, sample for sample
+
+
+class _FakeCompletion:
+    def __init__(self, ids, reason):
+        self.token_ids, self.finish_reason = ids, reason
+
+
+class _FakeOutput:
+    def __init__(self, *outs):
+        self.outputs = list(outs)
+
+
+def test_vllm_outputs_become_rollouts_with_eos():
+    from posttrain.train.vllm_rollout import completions_from_outputs
+
+    outs = [_FakeOutput(_FakeCompletion([5, 6, 2], "stop"), _FakeCompletion([7], "stop")),
+            _FakeOutput(_FakeCompletion([8, 9], "length"), _FakeCompletion([], "stop"))]
+    ids, fin = completions_from_outputs(outs, eos=2)
+    assert ids == [[5, 6, 2], [7, 2], [8, 9], [2]] and fin == [True, True, False, True]
+
+
+def test_vllm_engine_syncs_the_policy_weights_before_sampling(tiny_checkpoint, monkeypatch):
+    """The engine path up to vLLM itself, on a stand-in for `LLM`: the policy's current tensors by
+    their HF names reach model_runner.model.load_weights before every generate call, and completions
+    come back through the sampler's `Rollouts` (the real engine needs vLLM and a GPU)."""
+    import sys
+    import types
+
+    from posttrain.train.rollout import generate
+    from posttrain.train.vllm_rollout import ENGINE_ATTR, VllmEngine
+
+    model, tok = load_model(tiny_checkpoint)
+    loaded, calls = [], []
+
+    class Runner:
+        class model:  # noqa: N801 - mirrors vLLM's attribute path
+            @staticmethod
+            def load_weights(items):
+                loaded.append({n: t.clone() for n, t in items})
+
+    class FakeLLM:
+        llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(
+            model_runner=Runner)))
+
+        def reset_prefix_cache(self):
+            calls.append("reset")
+
+        def generate(self, prompts, sampling_params, use_tqdm):
+            calls.append(("generate", [p["prompt_token_ids"] for p in prompts], [s.n for s in sampling_params]))
+            return [_FakeOutput(*[_FakeCompletion([tok.convert_tokens_to_ids("a")], "stop")] * sp.n)
+                    for sp in sampling_params]
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=SamplingParams))
+    setattr(model, ENGINE_ATTR, VllmEngine(tiny_checkpoint, lambda: model.state_dict().items(), gpu_memory_utilization=0.3,
+                                           max_model_len=None, dtype=torch.float32, seed=0, llm=FakeLLM()))
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)  # an optimizer step
+    ro = generate(model, tok, ["ab", "cd"], n=3, max_new_tokens=4, generator=torch.Generator().manual_seed(3))
+    assert ro.texts == ["a"] * 6 and ro.finished == [True] * 6 and ro.completion_ids[0][-1] == tok.eos_token_id
+    assert calls[0] == "reset" and calls[1][0] == "generate" and calls[1][2] == [3, 3]
+    assert calls[1][1] == encode_prompts(tok, ["ab", "cd"])
+    assert set(loaded[0]) == set(model.state_dict())
+    assert torch.equal(loaded[0]["model.norm.weight"], model.model.norm.weight)  # the updated weights, not the init's

@@ -39,6 +39,8 @@ from posttrain.train.checkpointing import (CRITIC_DIR, CriticState, latest_check
 from posttrain.train.data_sources import Batch, SourceContext, prompt_schedule, score, step_seed, verdict_metrics
 from posttrain.train.freezing import apply_freezing
 from posttrain.train.lora import attach as attach_lora
+from posttrain.train.lora import merged_state_dict
+from posttrain.train.vllm_rollout import ENGINE_ATTR, VllmEngine, resolve_backend
 from posttrain.train.objectives import OBJECTIVES, PolicyOutputs
 from posttrain.train.policy import Critic, ValueHead, policy_forward
 from posttrain.train.rollout import generate
@@ -196,6 +198,12 @@ def train(
         value_head.to(dev)
     policy = accelerator.unwrap_model(model)
     saved = policy if lora is None else lora  # LoRA: checkpoints hold the merged weights (and the adapters)
+    backend, backend_label = resolve_backend(cfg.rollout.backend, dev.type)
+    if backend == "vllm":
+        weights = (lambda: merged_state_dict(policy).items()) if lora is not None else (lambda: policy.state_dict().items())
+        setattr(policy, ENGINE_ATTR, VllmEngine(
+            init_dir, weights, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            max_model_len=cfg.rollout.max_model_len or max_length, dtype=next(policy.parameters()).dtype, seed=seed))
     critic_io = None if critic is None else CriticState(accelerator.unwrap_model(critic.module), critic.optimizer,
                                                         critic.scheduler)
 
@@ -250,6 +258,7 @@ def train(
             save_training_checkpoint(out_dir / "checkpoints" / f"step-{step + 1}", saved, tok, optimizer, scheduler,
                                      step + 1, value_head, critic_io)
     log.close()
+    policy.__dict__.pop(ENGINE_ATTR, None)
     accelerator.end_training()
     model_dir = save_checkpoint(saved, tok, out_dir / "model")
     if value_head is not None:
@@ -260,7 +269,7 @@ def train(
     atomic_write_json(out_dir / "train.json", {
         "steps": cfg.steps, "wall_seconds": result.wall_seconds, "objective": cfg.objective, "data": cfg.data_source,
         "expert_format": expert_format if cfg.data_source == "expert" else None, "resumed_from_step": start or None,
-        "trainable_params": frz.trainable, "total_params": frz.total,
+        "trainable_params": frz.trainable, "total_params": frz.total, "rollout_backend": backend_label,
     })
     return result
 

@@ -58,6 +58,12 @@ def generate(
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], not {top_p}")
     prompt_ids = encode_prompts(tok, prompts)
+    engine = getattr(model, "_posttrain_rollout_engine", None)  # a training run's vLLM engine (train.vllm_rollout)
+    if engine is not None:
+        seed = int(generator.initial_seed()) % 2**31 if generator is not None else 0
+        out_completions, out_finished = engine.generate(prompt_ids, n, max_new_tokens, temperature, greedy, seed,
+                                                        top_p, tok.eos_token_id)
+        return _rollouts(tok, prompt_ids, out_completions, out_finished, n)
     per_batch = max(1, batch_size // n)
     out_completions: list[list[int]] = []
     out_finished: list[bool] = []
@@ -67,6 +73,10 @@ def generate(
         )
         out_completions += comp
         out_finished += fin
+    return _rollouts(tok, prompt_ids, out_completions, out_finished, n)
+
+
+def _rollouts(tok, prompt_ids, out_completions, out_finished, n) -> Rollouts:
     eos = tok.eos_token_id
     texts = tok.batch_decode([[t for t in c if t != eos] for c in out_completions], skip_special_tokens=False)
     expanded = [p for p in prompt_ids for _ in range(n)]
