@@ -565,7 +565,9 @@ class StudyConfig(Strict):
     # prompts of an instruct model (its tokenizer has a chat template) as one user turn of that
     # template (auto) or as they are (none); the tiny world's tokenizer has no template
     chat_template: Literal["auto", "none"] = "auto"
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"  # weights of every model the study loads and trains
+    # weights of every model the study loads; a policy being trained keeps fp32 master weights and
+    # runs under bf16/fp16 autocast on a GPU (posttrain/train/loop.py)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
     model: ModelConfig = Field(default_factory=ModelConfig)
     # task name -> constructor parameters; a task's own signature holds its defaults
     world: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -304,3 +304,25 @@ def test_vllm_engine_syncs_the_policy_weights_before_sampling(tiny_checkpoint, m
     assert calls[1][1] == encode_prompts(tok, ["ab", "cd"])
     assert set(loaded[0]) == set(model.state_dict())
     assert torch.equal(loaded[0]["model.norm.weight"], model.model.norm.weight)  # the updated weights, not the init's
+
+
+# -- example GPU configs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b-gsm8k.yaml", "generalpoints-sft-ppo.yaml"])
+def test_example_gpu_configs_load_and_validate_offline(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # task files are relative to the repository root
+    cfg = load_study_config(Path("configs") / name)
+    assert cfg.base_model == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.chat_template == "auto" and cfg.dtype == "bf16"
+    assert cfg.repair.sources == ["base", "sft_peak_ood"] and cfg.repair.damaged == "sft"
+    assert cfg.diagnostics.spectral and cfg.diagnostics.trajectory
+    rl = [m for m in cfg.methods.values() if m.is_rl]
+    assert rl and all(m.rollout.backend == "vllm" for m in rl)
+    assert "mmlu" in [r.lm_eval for r in cfg.lm_eval_retention]
+    if name.startswith("qwen"):
+        assert {m.data_source for m in cfg.methods.values()} == {"expert", "on_policy", "filtered"}
+        assert cfg.id_task.task == "gsm8k" and "gpqa_diamond_zeroshot" in [r.lm_eval for r in cfg.lm_eval_retention]
+    else:
+        assert cfg.id_task.key != cfg.ood_task.key and {m.objective for m in rl} == {"ppo"}
+        assert {m.init for m in rl} == {"sft@peak_ood", "sft@step-100", "sft@end"}
+        assert all(g["method"] == "uv_merge" for g in cfg.repair.grid)

@@ -67,11 +67,13 @@ def resolve_trackers(trackers: list[str]) -> list[str]:
     return out
 
 
-def make_accelerator(device: str = "auto", trackers: list[str] = (), project_dir: Path | None = None) -> Accelerator:
+def make_accelerator(device: str = "auto", trackers: list[str] = (), project_dir: Path | None = None,
+                     mixed_precision: str = "no") -> Accelerator:
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     log_with = resolve_trackers(list(trackers))
     try:
-        return Accelerator(cpu=cpu, log_with=log_with or None, project_dir=str(project_dir) if project_dir else None)
+        return Accelerator(cpu=cpu, log_with=log_with or None, project_dir=str(project_dir) if project_dir else None,
+                           mixed_precision="no" if cpu else mixed_precision)
     except (ValueError, ImportError) as e:
         raise UserError(f"cannot set up trackers {log_with}: {str(e).splitlines()[0]}") from None
 
@@ -148,7 +150,11 @@ def train(
     seed_everything(seed)
     objective = OBJECTIVES[cfg.objective]()
     # every input is checked before anything is written to out_dir
-    model, tok = load_model(init_dir, device="cpu", **(load_options or {}))
+    opts = dict(load_options or {})
+    # a half-precision study trains fp32 master weights under autocast (GPU): an update of lr 1e-6 to
+    # a bf16 weight of 0.02 would round away; the reference is loaded in the study's dtype
+    half = {"bf16": "bf16", "fp16": "fp16"}.get(opts.get("dtype", "fp32"), "no")
+    model, tok = load_model(init_dir, device="cpu", **{**opts, "dtype": "fp32"} if half != "no" else opts)
     frz = apply_freezing(model, cfg.freeze, cfg.train_only)
     lora = None
     if cfg.lora is not None:
@@ -156,7 +162,7 @@ def train(
         frz = dataclasses.replace(frz, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     ref = None
     if ref_dir is not None:
-        ref, _ = load_model(ref_dir, device="cpu", **(load_options or {}))
+        ref, _ = load_model(ref_dir, device="cpu", **opts)
         ref.requires_grad_(False)
     # PPO's critic: a separate model from the init's trunk (default) or a value head on the policy's
     critic_mode = getattr(cfg.objective_params, "critic", "separate") if objective.traits.needs_critic else None
@@ -182,7 +188,7 @@ def train(
     optimizer = make_optimizer(groups, cfg.lr, cfg.weight_decay)
     updates_per_step = cfg.num_iterations * cfg.minibatches
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps * updates_per_step, cfg.steps * updates_per_step)
-    accelerator = make_accelerator(device, cfg.trackers, out_dir / "logs")
+    accelerator = make_accelerator(device, cfg.trackers, out_dir / "logs", mixed_precision=half)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     critic = None
     if critic_model is not None:
