@@ -183,7 +183,7 @@ def _train(cfg, m, method: str, base: Path, out: Path, expert_format: str | None
         typer.echo(f"expert format: {fmt} (the one the base writes least)", err=True)
     res = run_train(m, init_dir=base, ref_dir=base, out_dir=out, task=task, expert_format=fmt,
                     seed=cfg.seed if m.seed is None else m.seed, device=device, resume=resume,
-                    on_step=_train_progress(m.steps), method=method)
+                    on_step=_train_progress(m.steps), method=method, load_options=cfg.load_options)
     typer.echo(f"trained {res.trainable_params:,} of {res.total_params:,} parameters in {res.wall_seconds:.0f}s",
                err=True)
     typer.echo(str(res.model_dir))
@@ -208,6 +208,8 @@ def eval_(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("fp32", help="auto (the checkpoint's), fp32, bf16 or fp16."),
+    chat_template: str = typer.Option("auto", help="auto (prompts as a user turn of the tokenizer's chat template, "
+                                      "when it has one) or none (prompts as they are)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Run the checkpoint's own modelling code (only for code you trust)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
@@ -238,7 +240,8 @@ def eval_(
             objs[name] = cfg.make_task(name)
         objs[name].check_split(split)
         sets[f"{name}/{split}"] = eval_problems(objs[name], split, cfg.eval.n_per_split, cfg.seed)
-    mdl, tok = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    mdl, tok = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                          chat_template=chat_template)
     check_generation_fits(mdl, tok, [p.prompt for ps in sets.values() for p in ps], cfg.eval.max_new_tokens,
                           "eval.max_new_tokens")
     scores = evaluate_model(mdl, tok, objs, sets, cfg.eval, cfg.seed)
