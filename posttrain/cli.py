@@ -184,9 +184,12 @@ def _train(cfg, m, method: str, base: Path, out: Path, expert_format: str | None
     res = run_train(m, init_dir=base, ref_dir=base, out_dir=out, task=task, expert_format=fmt,
                     seed=cfg.seed if m.seed is None else m.seed, device=device, resume=resume,
                     on_step=_train_progress(m.steps), method=method)
-    typer.echo(f"trained {res.trainable_params:,} of {res.total_params:,} parameters in {res.wall_seconds:.0f}s",
-               err=True)
-    typer.echo(str(res.model_dir))
+    from posttrain.train.distributed import is_main
+
+    if is_main():  # under accelerate launch / torchrun the other processes say nothing
+        typer.echo(f"trained {res.trainable_params:,} of {res.total_params:,} parameters in {res.wall_seconds:.0f}s",
+                   err=True)
+        typer.echo(str(res.model_dir))
 
 
 def _train_progress(total: int):
