@@ -19,6 +19,7 @@ single-process run is bitwise the same as before this module existed.
 from __future__ import annotations
 
 import contextlib
+import os
 import contextvars
 from typing import Iterator
 
@@ -37,7 +38,10 @@ def rank() -> int:
 
 
 def is_main() -> bool:
-    return rank() == 0
+    """Rank 0; also after the process group has ended, from the launcher's RANK variable."""
+    if world_size() > 1:
+        return rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def barrier() -> None:

@@ -261,11 +261,11 @@ def train(
                 save_training_checkpoint(out_dir / "checkpoints" / f"step-{step + 1}", policy, tok, optimizer,
                                          scheduler, step + 1, value_head, critic_io, rng if multi else None)
             ddp.barrier()
-    accelerator.end_training()
     model_dir = out_dir / "model"
     result = TrainResult(model_dir, metrics_path, cfg.steps, time.time() - t0, frz.trainable, frz.total)
     if not main:
         ddp.barrier()  # returns once the main process has written every output
+        accelerator.end_training()  # (which ends the process group)
         return result
     log.close()
     model_dir = result.model_dir = save_checkpoint(policy, tok, out_dir / "model")
@@ -281,6 +281,7 @@ def train(
         **({"processes": accelerator.num_processes} if multi else {}),
     })
     ddp.barrier()
+    accelerator.end_training()
     return result
 
 
