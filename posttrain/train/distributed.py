@@ -44,6 +44,11 @@ def is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _comm_device() -> torch.device:
+    """Where collectives run: NCCL (GPU launches) only moves CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
@@ -74,9 +79,9 @@ def reducing_over_ranks() -> bool:
 class _SumOverRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t):
-        out = t.detach().clone()
+        out = t.detach().to(_comm_device(), copy=True)
         dist.all_reduce(out)
-        return out
+        return out.to(t.device)
 
     @staticmethod
     def backward(ctx, grad):
@@ -95,7 +100,7 @@ def sum_scalar(x: float) -> float:
     """A float summed over ranks (1 process: `x`)."""
     if world_size() == 1:
         return x
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return float(t[0])
 
@@ -107,12 +112,12 @@ def all_reduce_grads(params) -> None:
         return
     params = [p for p in params if p.requires_grad]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
-                      for p in params])
+                      for p in params]).to(_comm_device())
     dist.all_reduce(flat)
     i = 0
     for p in params:
         k = p.numel()
-        g = flat[i : i + k].view_as(p).to(p.dtype)
+        g = flat[i : i + k].view_as(p).to(device=p.device, dtype=p.dtype)
         if p.grad is None:
             p.grad = g.clone()
         else:
@@ -153,6 +158,6 @@ def global_done(local_done: torch.Tensor) -> torch.Tensor:
     """Element-wise OR over ranks of a bool vector (each rank sets its own rows)."""
     if world_size() == 1:
         return local_done
-    t = local_done.to(torch.int32)
+    t = local_done.to(device=_comm_device(), dtype=torch.int32)
     dist.all_reduce(t)
-    return t > 0
+    return (t > 0).to(local_done.device)

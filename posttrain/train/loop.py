@@ -163,6 +163,10 @@ def train(
     multi = accelerator.num_processes > 1  # data parallel: see train.distributed
     if multi:
         _check_shardable(cfg, accelerator.num_processes, method)
+        if accelerator.distributed_type.value not in ("MULTI_CPU", "MULTI_GPU"):
+            # the loop replicates the model (data parallel); FSDP/DeepSpeed would need it sharded
+            raise UserError(f"accelerate distributed_type {accelerator.distributed_type.value} is not supported by "
+                            "the training loop yet; launch with configs/accelerate/ddp_gpu.yaml or ddp_cpu.yaml")
     ddp.barrier()  # every process has checked its inputs (and the CLI its --out) before anything is written
     main = accelerator.is_main_process
     if main:
