@@ -106,6 +106,8 @@ def run_seeds(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
             per_seed[seed] = run_single(seed_config(cfg, seed), root / paths[seed], device,
                                         lambda m, s=seed: say(f"[seed {s}] {m}"), prepare)
     results = aggregate_results(per_seed, paths)
+    # wall_seconds sums the seeds' own times; with seeds side by side the study took less
+    results.update(jobs=jobs, elapsed_seconds=round(time.time() - t0, 2))
     atomic_write_json(root / "results.json", results)
     write_report(root)
     say(f"{len(per_seed)} seeds done in {time.time() - t0:.0f}s: {root / 'results.json'} and {root / 'report.html'}")
