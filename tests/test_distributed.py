@@ -41,6 +41,16 @@ def test_sample_over_ranks_is_multinomial():
     assert not torch.equal(alone, whole[2:])
 
 
+def test_other_commands_refuse_several_processes(tmp_path):
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "WORLD_SIZE": "2", "RANK": "1"}
+    p = subprocess.run([sys.executable, "-m", "posttrain.cli", "diff", "--base", "a", "--target", "b", "--out",
+                        str(tmp_path / "d")], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: `posttrain diff` runs in one process; of the commands only `posttrain train` runs under "
+        "accelerate launch / torchrun"]
+    assert not (tmp_path / "d").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
