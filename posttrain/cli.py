@@ -49,6 +49,14 @@ SEEDS_HELP = ("Run the whole study once per seed, e.g. --seeds 0,1,2, under OUT/
               "OUT/results.json (config field `seeds`).")
 
 
+JOBS_HELP = ("Processes that run the seeds side by side, each with cores/jobs threads, or auto (one per seed up to "
+             "the CPU cores; 1 on a GPU). Results do not depend on it (config field `jobs`).")
+
+
+def _jobs_override(jobs: str | None) -> list[str]:
+    return [] if jobs is None else [f"jobs={jobs}"]
+
+
 def _seed_overrides(seed: int | None, seeds: str | None) -> list[str]:
     if seeds is None:
         return [f"seed={seed}"] if seed is not None else []
@@ -74,6 +82,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run directory (stages already done there are reused)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the study (config field `seed`)."),
     seeds: Optional[str] = typer.Option(None, help=SEEDS_HELP),
+    jobs: Optional[str] = typer.Option(None, help=JOBS_HELP),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
@@ -81,7 +90,7 @@ def demo(
     from posttrain.study_sweep import run_config
 
     device = _device(device)
-    cfg = _study_config(None, preset, list(set_) + _seed_overrides(seed, seeds))
+    cfg = _study_config(None, preset, [*set_, *_seed_overrides(seed, seeds), *_jobs_override(jobs)])
     _check_seed(cfg, seed)
     run_config(cfg, out, resume=True, device=device)
 
@@ -93,6 +102,7 @@ def study(
     resume: bool = typer.Option(False, help="Continue a run directory, reusing finished stages."),
     seed: Optional[int] = typer.Option(None, help="Seed of the study (config field `seed`)."),
     seeds: Optional[str] = typer.Option(None, help=SEEDS_HELP),
+    jobs: Optional[str] = typer.Option(None, help=JOBS_HELP),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
@@ -102,7 +112,7 @@ def study(
     from posttrain.study_sweep import run_config
 
     device = _device(device)
-    cfg = _study_config(config, None, list(set_) + _seed_overrides(seed, seeds))
+    cfg = _study_config(config, None, [*set_, *_seed_overrides(seed, seeds), *_jobs_override(jobs)])
     _check_seed(cfg, seed)
     if out is None and not plain_name(cfg.name):
         raise UserError(f"study name {cfg.name!r} (in {config}) is not a plain directory name, so runs/<name> would "
@@ -184,9 +194,12 @@ def _train(cfg, m, method: str, base: Path, out: Path, expert_format: str | None
     res = run_train(m, init_dir=base, ref_dir=base, out_dir=out, task=task, expert_format=fmt,
                     seed=cfg.seed if m.seed is None else m.seed, device=device, resume=resume,
                     on_step=_train_progress(m.steps), method=method, load_options=cfg.load_options)
-    typer.echo(f"trained {res.trainable_params:,} of {res.total_params:,} parameters in {res.wall_seconds:.0f}s",
-               err=True)
-    typer.echo(str(res.model_dir))
+    from posttrain.train.distributed import is_main
+
+    if is_main():  # under accelerate launch / torchrun the other processes say nothing
+        typer.echo(f"trained {res.trainable_params:,} of {res.total_params:,} parameters in {res.wall_seconds:.0f}s",
+                   err=True)
+        typer.echo(str(res.model_dir))
 
 
 def _train_progress(total: int):
@@ -453,8 +466,19 @@ def _register_repair_commands() -> None:
 _register_repair_commands()
 
 
+def _check_launch() -> None:
+    """Only `train` shares its work among the processes of `accelerate launch` / `torchrun`; any
+    other command started N times would do its work N times over the same outputs."""
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        cmd = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        if cmd not in (None, "train"):
+            raise UserError(f"`posttrain {cmd}` runs in one process; of the commands only `posttrain train` "
+                            "runs under accelerate launch / torchrun")
+
+
 def main() -> None:
     try:
+        _check_launch()
         rv = app(standalone_mode=False)
         if isinstance(rv, int) and rv:
             sys.exit(rv)

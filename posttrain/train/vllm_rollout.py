@@ -30,8 +30,10 @@ _NOTICES: set[str] = set()
 ENGINE_ATTR = "_posttrain_rollout_engine"  # set on the policy module: `rollout.generate` dispatches on it
 
 
-def unavailable_reason(device: str) -> str | None:
+def unavailable_reason(device: str, processes: int = 1) -> str | None:
     """Why vLLM cannot sample here (None: it can)."""
+    if processes > 1:
+        return "the colocated engine serves one process; this run has several"
     if importlib.util.find_spec("vllm") is None:
         return "vllm is not installed"
     if device == "cpu":
@@ -41,11 +43,11 @@ def unavailable_reason(device: str) -> str | None:
     return None
 
 
-def resolve_backend(backend: str, device: str) -> tuple[str, str]:
+def resolve_backend(backend: str, device: str, processes: int = 1) -> tuple[str, str]:
     """(backend to use, label for train.json); prints the fallback notice once per process."""
     if backend != "vllm":
         return "builtin", "builtin"
-    why = unavailable_reason(device)
+    why = unavailable_reason(device, processes)
     if why is None:
         return "vllm", "vllm"
     note = f"posttrain: rollout.backend vllm unavailable ({why}); rollouts use the built-in sampler"
