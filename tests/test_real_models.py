@@ -249,6 +249,21 @@ class _FakeOutput:
         self.outputs = list(outs)
 
 
+def test_vllm_fallback_reasons(monkeypatch):
+    from posttrain.train import vllm_rollout
+
+    monkeypatch.setattr(vllm_rollout, "_NOTICES", set())
+    assert vllm_rollout.resolve_backend("builtin", "cuda") == ("builtin", "builtin")
+    backend, label = vllm_rollout.resolve_backend("vllm", "cuda", processes=2)
+    assert backend == "builtin" and label == "builtin (fallback: the colocated engine serves one process; this run has several)"
+    monkeypatch.setattr(vllm_rollout.importlib.util, "find_spec", lambda name: object())  # as if vllm were installed
+    assert vllm_rollout.unavailable_reason("cpu") == "the run is on the CPU"
+    monkeypatch.setattr(vllm_rollout.torch.cuda, "is_available", lambda: False)
+    assert vllm_rollout.unavailable_reason("cuda") == "no CUDA GPU"
+    monkeypatch.setattr(vllm_rollout.torch.cuda, "is_available", lambda: True)
+    assert vllm_rollout.resolve_backend("vllm", "cuda") == ("vllm", "vllm")
+
+
 def test_vllm_outputs_become_rollouts_with_eos():
     from posttrain.train.vllm_rollout import completions_from_outputs
 

@@ -226,7 +226,8 @@ def train(
         weights = (lambda: merged_state_dict(policy).items()) if lora is not None else (lambda: policy.state_dict().items())
         setattr(policy, ENGINE_ATTR, VllmEngine(
             init_dir, weights, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            max_model_len=cfg.rollout.max_model_len or max_length, dtype=next(policy.parameters()).dtype, seed=seed))
+            max_model_len=cfg.rollout.max_model_len or max_length, seed=seed,
+            dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(half, next(policy.parameters()).dtype)))
     critic_io = None if critic is None else CriticState(accelerator.unwrap_model(critic.module), critic.optimizer,
                                                         critic.scheduler)
 
