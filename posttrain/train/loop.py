@@ -73,8 +73,11 @@ def make_accelerator(device: str = "auto", trackers: list[str] = (), project_dir
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     log_with = resolve_trackers(list(trackers))
     try:
+        # mixed_precision only when asked: naming "no" would clash with a process-wide AcceleratorState
+        # that another trainer (TRL, in the same process) set up first
+        half = {} if cpu or mixed_precision == "no" else {"mixed_precision": mixed_precision}
         return Accelerator(cpu=cpu, log_with=log_with or None, project_dir=str(project_dir) if project_dir else None,
-                           mixed_precision="no" if cpu else mixed_precision)
+                           **half)
     except (ValueError, ImportError) as e:
         raise UserError(f"cannot set up trackers {log_with}: {str(e).splitlines()[0]}") from None
 
