@@ -341,3 +341,18 @@ def test_example_gpu_configs_load_and_validate_offline(name, monkeypatch):
         assert cfg.id_task.key != cfg.ood_task.key and {m.objective for m in rl} == {"ppo"}
         assert {m.init for m in rl} == {"sft@peak_ood", "sft@step-100", "sft@end"}
         assert all(g["method"] == "uv_merge" for g in cfg.repair.grid)
+
+
+def test_new_knobs_leave_existing_stage_keys_alone():
+    from posttrain.config import StudyConfig, TrainConfig
+    from posttrain.study import method_key, pretrain_key
+
+    m = TrainConfig(objective="grpo")
+    assert "lora" not in method_key(m) and "rollout" not in method_key(m)
+    assert method_key(TrainConfig(objective="grpo", lora={"r": 4}))["lora"]["r"] == 4
+    assert method_key(TrainConfig(objective="grpo", rollout={"backend": "vllm"}))["rollout"]["backend"] == "vllm"
+    cfg = load_study_config(preset_path("quick"))
+    keys = {pretrain_key(cfg)}
+    keys.add(pretrain_key(StudyConfig.model_validate({**cfg.model_dump(mode="json"), "chat_template": "none"})))
+    keys.add(pretrain_key(StudyConfig.model_validate({**cfg.model_dump(mode="json"), "dtype": "bf16"})))
+    assert len(keys) == 3  # a non-default load option is part of the base's key
