@@ -30,6 +30,33 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, nu
             tie_embeddings=True, vocab=None)
 
 
+def _register_parity_task() -> None:
+    """points24 prompts whose verifier accepts a completion of even length: a random model earns
+    mixed rewards, so every GRPO group has a non-zero advantage on both sides (with all rewards 0,
+    posttrain skips the backward of zero-advantage groups and TRL does not, which would flatter us)."""
+    from posttrain.tasks import TASKS, Task, Verdict, build_task, register_task
+
+    if "gpu_check_parity" in TASKS:
+        return
+
+    @register_task("gpu_check_parity")
+    class Parity(Task):
+        formats, splits = ("default",), ("id", "ood")
+
+        def __init__(self) -> None:
+            self.inner = build_task("points24")
+
+        def sample(self, rng, split, partition="any"):
+            p = self.inner.sample(rng, split, partition)
+            return type(p)(self.name, split, p.prompt, p.data)
+
+        def solve(self, problem, fmt, rng=None):
+            return "ok"
+
+        def verify(self, problem, completion):
+            return Verdict(len(completion) % 2 == 0, False, "default")
+
+
 # -- parts (each runs in its own process: `--part NAME`, one JSON line on stdout) -----------------
 
 def build(a) -> dict:
@@ -84,11 +111,12 @@ def study(a) -> dict:
             "finite": all(v == v for m in res["models"].values() for v in (m["id_acc"], m["ood_acc"]))}
 
 
-def _problems(steps: int, prompts: int):
+def _problems(steps: int, prompts: int, task_name: str = "points24"):
     from posttrain.tasks import build_task
     from posttrain.train.data_sources import prompt_schedule
 
-    task = build_task("points24")
+    _register_parity_task()
+    task = build_task(task_name)
     return task, prompt_schedule(task, "id", 0, steps, prompts)
 
 
@@ -147,14 +175,15 @@ def grpo_ours(a) -> dict:
     from posttrain.config import TrainConfig
     from posttrain.train.loop import train
 
-    task, _ = _problems(a.steps, a.prompts)
-    cfg = TrainConfig(objective="grpo", task="points24", steps=a.steps, prompts_per_step=a.prompts,
+    task, _ = _problems(a.steps, a.prompts, "gpu_check_parity")
+    cfg = TrainConfig(objective="grpo", task="gpu_check_parity", steps=a.steps, prompts_per_step=a.prompts,
                       samples_per_prompt=a.group, max_new_tokens=a.max_new, lr=1e-6, trackers=["none"])
     res = train(cfg, init_dir=a.work / "base", ref_dir=None, out_dir=a.work / "grpo_ours", task=task,
                 expert_format=None, seed=0, device=a.device, load_options={"dtype": _dtype(a)})
     rows = [json.loads(x) for x in res.metrics_path.read_text().splitlines()][2:]
     return {"seconds": sum(r["step_seconds"] for r in rows), "completions": len(rows) * a.prompts * a.group,
-            "mean_len": sum(r["rollout/len"] for r in rows) / len(rows)}
+            "mean_len": sum(r["rollout/len"] for r in rows) / len(rows),
+            "reward": sum(r["rollout/reward"] for r in rows) / len(rows)}
 
 
 def grpo_trl(a) -> dict:
@@ -164,19 +193,22 @@ def grpo_trl(a) -> dict:
 
     from posttrain.models.loading import load_model
 
-    task, schedule = _problems(a.steps, a.prompts)
+    task, schedule = _problems(a.steps, a.prompts, "gpu_check_parity")
     problems = {p.prompt: p for step in schedule for p in step}
     model, tok = load_model(a.work / "base", device="cpu")
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": p.prompt}], "key": p.prompt}
                               for step in schedule for p in step])
     lens: list[int] = []
+    rewards: list[float] = []
 
-    def reward(prompts, completions, key, **kw):
+    def reward(prompts, completions, key, completion_ids, **kw):
         out = []
-        for k, c in zip(key, completions):
+        for k, c, ids in zip(key, completions, completion_ids):
             text = c[0]["content"] if isinstance(c, list) else c
-            out.append(task.verify(problems[k], text).reward)
+            # as posttrain scores: a completion without EOS within the budget earns nothing
+            out.append(task.verify(problems[k], text).reward if tok.eos_token_id in list(ids) else 0.0)
             lens.append(len(text) + 1)
+        rewards.extend(out)
         return out
 
     stamps: list[float] = []
@@ -195,7 +227,7 @@ def grpo_trl(a) -> dict:
     trainer.train()
     per = a.prompts * a.group
     return {"seconds": stamps[-1] - stamps[0], "completions": (len(stamps) - 1) * per,
-            "mean_len": sum(lens[per:]) / max(len(lens[per:]), 1)}
+            "mean_len": sum(lens[per:]) / max(len(lens[per:]), 1), "reward": sum(rewards[per:]) / max(len(rewards[per:]), 1)}
 
 
 def sampler(a) -> dict:
@@ -289,6 +321,8 @@ def table(res: dict, a) -> list[tuple[str, str, str]]:
         o, t = res.get(f"{what}_ours", {}), res.get(f"{what}_trl", {})
         ro, rt = rate(o, key), rate(t, key)
         val = f"posttrain {ro:.1f} vs TRL {rt:.1f} {unit}: {ro / rt:.2f}x" if ro and rt else "-"
+        if what == "grpo" and ro and rt:  # different mean lengths or rewards make the ratio unequal work
+            val += f" (len {o['mean_len']:.1f}/{t['mean_len']:.1f}, reward {o['reward']:.2f}/{t['reward']:.2f})"
         rows.append((f"(b) {what.upper()} vs TRL", val, "; ".join(x for x in (o.get("error"), t.get("error")) if x) or "ok"))
     sm = res.get("sampler", {})
     b, v = sm.get("builtin", {}), sm.get("vllm", {})
