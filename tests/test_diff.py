@@ -599,3 +599,62 @@ def test_float32_tall_matrices_take_the_gram_route_with_the_same_answers(tmp_pat
                 "stable_rank_delta", "effective_rank_delta", "sv_rel_change_all"):
         assert rows["auto"][col] == pytest.approx(rows["full64"][col], rel=1e-5, abs=1e-4)
         assert rows["full32"][col] == pytest.approx(rows["full64"][col], rel=1e-3, abs=1e-3)
+
+
+def _perturbed(src, dst, change, seed=0):
+    """A copy of checkpoint `src` at `dst` whose layer matrices are `change(W, generator)`."""
+    model, tok = load_model(src)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and ".layers." in n:
+                p.copy_(change(p.detach().double(), g).to(p.dtype))
+    model.save_pretrained(dst, safe_serialization=True)
+    tok.save_pretrained(dst)
+    return dst
+
+
+def _rotate_top(W, g):
+    """Turn the top left singular vector 0.3 rad toward the 5th and grow s_1 by 0.1%: mostly a rotation."""
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U = U.clone()
+    u0, u4 = U[:, 0].clone(), U[:, 4].clone()
+    U[:, 0], U[:, 4] = math.cos(0.3) * u0 + math.sin(0.3) * u4, -math.sin(0.3) * u0 + math.cos(0.3) * u4
+    S = S.clone()
+    S[0] *= 1.001
+    return (U * S) @ Vh
+
+
+def test_isotropic_noise_does_not_pass_the_rotation_rule_and_a_rotation_does(tiny_checkpoint, tmp_path):
+    """sft_rotates_not_rescales against its null, from real diffs: an SFT update that is itself isotropic
+    Gaussian noise (another draw than the null's) must not hold, as it did by 30-60x before the null;
+    a planted rotation of the top singular vectors must."""
+    from types import SimpleNamespace
+
+    from posttrain.findings import decide
+    from posttrain.findings.spectra import sft_rotates_not_rescales
+
+    def noise(W, g):
+        return W + 0.02 * W.norm() / math.sqrt(W.numel()) * torch.randn(W.shape, generator=g, dtype=W.dtype)
+
+    others = {"iso": _perturbed(tiny_checkpoint, tmp_path / "iso", noise, seed=123),
+              "rot": _perturbed(tiny_checkpoint, tmp_path / "rot", _rotate_top)}
+    res = diff(tiny_checkpoint, others, plots=False, show_progress=False, spectral=True, compare_pairs=None,
+               null_seed=0)
+    verdicts = {}
+    for name in others:
+        d = res.summaries[name].to_json()
+        if name == "iso":  # the null's updates have the noise's norm: top-k angles of the same size
+            assert d["null_principal_angle_top"] == pytest.approx(d["principal_angle_top"], rel=0.5)
+        m = sft_rotates_not_rescales(SimpleNamespace(sft=name, rl=None, diagnostics={name: d}))
+        verdicts[name] = decide(m.value, m.threshold, m.se)
+        assert "random updates of the same norm" in m.evidence
+    assert verdicts["iso"] is not True and verdicts["rot"] is True
+    # the same seed draws the same null; another seed another one
+    again = diff(tiny_checkpoint, {"iso": others["iso"]}, plots=False, show_progress=False, spectral=True,
+                 compare_pairs=None, null_seed=0).summaries["iso"].to_json()
+    other = diff(tiny_checkpoint, {"iso": others["iso"]}, plots=False, show_progress=False, spectral=True,
+                 compare_pairs=None, null_seed=1).summaries["iso"].to_json()
+    first = res.summaries["iso"].to_json()
+    assert again["null_sv_rel_change_top_d0"] == first["null_sv_rel_change_top_d0"]
+    assert other["null_sv_rel_change_top_d0"] != first["null_sv_rel_change_top_d0"]

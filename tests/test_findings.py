@@ -37,6 +37,19 @@ def model(id_acc, ood_acc, top=0.5, base_fmt=None, facts=0.9):
             "format_share": base_fmt or {"eq": top, "steps": 1 - top}}
 
 
+ANGLE = 30.0  # degrees: 0.5236 rad
+NULL_RATIOS = (1.0, 2.0, 3.0, 1.0, 2.0, 3.0)  # rotation-to-rescaling ratios of the random draws: mean 2, SD sqrt(0.8)
+
+
+def null_diag(ratios=NULL_RATIOS, angle=ANGLE):
+    """The random-update null of a method's diagnostics, its draws at `angle` degrees with these ratios."""
+    svcs = [math.radians(angle) / r for r in ratios]
+    d = {f"null_principal_angle_top_d{i}": angle for i in range(len(ratios))}
+    d.update({f"null_sv_rel_change_top_d{i}": v for i, v in enumerate(svcs)})
+    d.update(null_principal_angle_top=angle, null_sv_rel_change_top=sum(svcs) / len(svcs))
+    return d
+
+
 def diag(mlp_mid=1.0, top_module="q_proj", angle=None, svc=None, curve=None):
     by_mod = {m: 0.1 for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
     by_mod[top_module] = 0.5
@@ -45,6 +58,7 @@ def diag(mlp_mid=1.0, top_module="q_proj", angle=None, svc=None, curve=None):
          "rel_update_by_layer_module": {m: [99.0, mlp_mid, 99.0] for m in ("gate_proj", "up_proj", "down_proj")}}
     if angle is not None:
         d["principal_angle_top"], d["sv_rel_change_top"] = angle, svc
+        d.update(null_diag())
     if curve is not None:
         d["angle_curve"] = curve
     return d
@@ -176,11 +190,22 @@ CASES = [
     ("qk_change_most", {"diagnostics__grpo__rel_update_by_module": dict.fromkeys(("v_proj", "q_proj"), 0.0),
                         "diagnostics__sft__rel_update_by_module": dict.fromkeys(("v_proj", "q_proj"), 0.0)}, None),
     ("qk_change_most", {"diagnostics": {}}, None),
-    # rotation vs rescaling: angle in radians against the relative s.v. change
-    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": 0.6}, False),
-    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": 0.52}, True),   # 30 deg = 0.5236 rad
+    # rotation vs rescaling against the random updates' ratios (mean 2, SD 0.894, 2 SD = 1.789): SFT's
+    # ratio 0.5236 rad / 0.1 = 5.24 holds. Before the null, 0.52 rad vs a change of 0.5 held (ratio
+    # 1.05): a random update does more than that
+    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": 0.5}, None),
+    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": math.radians(30) / 2}, None),  # = null
+    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": math.radians(30) / 3.7}, None),  # +1.7
+    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": math.radians(30) / 3.9}, True),  # +1.9
+    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": math.radians(30) / 0.2}, False),  # -1.8
+    # draws that agree exactly have no spread: the plain comparison with their ratio
+    ("sft_rotates_not_rescales", {"diagnostics__sft": {**diag(6.0, angle=30.0, svc=math.radians(30) / 2.01),
+                                                       **null_diag((2.0,) * 6)}}, True),
+    ("sft_rotates_not_rescales", {"diagnostics__sft": {**diag(6.0, angle=30.0, svc=math.radians(30) / 1.99),
+                                                       **null_diag((2.0,) * 6)}}, False),
     ("sft_rotates_not_rescales", {"diagnostics__sft__principal_angle_top": 0.0,
-                                  "diagnostics__sft__sv_rel_change_top": 0.0}, False),
+                                  "diagnostics__sft__sv_rel_change_top": 0.0}, None),  # no ratio
+    ("sft_rotates_not_rescales", {"diagnostics__sft__null_sv_rel_change_top_d3": DELETE}, None),
     ("sft_rotates_not_rescales", {"diagnostics__sft__principal_angle_top": DELETE}, None),
     ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": DELETE}, None),
     # both ends above the middle
@@ -441,8 +466,13 @@ CLAIMS = {
     "rl_generalizes_ood": "RL generalises better out of domain than SFT (larger OOD change). " + NOISE,
     "sft_moves_mlp_more": "SFT moves mid-layer MLP weights more than RL (relative update ratio > 1.5).",
     "qk_change_most": "Attention query/key weights change most (top linear module is q_proj or k_proj, for every method).",
-    "sft_rotates_not_rescales": "SFT mostly rotates singular vectors rather than rescaling singular values (mean top-k "
-                                "principal angle, in radians, exceeds the mean top-k relative singular-value change).",
+    "sft_rotates_not_rescales": "SFT mostly rotates singular vectors rather than rescaling singular values, beyond what "
+                                "a random update does (rule: SFT's rotation-to-rescaling ratio, mean top-k principal "
+                                "angle in radians over mean top-k relative singular-value change, must exceed the mean "
+                                "ratio of norm-matched random updates of the same matrices (per matrix the same "
+                                "||dW||_F as SFT's, i.i.d. Gaussian direction, seeded by the study seed; 6 draws) by "
+                                "more than twice the draws' standard deviation; several seeds: a 95% paired interval "
+                                "over seeds of the margin must exclude 0; otherwise within noise).",
     "rotation_at_spectrum_ends": "The rotation concentrates at the top and bottom of the spectrum (SFT's principal angle "
                                  "in both the top and the bottom 10% of the spectrum exceeds its mean over the middle 50%).",
     "uv_top20_recovers_ood": "Restoring the base's top-20% singular directions recovers >= 70% of SFT's lost OOD accuracy "
@@ -478,8 +508,9 @@ def test_claims_and_evidence_text():
         "sft_moves_mlp_more": "mid-layer MLP rel. update sft 6.00e+00 vs grpo 2.00e+00 (ratio 3.00)",
         "qk_change_most": "sft: top q_proj 5.00e-01, k_proj 1.00e-01, v_proj 1.00e-01; "
                           "grpo: top k_proj 5.00e-01, q_proj 1.00e-01, v_proj 1.00e-01",
-        "sft_rotates_not_rescales": "sft: top-k angle 30.00 deg = 0.524 rad vs top-k s.v. change 0.100 "
-                                    "(grpo: 0.157 rad vs 0.250)",
+        "sft_rotates_not_rescales": "sft: top-k angle 30.00 deg vs s.v. change 1.00e-01 (ratio 5.24); random updates "
+                                    "of the same norm: 30.00 deg vs 3.20e-01 (ratio 2 ± 0.89 SD over 6 draws) (grpo: "
+                                    "top-k angle 9.00 deg vs s.v. change 2.50e-01 (ratio 0.628))",
         "rotation_at_spectrum_ends": "sft: mean angle top 10% 10.00 deg, bottom 10% 12.00, middle 50% 2.00",
         "uv_top20_recovers_ood": "uv20: OOD 0.150 (gap to recover +0.150), recovered 80% ± 0% (SE), in-domain gain kept "
                                  "n/a; QR variant (uvqr20): recovered 50%",
@@ -520,12 +551,19 @@ def test_untestable_evidence_text():
     assert ev["sft_rotates_not_rescales"] == "no spectral diagnostics (diagnostics.spectral: false)"
     assert ev["rotation_at_spectrum_ends"] == "no principal-angle curve"
     assert ev["sft_moves_mlp_more"] == "no per-layer MLP diagnostics"
+    sft_ev = ("sft: top-k angle 30.00 deg vs s.v. change 1.00e-01 (ratio 5.24); random updates of the same norm: "
+              "30.00 deg vs 3.20e-01 (ratio 2 ± 0.89 SD over 6 draws)")
     res = results(**{"diagnostics__grpo__principal_angle_top": 9.0})  # an RL angle without its s.v. change
     ev = {f["id"]: f["evidence"] for f in evaluate_findings(res, CFG)}
-    assert ev["sft_rotates_not_rescales"].endswith("change 0.100 (grpo: 0.157 rad vs nan)")
+    assert ev["sft_rotates_not_rescales"] == sft_ev
     res = results(**{"diagnostics__grpo": DELETE})
     ev = {f["id"]: f["evidence"] for f in evaluate_findings(res, CFG)}
-    assert ev["sft_rotates_not_rescales"] == "sft: top-k angle 30.00 deg = 0.524 rad vs top-k s.v. change 0.100"
+    assert ev["sft_rotates_not_rescales"] == sft_ev
+    # diagnostics written before the null: untestable, saying why
+    res = results(**{"diagnostics__sft__null_principal_angle_top_d0": DELETE})
+    f = by_id(res)["sft_rotates_not_rescales"]
+    assert (f["holds"], f["evidence"]) == (None, "sft: no random-update null in the diagnostics (rerun the diagnostics "
+                                                 "stage)")
     # no recovered fraction: SFT did not lose OOD accuracy, or lost it within noise; without a QR variant
     res = results(**{"repairs__uv20__ood_recovered_frac": None, "repairs__uv20__ood_recovered_se": None,
                      "repairs__uv20__ood_gap": -0.02, "repairs__uvqr20": DELETE})
@@ -592,8 +630,12 @@ def test_comparisons_report_value_threshold_and_standard_error():
     want = math.sqrt(0.2 * 0.8 / BIG + 0.08 * 0.92 / BIG + 0.7**2 * SE_GAP**2) / 0.15
     assert (rot["value"], rot["threshold"], rot["se"]) == (pytest.approx(0.7), 0.0, pytest.approx(want, rel=1e-9))
     assert FINDINGS["sft_damage_is_rotation"].noisy
+    # rotation vs rescaling: SFT's ratio against the random draws' mean ratio, their SD as the noise
+    rot = out["sft_rotates_not_rescales"]
+    assert (rot["value"], rot["threshold"], rot["se"]) == (pytest.approx(math.radians(30) / 0.1), pytest.approx(2.0),
+                                                           pytest.approx(math.sqrt(0.8)))
     # findings that are not comparisons carry no statistic
-    for fid in ("qk_change_most", "sft_rotates_not_rescales", "rotation_at_spectrum_ends", "rl_format_collapse"):
+    for fid in ("qk_change_most", "rotation_at_spectrum_ends", "rl_format_collapse"):
         assert not {"value", "threshold", "se"} & set(out[fid]), fid
     assert {f["held_in"] for f in out.values() if f["id"] in ALL} == {"1/1"}
 

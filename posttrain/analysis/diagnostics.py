@@ -388,6 +388,20 @@ register(Diagnostic("singular_value_changes", tm.singular_value_changes, needs="
               plot=Plot("relative change of the top-k singular values |s_ft - s_base| / s_base", "sv_change_heatmap.png")),
     Aggregate("sv_rel_change_bottom", results=("total",)),
 )))
+register(Diagnostic("random_update_null", tm.random_update_null, columns=(
+    "null_angle_top_left", "null_angle_top_right", "null_sv_rel_change_top",
+    *(f"null_{c}_d{d}" for d in range(tm.NULL_DRAWS) for c in ("angle_top_left", "angle_top_right", "sv_rel_change_top"))),
+    aggregates=(
+        Aggregate("null_principal_angle_top", value=_both_sides("null_angle_top"), scopes=("total", "module"),
+                  results=("total", "module")),
+        Aggregate("null_sv_rel_change_top", scopes=("total", "module"), results=("total", "module")),
+        # each draw's model-level numbers: the spread of the null's ratio over draws
+        *(a for d in range(tm.NULL_DRAWS) for a in (
+            Aggregate(f"null_principal_angle_top_d{d}",
+                      value=lambda df, d=d: df[[f"null_angle_top_left_d{d}", f"null_angle_top_right_d{d}"]].mean(
+                          axis=1, skipna=False), results=("total",)),
+            Aggregate(f"null_sv_rel_change_top_d{d}", results=("total",)))),
+    )))
 register(Diagnostic("energy_split", tm.energy_split, columns=(
     "energy_magnitude", "energy_rotation", "energy_diag_in_span", "energy_rotation_in_span"), aggregates=(
     Aggregate("energy_rotation", scopes=("total", "module"), results=("total", "module"), trajectory=("total",)),
