@@ -658,3 +658,31 @@ def test_isotropic_noise_does_not_pass_the_rotation_rule_and_a_rotation_does(tin
     first = res.summaries["iso"].to_json()
     assert again["null_sv_rel_change_top_d0"] == first["null_sv_rel_change_top_d0"]
     assert other["null_sv_rel_change_top_d0"] != first["null_sv_rel_change_top_d0"]
+
+
+def test_update_energy_cells_match_numpy_and_scale_out_of_the_mlp_share(pair, tmp_path):
+    """update_sq = sum ||dW||_F^2 per layer x module cell; sft_moves_mlp_more's share of it is the
+    same for an update 6x larger (Adam's update scales with the learning rate)."""
+    from posttrain.findings.weights import mid_layer_mlp_share
+
+    base, ft, _ = pair
+    summary, _ = relative_updates(base, ft)
+    a, b, _ = numpy_rel(base, ft)
+    sq = {n: float(np.sum((b[n].astype(np.float64) - a[n].astype(np.float64)) ** 2)) for n in a}
+    cells = summary.to_json()["update_sq_by_layer_module"]
+    assert cells["down_proj"][0] == pytest.approx(sq["model.layers.0.mlp.down_proj.weight"], rel=1e-9)
+    assert cells["q_proj"][1] == pytest.approx(sq["model.layers.1.self_attn.q_proj.weight"], rel=1e-9)
+    assert summary.to_json()["update_sq"] == pytest.approx(sum(sq.values()), rel=1e-9)
+    # ft + 5 dW: the same update 6x larger
+    model, tok = load_model(ft)
+    ref, _ = load_model(base)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), ref.parameters()):
+            p.add_(5 * (p - q))
+    model.save_pretrained(tmp_path / "x6", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "x6")
+    big = relative_updates(base, tmp_path / "x6")[0].to_json()
+    assert big["update_sq_by_layer_module"]["down_proj"][0] == pytest.approx(36 * cells["down_proj"][0], rel=1e-5)
+    share = mid_layer_mlp_share(summary.to_json())
+    assert share is not None and 0 < share < 1
+    assert mid_layer_mlp_share(big) == pytest.approx(share, rel=1e-5)

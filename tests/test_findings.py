@@ -50,12 +50,21 @@ def null_diag(ratios=NULL_RATIOS, angle=ANGLE):
     return d
 
 
+def energy(mid, attn=1.0, mlp=1.0, scale=1.0):
+    """||dW||_F^2 cells of 3 layers: `attn` in each attention matrix, `mlp` in the outer layers' MLP
+    matrices, `mid` in the middle layer's; all times `scale`."""
+    cells = {m: [attn * scale] * 3 for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    cells.update({m: [mlp * scale, mid * scale, mlp * scale] for m in ("gate_proj", "up_proj", "down_proj")})
+    return cells
+
+
 def diag(mlp_mid=1.0, top_module="q_proj", angle=None, svc=None, curve=None):
     by_mod = {m: 0.1 for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
     by_mod[top_module] = 0.5
     d = {"rel_update_by_module": by_mod,
          # 3 layers: the middle third is layer 1
-         "rel_update_by_layer_module": {m: [99.0, mlp_mid, 99.0] for m in ("gate_proj", "up_proj", "down_proj")}}
+         "rel_update_by_layer_module": {m: [99.0, mlp_mid, 99.0] for m in ("gate_proj", "up_proj", "down_proj")},
+         "update_sq_by_layer_module": energy(mlp_mid)}
     if angle is not None:
         d["principal_angle_top"], d["sv_rel_change_top"] = angle, svc
         d.update(null_diag())
@@ -167,18 +176,23 @@ CASES = [
     ("rl_generalizes_ood", {"models__grpo__ood_acc": 0.06}, True),
     ("rl_generalizes_ood", {"models__grpo__ood_acc": 0.0501}, True),
     ("rl_generalizes_ood", {"models__sft__ood_acc": 0.3}, False),
-    # mid-layer MLP ratio strictly above 1.5; 1.5 exactly is not
-    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 3.0, 0.0]}}, False),
-    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 3.02, 0.0]}}, True),
-    # a ratio, not a product: 1.0 / 0.5 = 2 holds, 0.5 / 0.25 = 2 as well, 0.7 / 0.5 = 1.4 does not
-    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 1.0, 0.0]},
-                            "diagnostics__grpo__rel_update_by_layer_module": {"up_proj": [0.0, 0.5, 0.0]}}, True),
-    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 0.5, 0.0]},
-                            "diagnostics__grpo__rel_update_by_layer_module": {"up_proj": [0.0, 0.25, 0.0]}}, True),
-    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 3.5, 0.0]},
-                            "diagnostics__grpo__rel_update_by_layer_module": {"up_proj": [0.0, 2.5, 0.0]}}, False),
-    ("sft_moves_mlp_more", {"diagnostics__grpo__rel_update_by_layer_module": {"up_proj": [0.0, 0.0, 0.0]}}, None),
-    ("sft_moves_mlp_more", {"diagnostics__grpo__rel_update_by_layer_module": DELETE}, None),
+    # mid-layer MLP share of the update energy: sft 18 / 36 = 0.5, grpo 6 / 24 = 0.25 (ratio 2); the
+    # ratio of shares must be strictly above 1.5
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": energy(4.0)}, False),  # 12/30 = 0.4: 1.25
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": energy(3.0)}, False),  # 9/27: exactly 1.5
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": energy(2.99)}, True),
+    # learning-rate invariant: RL's whole update 6x larger (36x the energy) or 6x smaller decides the same
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": energy(2.0, scale=36.0)}, True),
+    ("sft_moves_mlp_more", {"diagnostics__sft__update_sq_by_layer_module": energy(6.0, scale=1 / 36)}, True),
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": energy(4.0, scale=1 / 36)}, False),
+    # a larger relative update of SFT's mid-layer MLPs alone does not decide it: the share does
+    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 300.0, 0.0]},
+                            "diagnostics__sft__update_sq_by_layer_module": energy(2.0, scale=1000.0)}, False),
+    # every energy in the mid-layer MLPs: share 1
+    ("sft_moves_mlp_more", {"diagnostics__sft__update_sq_by_layer_module": energy(5.0, attn=0.0, mlp=0.0)}, True),
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": energy(0.0, attn=0.0, mlp=0.0)}, None),
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": energy(0.0)}, None),  # share 0
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": DELETE}, None),
     ("sft_moves_mlp_more", {"diagnostics__sft": {}}, None),
     # q/k must be the top linear module of every method
     ("qk_change_most", {"diagnostics__grpo__rel_update_by_module__v_proj": 0.9}, False),
@@ -330,7 +344,7 @@ def test_evidence_states_the_numbers():
     assert ev["sft_gains_id"] == "sft: id_acc 0.300 -> 0.600 (+0.300)"
     assert ev["sft_forgets_more"] == "forgetting sft +0.200 vs grpo +0.010"
     assert ev["rl_forgets_little"] == "forgetting grpo +0.010"
-    assert ev["sft_moves_mlp_more"].endswith("(ratio 3.00)")
+    assert ev["sft_moves_mlp_more"].endswith("(ratio 2.00)")
     assert ev["uv_top20_recovers_ood"].startswith("uv20: OOD 0.150 (gap to recover +0.150), recovered 80% ± 0% (SE)")
 
 
@@ -464,7 +478,10 @@ CLAIMS = {
     "sft_forgets_more": "SFT forgets more than RL (larger mean drop on retention probes). " + NOISE,
     "rl_forgets_little": "RL forgets little: mean retention drop below 0.05. " + NOISE,
     "rl_generalizes_ood": "RL generalises better out of domain than SFT (larger OOD change). " + NOISE,
-    "sft_moves_mlp_more": "SFT moves mid-layer MLP weights more than RL (relative update ratio > 1.5).",
+    "sft_moves_mlp_more": "SFT moves mid-layer MLP weights more than RL, independently of the learning rate (rule: the "
+                          "share of each method's update energy, sum of ||dW||_F^2, that falls in the MLP matrices of "
+                          "the middle third of the layers, out of all the layers' linear matrices; SFT's share over "
+                          "RL's share > 1.5).",
     "qk_change_most": "Attention query/key weights change most (top linear module is q_proj or k_proj, for every method).",
     "sft_rotates_not_rescales": "SFT mostly rotates singular vectors rather than rescaling singular values, beyond what "
                                 "a random update does (rule: SFT's rotation-to-rescaling ratio, mean top-k principal "
@@ -505,7 +522,7 @@ def test_claims_and_evidence_text():
         "sft_forgets_more": "forgetting sft +0.200 vs grpo +0.010",
         "rl_forgets_little": "forgetting grpo +0.010",
         "rl_generalizes_ood": "ood change sft -0.150 vs grpo +0.050 (base ood 0.200)",
-        "sft_moves_mlp_more": "mid-layer MLP rel. update sft 6.00e+00 vs grpo 2.00e+00 (ratio 3.00)",
+        "sft_moves_mlp_more": "mid-layer MLP share of the update energy sft 0.500 vs grpo 0.250 (ratio 2.00)",
         "qk_change_most": "sft: top q_proj 5.00e-01, k_proj 1.00e-01, v_proj 1.00e-01; "
                           "grpo: top k_proj 5.00e-01, q_proj 1.00e-01, v_proj 1.00e-01",
         "sft_rotates_not_rescales": "sft: top-k angle 30.00 deg vs s.v. change 1.00e-01 (ratio 5.24); random updates "
@@ -544,13 +561,13 @@ def test_untestable_evidence_text():
     }
     # an SFT method without spectral diagnostics or a curve, an RL method without layer cells
     res = results(**{"diagnostics__sft__principal_angle_top": DELETE, "diagnostics__sft__angle_curve": DELETE,
-                     "diagnostics__grpo__rel_update_by_layer_module": DELETE})
+                     "diagnostics__grpo__update_sq_by_layer_module": DELETE})
     out = evaluate_findings(res, CFG)
     assert {f["id"]: f["claim"] for f in out if f["id"] in CLAIMS} == CLAIMS
     ev = {f["id"]: f["evidence"] for f in out}
     assert ev["sft_rotates_not_rescales"] == "no spectral diagnostics (diagnostics.spectral: false)"
     assert ev["rotation_at_spectrum_ends"] == "no principal-angle curve"
-    assert ev["sft_moves_mlp_more"] == "no per-layer MLP diagnostics"
+    assert ev["sft_moves_mlp_more"] == "no per-layer update energy of the linear matrices (update_sq_by_layer_module)"
     sft_ev = ("sft: top-k angle 30.00 deg vs s.v. change 1.00e-01 (ratio 5.24); random updates of the same norm: "
               "30.00 deg vs 3.20e-01 (ratio 2 ± 0.89 SD over 6 draws)")
     res = results(**{"diagnostics__grpo__principal_angle_top": 9.0})  # an RL angle without its s.v. change
@@ -618,7 +635,7 @@ def test_comparisons_report_value_threshold_and_standard_error():
         assert FINDINGS[fid].noisy, fid
     # a weight-space ratio has no sampling noise of its own: no standard error, a plain comparison
     mlp = out["sft_moves_mlp_more"]
-    assert (mlp["value"], mlp["threshold"], mlp["se"], mlp["holds"]) == (pytest.approx(3.0), 1.5, None, True)
+    assert (mlp["value"], mlp["threshold"], mlp["se"], mlp["holds"]) == (pytest.approx(2.0), 1.5, None, True)
     assert not FINDINGS["sft_moves_mlp_more"].noisy
     # the recovery claims compare the sweep's recovered fraction with 0.7, with the sweep's delta-method SE
     for fid, value in (("uv_top20_recovers_ood", 0.8), ("reset_first_quarter_recovers_ood", 0.75)):
