@@ -686,3 +686,35 @@ def test_update_energy_cells_match_numpy_and_scale_out_of_the_mlp_share(pair, tm
     share = mid_layer_mlp_share(summary.to_json())
     assert share is not None and 0 < share < 1
     assert mid_layer_mlp_share(big) == pytest.approx(share, rel=1e-5)
+
+
+def test_qk_rule_does_not_depend_on_a_modules_weight_scale(pair, tmp_path):
+    """qk_change_most ranks modules by ||dW|| / ||W_base||: scaling down_proj's base weights and its
+    update together by 100 (a module with larger weights that moved more in absolute terms, now
+    more than q_proj) leaves every relative update and the verdict (q_proj on top) as they were."""
+    from types import SimpleNamespace
+
+    from posttrain.findings.weights import qk_change_most
+
+    base, ft, _ = pair
+    scaled = {}
+    for tag, src in (("base", base), ("ft", ft)):
+        model, tok = load_model(src)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".down_proj." in n:
+                    p.mul_(100.0)
+        model.save_pretrained(tmp_path / tag, safe_serialization=True)
+        tok.save_pretrained(tmp_path / tag)
+        scaled[tag] = tmp_path / tag
+    plain = relative_updates(base, ft)[0].to_json()
+    big = relative_updates(scaled["base"], scaled["ft"])[0].to_json()
+    assert big["rel_update_by_module"] == pytest.approx(plain["rel_update_by_module"], rel=1e-5)
+    # in absolute terms down_proj now moved most: a rule on ||dW|| would name it
+    energy = {m: sum(x for x in v if x is not None) for m, v in big["update_sq_by_layer_module"].items()}
+    assert max(energy, key=energy.get) == "down_proj"
+
+    def verdict(d):
+        return qk_change_most(SimpleNamespace(sft="m", rl=None, diagnostics={"m": d}))
+
+    assert verdict(plain)[0] is True and verdict(big) == verdict(plain)

@@ -482,7 +482,10 @@ CLAIMS = {
                           "share of each method's update energy, sum of ||dW||_F^2, that falls in the MLP matrices of "
                           "the middle third of the layers, out of all the layers' linear matrices; SFT's share over "
                           "RL's share > 1.5).",
-    "qk_change_most": "Attention query/key weights change most (top linear module is q_proj or k_proj, for every method).",
+    "qk_change_most": "Attention query/key weights change most (rule: per linear module type, the relative update "
+                      "||dW||_F / ||W_base||_F of its matrices over all layers taken together, sqrt(sum ||dW||_F^2) / "
+                      "sqrt(sum ||W_base||_F^2), as in Scalpel vs Hammer, so that a module's weight scale does not "
+                      "decide; the top module is q_proj or k_proj, for the SFT and the RL method).",
     "sft_rotates_not_rescales": "SFT mostly rotates singular vectors rather than rescaling singular values, beyond what "
                                 "a random update does (rule: SFT's rotation-to-rescaling ratio, mean top-k principal "
                                 "angle in radians over mean top-k relative singular-value change, must exceed the mean "

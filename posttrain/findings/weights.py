@@ -59,8 +59,13 @@ def sft_moves_mlp_more(ctx: Context):
                     f"mid-layer MLP share of the update energy {ctx.sft} {ms:.3f} vs {ctx.rl} {mr:.3f} (ratio {ms / mr:.2f})")
 
 
-@finding("qk_change_most", "Attention query/key weights change most (top linear module is q_proj or k_proj, for every method).",
-         paper="arXiv 2507.10616")
+QK_CLAIM = ("Attention query/key weights change most (rule: per linear module type, the relative update "
+            "||dW||_F / ||W_base||_F of its matrices over all layers taken together, sqrt(sum ||dW||_F^2) / "
+            "sqrt(sum ||W_base||_F^2), as in Scalpel vs Hammer, so that a module's weight scale does not decide; "
+            "the top module is q_proj or k_proj, for the SFT and the RL method).")
+
+
+@finding("qk_change_most", QK_CLAIM, paper="arXiv 2507.10616")
 def qk_change_most(ctx: Context):
     qk = []
     diag = ctx.diagnostics
