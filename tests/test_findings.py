@@ -73,6 +73,11 @@ def diag(mlp_mid=1.0, top_module="q_proj", angle=None, svc=None, curve=None):
     return d
 
 
+def series(eq_shares, samples=BIG, start=1):
+    """A method's format shares over its sampling steps: eq at each given share, steps the rest."""
+    return [{"step": start + i, "samples": samples, "shares": {"eq": p, "steps": 1 - p}} for i, p in enumerate(eq_shares)]
+
+
 def results(**over):
     """A run where every claim holds; `over` replaces parts of it."""
     r = {
@@ -80,6 +85,8 @@ def results(**over):
                    "grpo": model(0.5, 0.25, top=0.95, facts=0.89)},
         "n_problems": {"id": BIG, "ood": BIG, "retention": {"facts": BIG}},
         "forgetting": {"sft": 0.2, "grpo": 0.01},
+        # the formats grpo sampled over 10 training steps: the base's top format eq rises 0.6 -> 0.95
+        "format_trajectories": {"grpo": series([0.6] * 5 + [0.9] * 4 + [0.95])},
         "diagnostics": {"sft": diag(6.0, "q_proj", angle=30.0, svc=0.1,
                                     curve={"x": [0.05, 0.5, 0.95], "left": [10.0, 2.0, 12.0], "right": [10.0, 2.0, 12.0]}),
                         "grpo": diag(2.0, "k_proj")},
@@ -282,15 +289,27 @@ CASES = [
     ("sft_damage_is_rotation", {"repairs__dir100": DELETE}, None),
     ("sft_damage_is_rotation", {"repairs__dir100__ood_recovered_frac": None}, None),
     ("sft_damage_is_rotation", {"repairs__mag100__ood_recovered_frac": None}, None),
-    # format collapse: RL's top share >= 0.9 and above the base's
-    ("rl_format_collapse", {"models__grpo__format_share": {"eq": 0.9, "steps": 0.1}}, True),
-    ("rl_format_collapse", {"models__grpo__format_share": {"eq": 0.89, "steps": 0.11}}, False),
-    ("rl_format_collapse", {"models__base__format_share": {"eq": 0.95, "steps": 0.05}}, False),
-    ("rl_format_collapse", {"models__base__format_share": {"eq": 0.96, "steps": 0.04}}, False),
-    # the top format is any format but "malformed"; here steps collapses
-    ("rl_format_collapse", {"models__grpo__format_share": {"eq": 0.02, "steps": 0.93, "malformed": 0.05}}, True),
-    ("rl_format_collapse", {"models__grpo__format_share": {"eq": 0.05, "steps": 0.03, "malformed": 0.92}}, False),
-    ("rl_format_collapse", {"models__grpo__format_share": {"malformed": 1.0}}, False),
+    # format collapse: the base's top format (eq, 0.6) rises from the first 10% of RL's sampling steps
+    # to the last 10% (10 steps: one step each, 0.6 -> 0.95)
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.6] * 10)}, None),  # no rise: within noise
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.6] * 9 + [0.5999])}, False),
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.6] * 9 + [0.6001])}, True),
+    # a high final share that was already there at the start is no collapse
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.95] * 10)}, None),
+    # the windows: 20 steps, the first and the last two; the middle does not count
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.5, 0.7] + [0.0] * 16 + [0.6, 0.6])}, None),
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.5, 0.7] + [1.0] * 16 + [0.55, 0.6])}, False),
+    # the dominant format is the base's: steps (0.7 in the base) fell from 0.4 to 0.05 while eq rose
+    ("rl_format_collapse", {"models__base__format_share": {"eq": 0.3, "steps": 0.7}}, False),
+    # malformed is not a format
+    ("rl_format_collapse", {"models__base__format_share": {"eq": 0.2, "steps": 0.1, "malformed": 0.7}}, True),
+    ("rl_format_collapse", {"models__base__format_share": {"malformed": 1.0}}, None),
+    # on few samples the same rise of 0.05 is within noise (64 samples per step: 2 SE = 0.17)
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.6] * 9 + [0.65], samples=64)}, None),
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.6] * 9 + [0.95], samples=64)}, True),
+    # one sampling point (an Expert Iteration with one round) or none: untestable
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.6])}, None),
+    ("rl_format_collapse", {"format_trajectories": {}}, None),
 ]
 
 
@@ -509,7 +528,14 @@ CLAIMS = {
                               "base matrix itself, singular values included, so the direction side is the "
                               "re-orthonormalised operator, which equals the published formula without that shortcut; "
                               "the difference of the recovered fractions must exceed twice its delta-method SE). " + NOISE,
-    "rl_format_collapse": "RL collapses outputs onto one format (top format share >= 0.9 and above the base's).",
+    "rl_format_collapse": "RL and Expert Iteration collapse their outputs onto the dominant pretraining format (rule: "
+                          "the base's most-sampled format, malformed excluded; for every RL and Expert Iteration "
+                          "method trained from the base, its share among the completions the method sampled during "
+                          "training, in the last 10% of its sampling steps (rounds, for Expert Iteration) minus in "
+                          "the first 10%; one seed: the method whose rise is smallest in units of its binomial "
+                          "standard error decides, its rise must exceed twice that SE; several seeds: a 95% paired "
+                          "interval over seeds must exclude 0; otherwise within noise; a method with a single "
+                          "sampling round cannot be tested).",
 }
 
 
@@ -538,7 +564,8 @@ def test_claims_and_evidence_text():
                                             "in-domain gain kept 50%; whole layers, norms included (reset25l): recovered 60%",
         "sft_damage_is_rotation": "directions restored (dir100): 90% recovered; singular values restored (mag100): 20% "
                                   "recovered",
-        "rl_format_collapse": "sampled format shares: base top eq 0.60; grpo top eq 0.95",
+        "rl_format_collapse": "share of the base's top format eq (base 0.60) in the samples of training; grpo: 0.60 -> "
+                              "0.95 (+0.35, steps 1-1 vs 10-10)",
     }
 
 
@@ -551,8 +578,8 @@ def test_untestable_evidence_text():
     both = "this run has no SFT method and no RL method"
     assert {f["id"]: (f["holds"], f["evidence"]) for f in out if f["id"] in CLAIMS} == {
         **{cid: (None, both) for cid in ("sft_gains_id", "rl_gains_id", "sft_gains_more_id", "sft_forgets_more",
-                                          "rl_forgets_little", "rl_generalizes_ood", "sft_moves_mlp_more",
-                                          "rl_format_collapse")},
+                                          "rl_forgets_little", "rl_generalizes_ood", "sft_moves_mlp_more")},
+        "rl_format_collapse": (None, "this run has no RL or Expert Iteration method trained from the base"),
         "qk_change_most": (None, "no diagnostics"),
         "sft_rotates_not_rescales": (None, "this run has no SFT method"),
         "rotation_at_spectrum_ends": (None, "this run has no SFT method"),
@@ -654,8 +681,12 @@ def test_comparisons_report_value_threshold_and_standard_error():
     rot = out["sft_rotates_not_rescales"]
     assert (rot["value"], rot["threshold"], rot["se"]) == (pytest.approx(math.radians(30) / 0.1), pytest.approx(2.0),
                                                            pytest.approx(math.sqrt(0.8)))
+    # format collapse: the rise of eq's share, binomial SEs of the two windows' shares
+    fc = out["rl_format_collapse"]
+    assert (fc["value"], fc["threshold"], fc["se"]) == (pytest.approx(0.35), 0.0,
+                                                        pytest.approx(math.hypot(se(0.6), se(0.95)), rel=1e-9))
     # findings that are not comparisons carry no statistic
-    for fid in ("qk_change_most", "rotation_at_spectrum_ends", "rl_format_collapse"):
+    for fid in ("qk_change_most", "rotation_at_spectrum_ends"):
         assert not {"value", "threshold", "se"} & set(out[fid]), fid
     assert {f["held_in"] for f in out.values() if f["id"] in ALL} == {"1/1"}
 
