@@ -133,7 +133,7 @@ ALL = ["sft_gains_id", "rl_gains_id", "sft_gains_more_id", "sft_forgets_more", "
        "sft_damage_is_rotation", "rl_format_collapse"]
 # claims the made-up run cannot test: too few models for the KL rule, no RL started from SFT, no frozen SFT
 UNTESTED = ["kl_predicts_forgetting", "rl_heals_sft_ood", "stronger_sft_heals_better", "rl_undoes_sft_rotation",
-            "freezing_reduces_forgetting"]
+            "freezing_reduces_forgetting", "rl_easy_to_hard", "on_policy_forgets_less"]
 
 
 def verdicts(res, cfg=CFG):
@@ -537,6 +537,29 @@ CLAIMS = {
                           "standard error decides, its rise must exceed twice that SE; several seeds: a 95% paired "
                           "interval over seeds must exclude 0; otherwise within noise; a method with a single "
                           "sampling round cannot be tested).",
+    "freezing_reduces_forgetting": "Freezing part of the model during SFT reduces forgetting (rule: every SFT-on-"
+                                   "expert-data method trained from the base with freezing rules, e.g. mid-layer "
+                                   "MLPs or Q/K frozen, against plain SFT: forgetting(plain) - "
+                                   "forgetting(frozen); the variant whose reduction is smallest in units of its "
+                                   "standard error decides, it must exceed twice that SE (one seed; several "
+                                   "seeds: a 95% paired interval over seeds must exclude 0; otherwise within "
+                                   "noise); the in-domain gain of each variant against plain SFT is reported "
+                                   "beside it with the same noise rule; untestable without a frozen SFT method, "
+                                   "as in the default study: configs/freezing.yaml has them).",
+    "rl_easy_to_hard": "RL on a task's easier split raises accuracy on its harder split (rule: the RL method "
+                       "trains on a split whose task has a harder split, e.g. arith with 2 operations against 3, "
+                       "and the study evaluates that harder split as its OOD task or a retention probe; its "
+                       "accuracy there minus the base's must exceed twice its binomial standard error; several "
+                       "seeds: a 95% paired interval over seeds must exclude 0; otherwise within noise; "
+                       "untestable when the study trains RL on no such split).",
+    "on_policy_forgets_less": "SFT on the model's own verified samples (Self-SFT) forgets less than SFT on expert"
+                              " data at a comparable in-domain gain (rule: the first Self-SFT method, filtered "
+                              "self-samples in one round from the base, against the plain expert SFT method: "
+                              "forgetting(SFT) - forgetting(Self-SFT) must exceed twice its binomial standard "
+                              "error; several seeds: a 95% paired interval over seeds must exclude 0; otherwise "
+                              "within noise; untestable when Self-SFT gained less in-domain than SFT beyond twice"
+                              " the SE of the difference, as learning less is then a cheaper way to forget less, "
+                              "or when the study has no Self-SFT).",
 }
 
 
@@ -567,6 +590,11 @@ def test_claims_and_evidence_text():
                                   "recovered",
         "rl_format_collapse": "share of the base's top format eq (base 0.60) in the samples of training; grpo: 0.60 -> "
                               "0.95 (+0.35, steps 1-1 vs 10-10)",
+        "freezing_reduces_forgetting": "this run has no frozen SFT method (run configs/freezing.yaml: SFT with "
+                                       "mid-layer MLPs frozen and with Q/K frozen beside plain SFT)",
+        "rl_easy_to_hard": "grpo trains on points24/id, which has no harder split",
+        "on_policy_forgets_less": "this run has no Self-SFT method (SFT on filtered self-samples in one round: "
+                                  "method: self_sft)",
     }
 
 
@@ -589,6 +617,10 @@ def test_untestable_evidence_text():
         "reset_first_quarter_recovers_ood": (None, "no reset_layers repair with first_frac=0.25, scope=reference in this "
                                                    "run's sweep"),
         "sft_damage_is_rotation": (None, "needs uv_merge direction (orthonormalize: true) and magnitude repairs at top=1.0"),
+        "freezing_reduces_forgetting": (None, "this run has no plain SFT method"),
+        "rl_easy_to_hard": (None, "this run has no RL method"),
+        "on_policy_forgets_less": (None, "this run has no Self-SFT method (SFT on filtered self-samples in one round: "
+                                         "method: self_sft)"),
     }
     # an SFT method without spectral diagnostics or a curve, an RL method without layer cells
     res = results(**{"diagnostics__sft__principal_angle_top": DELETE, "diagnostics__sft__angle_curve": DELETE,

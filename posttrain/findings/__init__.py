@@ -229,4 +229,4 @@ def fmt3(x: float) -> str:
 
 
 # registration order is report order
-from posttrain.findings import learning, weights, spectra, repairs, formats, kl, heal, freezing  # noqa: E402,F401
+from posttrain.findings import learning, weights, spectra, repairs, formats, kl, heal, freezing, transfer  # noqa: E402,F401
