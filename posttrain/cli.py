@@ -49,6 +49,14 @@ SEEDS_HELP = ("Run the whole study once per seed, e.g. --seeds 0,1,2, under OUT/
               "OUT/results.json (config field `seeds`).")
 
 
+JOBS_HELP = ("Processes that run the seeds side by side, each with cores/jobs threads, or auto (one per seed up to "
+             "the CPU cores; 1 on a GPU). Results do not depend on it (config field `jobs`).")
+
+
+def _jobs_override(jobs: str | None) -> list[str]:
+    return [] if jobs is None else [f"jobs={jobs}"]
+
+
 def _seed_overrides(seed: int | None, seeds: str | None) -> list[str]:
     if seeds is None:
         return [f"seed={seed}"] if seed is not None else []
@@ -74,6 +82,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run directory (stages already done there are reused)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the study (config field `seed`)."),
     seeds: Optional[str] = typer.Option(None, help=SEEDS_HELP),
+    jobs: Optional[str] = typer.Option(None, help=JOBS_HELP),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
@@ -81,7 +90,7 @@ def demo(
     from posttrain.study_sweep import run_config
 
     device = _device(device)
-    cfg = _study_config(None, preset, list(set_) + _seed_overrides(seed, seeds))
+    cfg = _study_config(None, preset, [*set_, *_seed_overrides(seed, seeds), *_jobs_override(jobs)])
     _check_seed(cfg, seed)
     run_config(cfg, out, resume=True, device=device)
 
@@ -93,6 +102,7 @@ def study(
     resume: bool = typer.Option(False, help="Continue a run directory, reusing finished stages."),
     seed: Optional[int] = typer.Option(None, help="Seed of the study (config field `seed`)."),
     seeds: Optional[str] = typer.Option(None, help=SEEDS_HELP),
+    jobs: Optional[str] = typer.Option(None, help=JOBS_HELP),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
@@ -102,7 +112,7 @@ def study(
     from posttrain.study_sweep import run_config
 
     device = _device(device)
-    cfg = _study_config(config, None, list(set_) + _seed_overrides(seed, seeds))
+    cfg = _study_config(config, None, [*set_, *_seed_overrides(seed, seeds), *_jobs_override(jobs)])
     _check_seed(cfg, seed)
     if out is None and not plain_name(cfg.name):
         raise UserError(f"study name {cfg.name!r} (in {config}) is not a plain directory name, so runs/<name> would "

@@ -506,6 +506,10 @@ class StudyConfig(Strict):
     # several seeds: each runs the whole study under <out>/seed-<n>/ and <out>/results.json aggregates
     # them (posttrain/multiseed.py); None: one run of `seed` in <out> itself
     seeds: list[int] | None = None
+    # processes that run those seeds side by side, each with cores // jobs threads ("auto": as many as
+    # there are seeds and CPU cores, on CPU; 1 on an accelerator). Results are the same for any value:
+    # training is bitwise reproducible at any thread count.
+    jobs: int | Literal["auto"] = "auto"
     # axes of a sweep, config path -> values ("model.hidden_size: [64, 128]", list indices allowed,
     # "a.b+c.d" sets both paths); every combination is a study under <out>/cells/<name>/ (posttrain/study_sweep.py)
     sweep: dict[str, list[Any]] | None = None
@@ -518,6 +522,13 @@ class StudyConfig(Strict):
                 raise ValueError("seeds is empty (omit it to run the single `seed`)")
             if any(s < 0 for s in v) or len(set(v)) != len(v):
                 raise ValueError(f"seeds must be distinct non-negative integers, got {v}")
+        return v
+
+    @field_validator("jobs")
+    @classmethod
+    def _jobs(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"jobs must be a positive number of processes or auto, got {v}")
         return v
 
     @field_validator("sweep")

@@ -10,6 +10,7 @@ finished run's results.json): a single run (`.stages/`, `results.json` with one 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -92,18 +93,87 @@ def run_seeds(cfg: StudyConfig, out: str | Path, resume: bool = False, device: s
     atomic_write_text(root / "config.yaml", dump_yaml(cfg))
     atomic_write_json(root / "versions.json", versions())
     per_seed, paths = {}, {}
-    for i, seed in enumerate(cfg.seeds):
-        say(f"seed {seed} ({i + 1} of {len(cfg.seeds)})")
-        run_dir = root / f"seed-{seed}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        per_seed[seed] = run_single(seed_config(cfg, seed), run_dir, device, lambda m, s=seed: say(f"[seed {s}] {m}"),
-                                    prepare)
-        paths[seed] = run_dir.name
+    jobs = seed_jobs(cfg, device)
+    for seed in cfg.seeds:
+        (root / f"seed-{seed}").mkdir(parents=True, exist_ok=True)
+        paths[seed] = f"seed-{seed}"
+    if jobs > 1:
+        say(f"{len(cfg.seeds)} seeds in {jobs} processes, {threads_per_job(jobs)} thread(s) each")
+        per_seed = _run_parallel(cfg, root, device, prepare, jobs)
+    else:
+        for i, seed in enumerate(cfg.seeds):
+            say(f"seed {seed} ({i + 1} of {len(cfg.seeds)})")
+            per_seed[seed] = run_single(seed_config(cfg, seed), root / paths[seed], device,
+                                        lambda m, s=seed: say(f"[seed {s}] {m}"), prepare)
     results = aggregate_results(per_seed, paths)
+    # wall_seconds sums the seeds' own times; with seeds side by side the study took less
+    results.update(jobs=jobs, elapsed_seconds=round(time.time() - t0, 2))
     atomic_write_json(root / "results.json", results)
     write_report(root)
     say(f"{len(per_seed)} seeds done in {time.time() - t0:.0f}s: {root / 'results.json'} and {root / 'report.html'}")
     return results
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def seed_jobs(cfg: StudyConfig, device: str) -> int:
+    """How many seeds run side by side: `cfg.jobs`, or with "auto" one per seed up to the CPU cores on
+    CPU (tiny models use a second thread poorly, a second process well) and one on an accelerator."""
+    n = len(cfg.seeds or [])
+    if cfg.jobs != "auto":
+        return max(1, min(int(cfg.jobs), n))
+    from posttrain.devices import device_name
+
+    if device_name(device) != "cpu":
+        return 1
+    return max(1, min(n, cpu_cores()))
+
+
+def threads_per_job(jobs: int) -> int:
+    return max(1, cpu_cores() // jobs)
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:  # die with the parent (a SIGKILLed study must not leave seeds writing behind it)
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _seed_job(cfg: StudyConfig, seed: int, run_dir: Path, device: str, prepare: Prepare | None) -> dict:
+    return run_single(seed_config(cfg, seed), run_dir, device, default_log(f"[seed {seed}] "), prepare)
+
+
+def _run_parallel(cfg: StudyConfig, root: Path, device: str, prepare: Prepare | None, jobs: int) -> dict[int, dict]:
+    """Every seed in its own spawned process (`jobs` at a time); the first error is raised as is."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
+                             initargs=(threads_per_job(jobs),)) as pool:
+        futures = {s: pool.submit(_seed_job, cfg, s, root / f"seed-{s}", device, prepare) for s in cfg.seeds}
+        try:
+            return {s: f.result() for s, f in futures.items()}
+        except BrokenProcessPool:
+            raise UserError(f"a seed's process under {root} died (killed or out of memory); "
+                            "rerun with --resume to continue") from None
+        except BaseException:
+            for f in futures.values():
+                f.cancel()
+            raise
 
 
 def run_cell(cfg: StudyConfig, root: Path, device: str, log: Log, prepare: Prepare | None = None) -> dict:

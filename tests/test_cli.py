@@ -130,9 +130,9 @@ def test_quick_demo_end_to_end(quick_study):
         unmoved = res["diagnostics"][name]["rel_update_total"] == 0
         for key in ("kl_pi_pi0_per_seq", "kl_pi_pi0_per_token", "kl_pi0_pi_per_seq", "kl_pi0_pi_per_token"):
             assert (k[key] == 0) == unmoved and k[f"{key}_se"] >= 0, (name, key)
-    assert set(res["kl_to_base"]) == {"sft", "grpo"} and res["forgetting_predictors"]["kl_pi0_pi_per_seq"]["n"] == 2
+    assert set(res["kl_to_base"]) == {"sft", "grpo"} | heal and res["forgetting_predictors"]["kl_pi0_pi_per_seq"]["n"] == 6
     (kl_f,) = [f for f in res["findings"] if f["id"] == "kl_predicts_forgetting"]
-    assert kl_f["holds"] is None and "untestable: 2 trained models" in kl_f["evidence"] and kl_f["n_models"] == 2
+    assert kl_f["n_models"] == 6 and kl_f["evidence"].startswith("6 models")
     html = (out / "report.html").read_text()
     assert "Rotation or rescaling?" in html and "Over training" in html and "RL from SFT checkpoints" in html
     assert "KL to the base and forgetting" in html and "Format shares over training" in html

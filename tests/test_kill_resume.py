@@ -31,10 +31,10 @@ TRAIN_CONFIG = """\
 methods:
   sft: {method: sft, task: coin, steps: 8, prompts_per_step: 4, samples_per_prompt: 4, max_new_tokens: 8,
         lr: 1.0e-3, checkpoint_every: 1, expert_format: default, trackers: [none]}
+  grpo: {objective: grpo, task: coin, steps: 6, prompts_per_step: 4, samples_per_prompt: 4, max_new_tokens: 8,
+         lr: 1.0e-3, checkpoint_every: 1, trackers: [none]}
 """
 
-# SFT only: GRPO at 2 threads is not yet bitwise reproducible (issue 14, item 1, fixed separately);
-# once it is, add `grpo: {objective: grpo, steps: 4, checkpoint_every: 1, ...}` here.
 STUDY_CONFIG = """\
 name: kill
 seed: 0
@@ -45,6 +45,8 @@ retention: [{task: facts}]
 methods:
   sft: {objective: sft, steps: 3, checkpoint_every: 1, prompts_per_step: 4, samples_per_prompt: 2, max_new_tokens: 8,
         trackers: [none]}
+  grpo: {objective: grpo, steps: 3, checkpoint_every: 1, prompts_per_step: 4, samples_per_prompt: 2, max_new_tokens: 8,
+         trackers: [none]}
 diagnostics: {spectral: false}
 repair:
   grid: [{method: reset_layers, first_frac: 0.5}]
@@ -194,15 +196,17 @@ def test_sigkill_at_random_points_then_rerun_is_bitwise_identical(coin_checkpoin
         cfg.write_text(TRAIN_CONFIG)
         base = str(coin_checkpoint)
 
-        # ---- training (SFT; see STUDY_CONFIG on GRPO)
-        train = ["train", cfg, "--method", "sft", "--base", base, "--out", "out"]
-        (tmp_path / "train-ref").mkdir()
-        span = forker.run(train, tmp_path / "train-ref")
-        ref_train = snapshot(tmp_path / "train-ref" / "out")
-        counts["train"] = trials(forker, rng, 7, train, [*train, "--resume"], ref_train, span, tmp_path / "train",
-                                 lambda d: d / "out", lambda d: (d / "out" / "train.json").exists())
-        ft = tmp_path / "train-ref" / "out" / "model"
-        lap("train")
+        # ---- training: SFT and GRPO (sampling, rewards and the shared-prefix update at the default threads)
+        for method, n in (("sft", 4), ("grpo", 4)):
+            train = ["train", cfg, "--method", method, "--base", base, "--out", "out"]
+            (tmp_path / f"{method}-ref").mkdir()
+            span = forker.run(train, tmp_path / f"{method}-ref")
+            ref_train = snapshot(tmp_path / f"{method}-ref" / "out")
+            counts[f"train {method}"] = trials(forker, rng, n, train, [*train, "--resume"], ref_train, span,
+                                               tmp_path / f"train-{method}", lambda d: d / "out",
+                                               lambda d: (d / "out" / "train.json").exists())
+            lap(f"train {method}")
+        ft = tmp_path / "sft-ref" / "out" / "model"
 
         # ---- diff (spectral, two models, so there is a pair and angle tables to write)
         diff = ["diff", base, ft, ft, "--out", "d", "--spectral"]

@@ -119,6 +119,15 @@ def cli(*args):
 
 
 # the quick preset made quicker (the machine running the suite may be shared); every stage still runs
+def strip_volatile(x):
+    """A results.json section without what differs between two runs of the same study (caching, timing)."""
+    if isinstance(x, dict):
+        return {k: strip_volatile(v) for k, v in x.items() if k not in ("cached", "wall_seconds", "step_seconds")}
+    if isinstance(x, list):
+        return [strip_volatile(v) for v in x]
+    return x
+
+
 FAST = ["--set", "methods.sft.steps=2", "--set", "methods.grpo.steps=2", "--set", "methods.sft.checkpoint_every=0",
         "--set", "methods.grpo.checkpoint_every=0", "--set", "pretrain.steps=20", "--set", "eval.n_sampled_problems=4",
         "--set", "repair.grid=[{method: reset_layers, first_frac: 0.5}]"]
@@ -127,9 +136,17 @@ FAST = ["--set", "methods.sft.steps=2", "--set", "methods.grpo.steps=2", "--set"
 @pytest.mark.slow
 def test_quick_study_over_two_seeds(tmp_path):
     out = tmp_path / "D"
-    r = cli("study", QUICK, "--seeds", "0,1", "--out", out, *FAST)
+    r = cli("study", QUICK, "--seeds", "0,1", "--out", out, "--jobs", "2", *FAST)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 seeds in 2 processes" in r.stderr
     per = {s: json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)}
+    # a seed run in a side process (1 thread) is the seed run alone in this one (default threads)
+    alone = tmp_path / "alone"
+    r1 = cli("study", QUICK, "--seed", "1", "--out", alone, *FAST)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    solo = json.loads((alone / "results.json").read_text())
+    for key in ("models", "forgetting", "diagnostics", "trajectories", "repairs", "findings"):
+        assert strip_volatile(solo[key]) == strip_volatile(per[1][key]), key
     assert per[0]["seed"] == 0 and per[1]["seed"] == 1 and (out / "seed-0" / "report.html").is_file()
     assert per[0]["models"]["base"]["id_acc"] != per[1]["models"]["base"]["id_acc"] or \
         per[0]["diagnostics"] != per[1]["diagnostics"]  # two different seeds, two different runs
@@ -155,7 +172,7 @@ def test_quick_study_over_two_seeds(tmp_path):
     assert "over 2 seeds" in page and 'href="seed-1/report.html"' in page and "held in" in page
     assert page.count("data:image/png;base64,") >= 2
     # rerun: every stage cached, the same numbers; a single-seed run cannot reuse this directory
-    r2 = cli("study", QUICK, "--seeds", "0,1", "--out", out, "--resume", *FAST)
+    r2 = cli("study", QUICK, "--seeds", "0,1", "--out", out, "--resume", "--jobs", "1", *FAST)
     assert r2.returncode == 0 and "[seed 1] pretrain: cached" in r2.stderr and "[seed 1] train grpo: cached" in r2.stderr
     assert json.loads((out / "results.json").read_text())["models"] == agg["models"]
     r3 = cli("study", QUICK, "--out", out, "--resume", *FAST)
@@ -213,3 +230,18 @@ def test_two_cell_sweep_end_to_end(tmp_path):
     grid = page.split("Findings per cell")[1].split("Headline metrics")[0]
     assert grid.count("<tr>") == len(sweep["findings"]) + 1 and grid.count("/1</td>") == 2 * len(sweep["findings"])
     assert "Against methods.grpo.kl_coef" in page and page.count("data:image/png;base64,") >= 1
+
+
+def test_seed_jobs_follow_the_config_and_the_cores(monkeypatch):
+    from posttrain import multiseed
+
+    monkeypatch.setattr(multiseed, "cpu_cores", lambda: 2)
+    three = quick(seeds=[0, 1, 2])
+    assert multiseed.seed_jobs(three, "cpu") == 2 and multiseed.threads_per_job(2) == 1
+    assert multiseed.seed_jobs(quick(seeds=[4]), "cpu") == 1  # one seed: no side process
+    assert multiseed.seed_jobs(quick(seeds=[0, 1, 2], jobs=1), "cpu") == 1
+    assert multiseed.seed_jobs(quick(seeds=[0, 1, 2], jobs=8), "cpu") == 3  # never more processes than seeds
+    monkeypatch.setattr(multiseed, "cpu_cores", lambda: 16)
+    assert multiseed.seed_jobs(three, "cpu") == 3 and multiseed.threads_per_job(3) == 5
+    with pytest.raises(Exception, match="jobs must be a positive number"):
+        quick(seeds=[0, 1], jobs=0)
