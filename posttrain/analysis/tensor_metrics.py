@@ -254,15 +254,18 @@ def random_update_null(m: MatrixPair) -> dict[str, float]:
     if m.null_seed is None or not (m.vectors and m.complete and fb.U is not None) or m.delta_sq <= 0:
         return {}
     Ub, Sb, Vb = fb.U.double(), fb.S.double(), fb.V.double()
-    Wb = (Ub * Sb) @ Vb.mT
-    gen = torch.Generator().manual_seed(null_seed_for(m.null_seed, m.name))
-    R = torch.randn((NULL_DRAWS, *Wb.shape), generator=gen, dtype=torch.float64).to(Wb.device)
-    R *= math.sqrt(m.delta_sq) / torch.linalg.matrix_norm(R)[:, None, None]
-    with lapack_threads(R.numel()):
-        U, S, Vh = torch.linalg.svd(Wb + R, full_matrices=False)
     k = m.k
-    left = sp.principal_angles(Ub[:, :k].expand(NULL_DRAWS, -1, -1), U[..., :k]).mean(-1) * DEG
-    right = sp.principal_angles(Vb[:, :k].expand(NULL_DRAWS, -1, -1), Vh[:, :k].mT).mean(-1) * DEG
+    # the whole null on one thread for small matrices: with other work on the machine, threads
+    # spin-wait on each other in these small products and SVDs (see `lapack_threads`)
+    with lapack_threads(Ub.shape[0] * Vb.shape[0]):
+        Wb = (Ub * Sb) @ Vb.mT
+        gen = torch.Generator().manual_seed(null_seed_for(m.null_seed, m.name))
+        R = torch.randn((NULL_DRAWS, *Wb.shape), generator=gen, dtype=torch.float64).to(Wb.device)
+        R *= math.sqrt(m.delta_sq) / torch.linalg.matrix_norm(R)[:, None, None]
+        U, S, Vh = torch.linalg.svd(Wb + R, full_matrices=False)
+        left = sp.principal_angles(Ub[:, :k].expand(NULL_DRAWS, -1, -1).contiguous(), U[..., :k].contiguous())
+        right = sp.principal_angles(Vb[:, :k].expand(NULL_DRAWS, -1, -1).contiguous(), Vh[:, :k].mT.contiguous())
+    left, right = left.mean(-1) * DEG, right.mean(-1) * DEG
     svc = [_mean(sp.sv_relative_change(Sb[:k], S[d, :k]).abs()) for d in range(NULL_DRAWS)]
     out: dict[str, float] = {}
     for d in range(NULL_DRAWS):
