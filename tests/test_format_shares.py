@@ -11,9 +11,10 @@ from posttrain.findings import evaluate_findings
 
 def test_format_series_reads_rl_steps_and_one_point_per_expert_iteration_round():
     rows = [{"step": 0, "trainable_params": 10},
-            {"step": 1, "rollout/samples": 8.0, "rollout/format/eq": 0.75, "rollout/format/steps": 0.125},
+            {"step": 1, "rollout/reward": 0.5, "rollout/samples": 8.0, "rollout/format/eq": 0.75,
+             "rollout/format/steps": 0.125},
             {"step": 2, "skipped": 1},
-            {"step": 3, "rollout/samples": 8.0, "rollout/format/steps": 1.0}]
+            {"step": 3, "rollout/reward": 0.5, "rollout/samples": 8.0, "rollout/format/steps": 1.0}]
     assert format_series(rows) == [{"step": 1, "samples": 8, "shares": {"eq": 0.75, "steps": 0.125}},
                                    {"step": 3, "samples": 8, "shares": {"steps": 1.0}}]
     # Expert Iteration repeats its round's sample stats on every step of the round: one point per round
@@ -22,6 +23,12 @@ def test_format_series_reads_rl_steps_and_one_point_per_expert_iteration_round()
     assert format_series(ei) == [{"step": 1, "samples": 40, "shares": {"eq": 0.5}},
                                  {"step": 3, "samples": 40, "shares": {"eq": 0.9}}]
     assert format_series([{"step": 1, "loss": 0.3}]) == []  # SFT on expert data: no sampling
+    # a step whose samples were all malformed has no format keys but is a point (every share 0);
+    # a log from before rollout/samples was logged has no count
+    old = [{"step": 1, "rollout/reward": 0.0, "rollout/malformed": 1.0}, {"step": 2, "rollout/reward": 0.5,
+                                                                          "rollout/format/eq": 0.5}]
+    assert format_series(old) == [{"step": 1, "samples": None, "shares": {}},
+                                  {"step": 2, "samples": None, "shares": {"eq": 0.5}}]
 
 
 def test_windows_and_weighted_shares_by_hand():
@@ -66,6 +73,10 @@ def test_every_rl_and_expert_iteration_method_must_collapse_the_worst_decides():
     f = verdict({"grpo": up, "ei": down})
     se = math.sqrt(0.5 * 0.5 / 1000 + 0.1 * 0.9 / 1000)
     assert (f["holds"], f["value"], f["se"]) == (False, pytest.approx(-0.4), pytest.approx(se))
+    # old logs without sample counts: prompts_per_step x samples_per_prompt (16 x 8 by default)
+    nocount = [{**p, "samples": None} for p in down]
+    f = verdict({"grpo": up, "ei": nocount})
+    assert (f["holds"], f["se"]) == (False, pytest.approx(math.sqrt(0.5 * 0.5 / 128 + 0.1 * 0.9 / 128)))
     # a method with one sampling round is left out, saying so; none left: untestable
     f = verdict({"grpo": up, "ei": up[:1]})
     assert f["holds"] is True and f["evidence"].endswith("; ei: one sampling round")

@@ -16,22 +16,27 @@ from typing import Any
 SOURCES = ("rollout", "filtered")
 
 
+# the key every row of a sampling step has (a step whose samples were all malformed logs no format)
+MARKERS = {"rollout": "rollout/reward", "filtered": "filtered/round"}
+
+
 def format_series(rows: list[dict]) -> list[dict[str, Any]]:
     """[{step, samples, shares: {format: share}}] from metrics.jsonl rows, one point per sampling
     (each RL step; the first logged step of each Expert Iteration round); empty when none logged
-    format shares."""
+    format shares. `samples` is None in RL logs written before `rollout/samples` was logged."""
     out: list[dict[str, Any]] = []
     rounds: set[int] = set()
     for r in rows:
         for src in SOURCES:
             pre = f"{src}/format/"
-            if f"{src}/samples" not in r:
+            if MARKERS[src] not in r:
                 continue
             if src == "filtered":
-                if r.get("filtered/round") in rounds:
+                if r["filtered/round"] in rounds:
                     continue
-                rounds.add(r.get("filtered/round"))
-            out.append({"step": r["step"], "samples": int(r[f"{src}/samples"]),
+                rounds.add(r["filtered/round"])
+            n = r.get(f"{src}/samples")
+            out.append({"step": r["step"], "samples": None if n is None else int(n),
                         "shares": {k[len(pre):]: float(v) for k, v in r.items() if k.startswith(pre)}})
             break
     return out

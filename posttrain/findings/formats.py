@@ -57,7 +57,11 @@ def rl_format_collapse(ctx: Context):
     series = ctx.results.get("format_trajectories") or {}
     parts, tested = [], []
     for n in names:
-        got = format_rise(series.get(n) or [], fmt)
+        m = ctx.cfg.methods[n]
+        # logs from before the sample count was logged: an RL step samples prompts x group size
+        pts = [p if p["samples"] is not None else {**p, "samples": m.prompts_per_step * m.samples_per_prompt}
+               for p in series.get(n) or []]
+        got = format_rise(pts, fmt)
         if got is None:
             parts.append(f"{n}: {'one sampling round' if series.get(n) else 'no format shares over steps'}")
             continue
