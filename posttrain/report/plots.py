@@ -89,7 +89,8 @@ def format_share_curves(series: dict[str, list[dict]], ncols: int = 3):
         ax.grid(alpha=0.3)
     for ax in flat[len(series):]:
         ax.axis("off")
-    flat[0].legend(fontsize=8)
+    if formats:  # every sample malformed: empty panels, no legend
+        flat[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
