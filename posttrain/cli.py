@@ -194,9 +194,12 @@ def _train(cfg, m, method: str, base: Path, out: Path, expert_format: str | None
     res = run_train(m, init_dir=base, ref_dir=base, out_dir=out, task=task, expert_format=fmt,
                     seed=cfg.seed if m.seed is None else m.seed, device=device, resume=resume,
                     on_step=_train_progress(m.steps), method=method)
-    typer.echo(f"trained {res.trainable_params:,} of {res.total_params:,} parameters in {res.wall_seconds:.0f}s",
-               err=True)
-    typer.echo(str(res.model_dir))
+    from posttrain.train.distributed import is_main
+
+    if is_main():  # under accelerate launch / torchrun the other processes say nothing
+        typer.echo(f"trained {res.trainable_params:,} of {res.total_params:,} parameters in {res.wall_seconds:.0f}s",
+                   err=True)
+        typer.echo(str(res.model_dir))
 
 
 def _train_progress(total: int):
@@ -460,8 +463,19 @@ def _register_repair_commands() -> None:
 _register_repair_commands()
 
 
+def _check_launch() -> None:
+    """Only `train` shares its work among the processes of `accelerate launch` / `torchrun`; any
+    other command started N times would do its work N times over the same outputs."""
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        cmd = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        if cmd not in (None, "train"):
+            raise UserError(f"`posttrain {cmd}` runs in one process; of the commands only `posttrain train` "
+                            "runs under accelerate launch / torchrun")
+
+
 def main() -> None:
     try:
+        _check_launch()
         rv = app(standalone_mode=False)
         if isinstance(rv, int) and rv:
             sys.exit(rv)

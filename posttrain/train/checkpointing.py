@@ -37,12 +37,15 @@ class CriticState:
 
 
 def save_training_checkpoint(path: Path, model, tok, optimizer, scheduler, step: int, value_head=None,
-                             critic: CriticState | None = None) -> Path:
+                             critic: CriticState | None = None, rank_rng: list | None = None) -> Path:
+    """`rank_rng`: each process's torch RNG state, in rank order, when several trained together."""
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         state = {"format": 1, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "torch_rng": torch.get_rng_state()}
+        if rank_rng is not None:
+            state["torch_rng_by_rank"] = list(rank_rng)
         if critic is not None:
             state |= {"critic_optimizer": critic.optimizer.state_dict(), "critic_scheduler": critic.scheduler.state_dict()}
             critic.module.save(tmp / CRITIC_DIR)
@@ -62,11 +65,14 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def resume_latest(out_dir: Path, model, optimizer, scheduler, metrics_path: Path, value_head=None,
-                  critic: CriticState | None = None) -> int:
+                  critic: CriticState | None = None, truncate: bool = True) -> int:
     """Continue a run from its latest resumable checkpoint under `out_dir`: weights, optimizer and
     scheduler state, torch RNG state and (PPO) the value head or the separate critic with its
     optimizer and scheduler are restored and the metrics logged after that step dropped. Returns
-    the checkpoint's step, or 0 when there is none."""
+    the checkpoint's step, or 0 when there is none. With several processes each restores its own
+    RNG state and only the one that writes (`truncate`) rewrites metrics.jsonl."""
+    from posttrain.train.distributed import rank, world_size
+
     ck = latest_checkpoint(out_dir)
     if ck is None:
         return 0
@@ -74,7 +80,11 @@ def resume_latest(out_dir: Path, model, optimizer, scheduler, metrics_path: Path
     state = load_training_state(ck)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
+    by_rank = state.get("torch_rng_by_rank")
+    if len(by_rank or [None]) != world_size():
+        raise UserError(f"{ck} was written by {len(by_rank or [None])} process(es); resume it with as many "
+                        f"(this run has {world_size()})")
+    torch.set_rng_state(by_rank[rank()] if by_rank else state["torch_rng"])
     if value_head is not None:
         if not (ck / VALUE_HEAD_FILE).is_file():
             raise UserError(f"{ck}: no {VALUE_HEAD_FILE} (was this run trained with another critic setting?)")
@@ -86,7 +96,8 @@ def resume_latest(out_dir: Path, model, optimizer, scheduler, metrics_path: Path
         critic.optimizer.load_state_dict(state["critic_optimizer"])
         critic.scheduler.load_state_dict(state["critic_scheduler"])
     step = int(state["step"])
-    truncate_metrics(metrics_path, step)
+    if truncate:
+        truncate_metrics(metrics_path, step)
     return step
 
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from posttrain.errors import UserError
 from posttrain.tasks import Problem, Task, Verdict
+from posttrain.train.distributed import rank, shard_range, world_size
 from posttrain.train.rollout import generate
 from posttrain.train.sequences import PackedBatch, encode_completions, encode_prompts, pack
 
@@ -123,6 +124,9 @@ class DataSource:
 
     name: ClassVar[str] = ""
     on_policy: ClassVar[bool] = False
+    # whether `batch` keeps only this process's block of the step's prompts when several
+    # processes train together (`train.distributed`); the loop refuses the others then
+    sharded: ClassVar[bool] = False
     Params: ClassVar[type[BaseModel]] = NoParams
 
     @classmethod
@@ -160,6 +164,7 @@ class ExpertSource(DataSource):
     """
 
     Params = ExpertParams
+    sharded = True
 
     @classmethod
     def build(cls, cfg, ctx: SourceContext) -> "ExpertSource":
@@ -179,6 +184,9 @@ class ExpertSource(DataSource):
         n = 1 if self.dedupe else n
         rows = [p for p in problems for _ in range(n)]
         texts = [self.task.solve(p, self.fmt, rng) for p in rows]
+        if world_size() > 1:  # every row solved as one process would (the rng runs over all), this rank's kept
+            lo, hi = shard_range(len(problems), world_size(), rank())
+            rows, texts = rows[lo * n : hi * n], texts[lo * n : hi * n]
         packed = pack(encode_prompts(tok, [p.prompt for p in rows]), encode_completions(tok, texts), tok.pad_token_id, self.max_length)
         return Batch(packed, n, rows, texts)
 
@@ -188,6 +196,7 @@ class OnPolicySource(DataSource):
     """`samples_per_prompt` samples per prompt from the current policy, scored by the verifier."""
 
     on_policy = True
+    sharded = True
 
     @classmethod
     def build(cls, cfg, ctx: SourceContext) -> "OnPolicySource":
@@ -198,10 +207,14 @@ class OnPolicySource(DataSource):
 
     def batch(self, step: int, problems: list[Problem], n: int, model, tok, cfg) -> Batch:
         gen = torch.Generator().manual_seed(step_seed(self.seed, step, "rollout"))
+        shard = None
+        if world_size() > 1:  # this rank's block of whole prompt groups, sampled as one process would
+            lo, hi = shard_range(len(problems), world_size(), rank())
+            problems, shard = problems[lo:hi], (lo, len(problems))
         was_training = model.training
         model.eval()
         ro = generate(model, tok, [p.prompt for p in problems], n=n, max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.temperature, generator=gen)
+                      temperature=cfg.temperature, generator=gen, shard=shard)
         model.train(was_training)
         rows = [p for p in problems for _ in range(n)]
         verdicts = score(self.task, rows, ro.texts, ro.finished)

@@ -35,7 +35,8 @@ from posttrain.models.loading import check_generation_fits, load_model, save_che
 from posttrain.tasks import Problem, Task
 from posttrain.train.checkpointing import (CRITIC_DIR, CriticState, latest_checkpoint, load_weights_into, resume_latest,
                                            save_training_checkpoint)
-from posttrain.train.data_sources import Batch, SourceContext, prompt_schedule, score, step_seed, verdict_metrics
+from posttrain.train import distributed as ddp
+from posttrain.train.data_sources import DATA_SOURCES, Batch, SourceContext, prompt_schedule, score, step_seed, verdict_metrics
 from posttrain.train.freezing import apply_freezing
 from posttrain.train.objectives import OBJECTIVES, PolicyOutputs
 from posttrain.train.policy import Critic, ValueHead, policy_forward
@@ -158,9 +159,20 @@ def train(
     curve_prompts = [p.prompt for ps in (curve_problems or {}).values() for p in ps] if curve_every else []
     check_generation_fits(model, tok, [p.prompt for ps in schedule for p in ps] + curve_prompts, cfg.max_new_tokens,
                           f"methods.{method}.max_new_tokens" if method else "max_new_tokens")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
-    atomic_write_json(out_dir / "versions.json", versions())
+    accelerator = make_accelerator(device, cfg.trackers, out_dir / "logs")
+    multi = accelerator.num_processes > 1  # data parallel: see train.distributed
+    if multi:
+        _check_shardable(cfg, accelerator.num_processes, method)
+        if accelerator.distributed_type.value not in ("MULTI_CPU", "MULTI_GPU"):
+            # the loop replicates the model (data parallel); FSDP/DeepSpeed would need it sharded
+            raise UserError(f"accelerate distributed_type {accelerator.distributed_type.value} is not supported by "
+                            "the training loop yet; launch with configs/accelerate/ddp_gpu.yaml or ddp_cpu.yaml")
+    ddp.barrier()  # every process has checked its inputs (and the CLI its --out) before anything is written
+    main = accelerator.is_main_process
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.resolved(), sort_keys=False))
+        atomic_write_json(out_dir / "versions.json", versions())
     source = cfg.source_cls.build(cfg, SourceContext(task, seed, max_length, schedule, out_dir, expert_format))
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -172,14 +184,19 @@ def train(
     optimizer = make_optimizer(groups, cfg.lr, cfg.weight_decay)
     updates_per_step = cfg.num_iterations * cfg.minibatches
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps * updates_per_step, cfg.steps * updates_per_step)
-    accelerator = make_accelerator(device, cfg.trackers, out_dir / "logs")
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if multi:
+        # no DDP wrapper and no prepared scheduler (which steps once per process): gradients are
+        # summed by train.distributed.all_reduce_grads, the schedule steps once per update
+        model = model.to(accelerator.device)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     critic = None
     if critic_model is not None:
         # its own optimizer, schedule and gradient clipping: value-loss gradients never reach the policy
         c_opt = make_optimizer(list(critic_model.parameters()), critic_lr, cfg.weight_decay)
         c_sched = make_scheduler(c_opt, cfg.schedule, cfg.warmup_steps * updates_per_step, cfg.steps * updates_per_step)
-        critic = CriticState(*accelerator.prepare(critic_model, c_opt, c_sched))
+        critic = CriticState(critic_model.to(accelerator.device), c_opt, c_sched) if multi else \
+            CriticState(*accelerator.prepare(critic_model, c_opt, c_sched))
         critic.module.train()
     dev = accelerator.device
     if ref is not None:
@@ -191,15 +208,19 @@ def train(
                                                         critic.scheduler)
 
     metrics_path = out_dir / "metrics.jsonl"
-    start = resume_latest(out_dir, policy, optimizer, scheduler, metrics_path, value_head, critic_io) if resume else 0
+    start = resume_latest(out_dir, policy, optimizer, scheduler, metrics_path, value_head, critic_io,
+                          truncate=main) if resume else 0
     if resume and not start and (out_dir / "model" / "config.json").is_file() and (out_dir / "train.json").is_file():
         raise UserError(f"{out_dir} already holds a finished run (model/); nothing to resume")
-    log = metrics_path.open("a" if start else "w")
+    ddp.barrier()  # the main process has truncated metrics.jsonl before any process goes on
+    log = metrics_path.open("a" if start else "w") if main else None
     hparams = {k: v for k, v in cfg.model_dump(mode="json").items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers("posttrain", config=hparams)
     curve_tasks = curve_tasks or {}
 
     def log_line(row: dict) -> None:
+        if not main:
+            return
         log.write(strict_json(row) + "\n")
         log.flush()
         accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
@@ -208,7 +229,7 @@ def train(
 
     if start == 0:
         first = {"step": 0, "trainable_params": frz.trainable, "total_params": frz.total}
-        if curve_every and curve_problems:
+        if curve_every and curve_problems and main:
             first.update(quick_eval(policy, tok, curve_tasks, curve_problems, cfg.max_new_tokens))
         log_line(first)
 
@@ -234,26 +255,49 @@ def train(
             row.update(_update(cfg, objective, model, ref, value_head, batch, optimizer, scheduler, accelerator,
                                params, step, seed, out_dir, critic))
         row["step_seconds"] = time.time() - ts
-        if curve_every and curve_problems and ((step + 1) % curve_every == 0 or step + 1 == cfg.steps):
+        row = ddp.mean_metrics(row)
+        if main and curve_every and curve_problems and ((step + 1) % curve_every == 0 or step + 1 == cfg.steps):
             row.update(quick_eval(policy, tok, curve_tasks, curve_problems, cfg.max_new_tokens))
         log_line(row)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_training_checkpoint(out_dir / "checkpoints" / f"step-{step + 1}", policy, tok, optimizer, scheduler,
-                                     step + 1, value_head, critic_io)
+            rng = ddp.gather_objects(torch.get_rng_state())
+            if main:
+                save_training_checkpoint(out_dir / "checkpoints" / f"step-{step + 1}", policy, tok, optimizer,
+                                         scheduler, step + 1, value_head, critic_io, rng if multi else None)
+            ddp.barrier()
+    model_dir = out_dir / "model"
+    result = TrainResult(model_dir, metrics_path, cfg.steps, time.time() - t0, frz.trainable, frz.total)
+    if not main:
+        ddp.barrier()  # returns once the main process has written every output
+        accelerator.end_training()  # (which ends the process group)
+        return result
     log.close()
-    accelerator.end_training()
-    model_dir = save_checkpoint(policy, tok, out_dir / "model")
+    model_dir = result.model_dir = save_checkpoint(policy, tok, out_dir / "model")
     if value_head is not None:
         value_head.save(out_dir / "value_head.safetensors")
     if critic_io is not None:
         critic_io.module.save(out_dir / CRITIC_DIR)  # beside model/, never inside it
-    result = TrainResult(model_dir, metrics_path, cfg.steps, time.time() - t0, frz.trainable, frz.total)
+    result.wall_seconds = time.time() - t0
     atomic_write_json(out_dir / "train.json", {
         "steps": cfg.steps, "wall_seconds": result.wall_seconds, "objective": cfg.objective, "data": cfg.data_source,
         "expert_format": expert_format if cfg.data_source == "expert" else None, "resumed_from_step": start or None,
         "trainable_params": frz.trainable, "total_params": frz.total,
+        **({"processes": accelerator.num_processes} if multi else {}),
     })
+    ddp.barrier()
+    accelerator.end_training()
     return result
+
+
+def _check_shardable(cfg: TrainConfig, world: int, method: str | None) -> None:
+    """Several processes split each step's prompts into equal blocks of whole prompt groups."""
+    key = f"methods.{method}." if method else ""
+    if not cfg.source_cls.sharded:
+        raise UserError(f"{key}data: {cfg.data_source} runs in one process only (data sources that shard "
+                        f"over processes: {', '.join(n for n, c in DATA_SOURCES.items() if c.sharded)})")
+    if cfg.prompts_per_step % world:
+        raise UserError(f"{key}prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number of "
+                        f"processes ({world})")
 
 
 def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, optimizer, scheduler, accelerator,
@@ -264,7 +308,7 @@ def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, o
     values_from = value_head if critic is None else critic.module
     batch.packed = batch.packed.to(dev)
     if batch.rewards is not None:
-        _check_finite(float(batch.rewards.sum()), "reward", step, out_dir)
+        _check_finite(ddp.sum_scalar(float(batch.rewards.sum())), "reward", step, out_dir)
     ref_logp = None
     if ref is not None:
         with torch.no_grad():
@@ -280,7 +324,8 @@ def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, o
         # first ratio is 1 to the last bit
         with torch.no_grad():
             old = policy_forward(model, batch.packed.padded(), temp, False, values_from)
-    targets, metrics = objective.prepare(batch, old, ref_logp, cfg)
+    with ddp.reducing():
+        targets, metrics = objective.prepare(batch, old, ref_logp, cfg)
     n = batch.packed.input_ids.shape[0]
     losses = []
     out = None
@@ -301,10 +346,14 @@ def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, o
                 sub_ref = None if ref_logp is None else ref_logp[t.to(dev)][:, : width - 1]
                 sub_targets = targets.select(t, width)
                 new = policy_forward(model, sub.packed, temp, objective.traits.needs_entropy, values_from)
-            out = objective.compute(new, sub_old, sub_ref, sub, sub_targets, cfg)
+            with ddp.reducing():
+                out = objective.compute(new, sub_old, sub_ref, sub, sub_targets, cfg)
             loss_value = float(out.loss.detach())
             _check_finite(loss_value, "loss", step, out_dir)
             accelerator.backward(out.loss)
+            ddp.all_reduce_grads(params)
+            if critic is not None:
+                ddp.all_reduce_grads(critic.module.parameters())
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Annotated, Callable, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from posttrain.train.distributed import global_sum, reducing_over_ranks
+
 if TYPE_CHECKING:
     from posttrain.config import TrainConfig
     from posttrain.train.data_sources import Batch
@@ -41,9 +43,10 @@ if TYPE_CHECKING:
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum(x * m) / max(sum(m), 1): the mean over the masked entries (0 when there are none)."""
+    """sum(x * m) / max(sum(m), 1): the mean over the masked entries (0 when there are none).
+    Under `train.distributed.reducing()` both sums run over every rank's rows."""
     m = mask.float()
-    return (x * m).sum() / m.sum().clamp(min=1.0)
+    return global_sum((x * m).sum()) / global_sum(m.sum()).clamp(min=1.0)
 
 
 def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", norm_len: int | None = None) -> torch.Tensor:
@@ -67,11 +70,16 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", 
         return masked_mean(loss, m)
     if mode == "seq-mean-token-mean":
         per_seq = (loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)
-        return per_seq.mean()
+        if not reducing_over_ranks():
+            return per_seq.mean()
+        return global_sum(per_seq.sum()) / global_sum(per_seq.new_tensor(float(per_seq.shape[0])))
     if mode == "seq-mean-token-sum-norm":
         if norm_len is None or norm_len < 1:
             raise ValueError("seq-mean-token-sum-norm needs a constant norm_len >= 1 (the max_new_tokens budget)")
-        return (loss * m).sum() / (loss.shape[0] * float(norm_len))
+        if not reducing_over_ranks():
+            return (loss * m).sum() / (loss.shape[0] * float(norm_len))
+        rows = global_sum(loss.new_tensor(float(loss.shape[0])))
+        return global_sum((loss * m).sum()) / (rows * float(norm_len))
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
@@ -196,9 +204,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
     largely absorbs, and N=1 needs no special case (verl raises).
     """
     m = mask.float()
-    n = m.sum().clamp(min=1.0)
-    mean = (x * m).sum() / n
-    var = ((x - mean).pow(2) * m).sum() / n
+    n = global_sum(m.sum()).clamp(min=1.0)
+    mean = global_sum((x * m).sum()) / n
+    var = global_sum(((x - mean).pow(2) * m).sum()) / n
     return (x - mean) / (var.sqrt() + eps) * m
 
 

@@ -50,23 +50,39 @@ def generate(
     generator: torch.Generator | None = None,
     batch_size: int = 256,
     top_p: float = 1.0,
+    shard: tuple[int, int] | None = None,
 ) -> Rollouts:
     """Sample `n` completions per prompt (greedy decoding when `greedy`); batches of at most
     `batch_size` completions, each batch holding whole prompt groups. Sampling divides the logits
     by `temperature`, then keeps the `top_p` nucleus (`top_p_filter`; 1.0: off), in the order of
-    transformers' warpers."""
+    transformers' warpers.
+
+    `shard = (offset, total)`: `prompts` are the block starting at prompt `offset` of a global list
+    of `total` prompts sampled by several processes together (`train.distributed`); every process
+    calls `generate` with the same generator state, and each row gets exactly the sample it would
+    get if one process sampled all `total` prompts (see `_sample`)."""
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], not {top_p}")
     prompt_ids = encode_prompts(tok, prompts)
     per_batch = max(1, batch_size // n)
     out_completions: list[list[int]] = []
     out_finished: list[bool] = []
-    for start in range(0, len(prompts), per_batch):
-        comp, fin = _generate_batch(
-            model, tok, prompt_ids[start : start + per_batch], n, max_new_tokens, temperature, greedy, generator, top_p
-        )
-        out_completions += comp
-        out_finished += fin
+    if shard is None:
+        for start in range(0, len(prompts), per_batch):
+            comp, fin = _generate_batch(
+                model, tok, prompt_ids[start : start + per_batch], n, max_new_tokens, temperature, greedy, generator, top_p
+            )
+            out_completions += comp
+            out_finished += fin
+    else:
+        offset, total = shard
+        for start in range(0, total, per_batch):  # the chunks one process would sample, in order
+            lo, hi = max(start, offset), min(start + per_batch, total, offset + len(prompts))
+            rows = (max(hi - lo, 0) * n, (lo - start) * n, (min(start + per_batch, total) - start) * n)
+            comp, fin = _generate_batch(model, tok, prompt_ids[lo - offset : hi - offset] if hi > lo else [], n,
+                                        max_new_tokens, temperature, greedy, generator, top_p, rows)
+            out_completions += comp
+            out_finished += fin
     eos = tok.eos_token_id
     texts = tok.batch_decode([[t for t in c if t != eos] for c in out_completions], skip_special_tokens=False)
     expanded = [p for p in prompt_ids for _ in range(n)]
@@ -83,7 +99,29 @@ def _takes_bool_mask(model) -> bool:
     return getattr(model.config, "_attn_implementation", None) == "sdpa" and kinds == {"full_attention"} and not windowed
 
 
-def _generate_batch(model, tok, prompt_ids, n, max_new_tokens, temperature, greedy, generator, top_p=1.0):
+def _sample(probs: torch.Tensor, generator, glob: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """One token per row of `probs` [N, V].
+
+    One process: `torch.multinomial`. Several (`glob` = (bool mask of the global rows still
+    sampling, global index of each local row)): the same draw written out. For one sample,
+    `torch.multinomial` on CPU is argmax(p / q) with q ~ Exp(1) filled into a tensor shaped like
+    the probabilities (aten/src/ATen/native/Distributions.cpp, the "gumbel softmax" fast path).
+    Each process fills q for all rows still sampling in every process, as one process would, and
+    keeps its own rows: the same generator state gives the same sample to a row wherever it runs
+    (`tests/test_distributed.py` checks the identity with `torch.multinomial`).
+    """
+    if glob is None:
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)
+    alive, mine = glob
+    q = torch.empty((int(alive.sum()), probs.shape[-1]), dtype=probs.dtype).exponential_(1, generator=generator)
+    pos = (alive.cumsum(0) - 1)[mine]
+    return (probs.cpu() / q[pos]).argmax(-1)
+
+
+def _generate_batch(model, tok, prompt_ids, n, max_new_tokens, temperature, greedy, generator, top_p=1.0, rows=None):
+    """`rows` (several processes): (local rows, their first global row, global rows) of this chunk."""
+    if rows is not None:
+        return _generate_shard(model, tok, prompt_ids, n, max_new_tokens, temperature, greedy, generator, top_p, rows)
     device = next(model.parameters()).device
     fast_mask = _takes_bool_mask(model)
     pad = tok.pad_token_id
@@ -149,3 +187,85 @@ def _generate_batch(model, tok, prompt_ids, n, max_new_tokens, temperature, gree
         next_pos = next_pos + 1
     completions = [tokens[i, : lengths[i]].tolist() for i in range(total)]
     return completions, finished.tolist()
+
+
+def _generate_shard(model, tok, prompt_ids, n, max_new_tokens, temperature, greedy, generator, top_p, rows):
+    """`_generate_batch` for this process's rows of a chunk sampled by several processes: every
+    process takes every token step until all rows of all processes are finished, drawing the
+    chunk's noise each step (`_sample`), and skips the model when its own rows are done."""
+    from posttrain.train.distributed import global_done
+
+    n_local, first, n_global = rows
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if n_local:
+        state = _prefill(model, tok, prompt_ids, n)
+    g_alive = torch.ones(n_global, dtype=torch.bool)
+    mine = torch.arange(first, first + n_local)  # global row of each local row still sampling
+    tokens = torch.full((n_local, max_new_tokens), tok.pad_token_id, dtype=torch.long)
+    lengths = torch.zeros(n_local, dtype=torch.long)
+    finished = torch.zeros(n_local, dtype=torch.bool)
+    alive = torch.arange(n_local)
+    for step in range(max_new_tokens):
+        if len(alive):
+            logits = state["logits"]
+            if greedy:
+                nxt = logits.argmax(-1).cpu()
+            else:
+                scaled = logits / temperature
+                probs = torch.softmax(scaled if top_p >= 1.0 else top_p_filter(scaled, top_p), dim=-1)
+                nxt = _sample(probs, generator, (g_alive, mine))
+        else:
+            nxt = torch.zeros(0, dtype=torch.long)
+            if not greedy:  # the other processes' rows draw from the same stream
+                torch.empty((int(g_alive.sum()), vocab)).exponential_(1, generator=generator)
+        tokens[alive, step] = nxt
+        lengths[alive] = step + 1
+        done = nxt == tok.eos_token_id
+        finished[alive[done]] = True
+        g_done = torch.zeros(n_global, dtype=torch.bool)
+        g_done[mine[done]] = True
+        g_alive &= ~global_done(g_done)
+        if step == max_new_tokens - 1 or not g_alive.any():
+            break
+        keep = ~done
+        alive, mine = alive[keep], mine[keep]
+        if len(alive):
+            _decode_step(model, state, nxt.to(state["logits"].device), keep)
+    return [tokens[i, : lengths[i]].tolist() for i in range(n_local)], finished.tolist()
+
+
+def _prefill(model, tok, prompt_ids, n) -> dict:
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), tok.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        input_ids[i, width - len(p) :] = torch.tensor(p)
+        attention[i, width - len(p) :] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].float()
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, 0)
+        attention = attention.repeat_interleave(n, 0)
+        positions = positions.repeat_interleave(n, 0)
+    return {"cache": cache, "logits": logits, "attention": attention, "next_pos": positions[:, -1:] + 1,
+            "fast_mask": _takes_bool_mask(model)}
+
+
+def _decode_step(model, state: dict, nxt: torch.Tensor, keep: torch.Tensor) -> None:
+    device = state["logits"].device
+    attention, next_pos = state["attention"], state["next_pos"]
+    if not keep.all():
+        idx = keep.nonzero().squeeze(-1).to(device)
+        state["cache"].batch_select_indices(idx)
+        nxt, attention, next_pos = nxt[idx], attention[idx], next_pos[idx]
+    attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+    out = model(input_ids=nxt.unsqueeze(-1),
+                attention_mask=attention.bool()[:, None, None, :] if state["fast_mask"] else attention,
+                position_ids=next_pos, past_key_values=state["cache"], use_cache=True)
+    state.update(logits=out.logits[:, -1].float(), attention=attention, next_pos=next_pos + 1)

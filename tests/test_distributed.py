@@ -1,0 +1,118 @@
+"""Data-parallel training (posttrain.train.distributed): 2 processes on CPU over gloo give the run of
+1 process with the same global batch, write one set of outputs, and resume."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.train.rollout import _sample
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = """\
+methods:
+  m: {objective: grpo, task: coin, steps: 4, prompts_per_step: 4, samples_per_prompt: 4, max_new_tokens: 8,
+      lr: 3.0e-3, checkpoint_every: 2, trackers: [none]}
+"""
+# the samples are the same draws, so these are equal; the losses differ only by float summation order
+EXACT = ("rollout/reward", "rollout/malformed", "rollout/len", "rollout/format/default", "adv_abs_mean",
+         "groups_zero_adv", "lr", "ratio_mean", "clipfrac")
+CLOSE = ("loss", "pg_loss", "grad_norm", "kl_ref")
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def test_sample_over_ranks_is_multinomial():
+    """Each process's rows, drawn from the noise of all rows still sampling, are torch.multinomial's."""
+    probs = torch.softmax(torch.randn(6, 37, generator=torch.Generator().manual_seed(1)) * 3, -1)
+    alive = torch.tensor([True, False, True, True, False, True])
+    whole = torch.multinomial(probs[alive], 1, generator=torch.Generator().manual_seed(7)).squeeze(-1)
+    rows = alive.nonzero().squeeze(-1)
+    for mine in (rows[:2], rows[2:], rows[1:3]):
+        part = _sample(probs[mine], torch.Generator().manual_seed(7), (alive, mine))
+        assert torch.equal(part, whole[[int(r) for r in (alive.cumsum(0) - 1)[mine]]])
+    # drawing noise for its own rows only (as a naive shard would) gives other samples
+    alone = torch.multinomial(probs[rows[2:]], 1, generator=torch.Generator().manual_seed(7)).squeeze(-1)
+    assert not torch.equal(alone, whole[2:])
+
+
+def test_other_commands_refuse_several_processes(tmp_path):
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "WORLD_SIZE": "2", "RANK": "1"}
+    p = subprocess.run([sys.executable, "-m", "posttrain.cli", "diff", "--base", "a", "--target", "b", "--out",
+                        str(tmp_path / "d")], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: `posttrain diff` runs in one process; of the commands only `posttrain train` runs under "
+        "accelerate launch / torchrun"]
+    assert not (tmp_path / "d").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(tmp: Path, base: Path, out: str, procs: int, *extra: str) -> subprocess.CompletedProcess:
+    cli = [str(ROOT / "tests" / "run_cli.py"), "train", str(tmp / "cfg.yaml"), "--method", "m", "--base", str(base),
+           "--out", str(tmp / out), "--device", "cpu", *extra]
+    if procs == 1:
+        cmd = [sys.executable, *cli]
+    else:  # the shipped config, on a free port
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"), "--num_processes", str(procs),
+               "--main_process_port", str(_free_port()), *cli]
+    env = {"POSTTRAIN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_write_once_and_resume(coin_checkpoint, tmp_path):
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    one = _train(tmp_path, coin_checkpoint, "one", 1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _train(tmp_path, coin_checkpoint, "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.split() == [str(tmp_path / "two" / "model")]  # one process speaks
+
+    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]  # one writer: no duplicate lines
+    assert json.loads((tmp_path / "two" / "train.json").read_text())["processes"] == 2
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert not list(tmp_path.glob("two/**/*.tmp"))
+    for x, y in zip(a[1:], b[1:]):
+        assert set(x) == set(y)
+        for k in EXACT:
+            assert x[k] == y[k], (x["step"], k)
+        for k in CLOSE:
+            assert y[k] == pytest.approx(x[k], rel=RTOL, abs=ATOL), (x["step"], k)
+    assert len({r["rollout/reward"] for r in a[1:]}) > 1 and any(r["loss"] != 0 for r in a[1:])  # a real signal
+    wa, wb = load_file(tmp_path / "one/model/model.safetensors"), load_file(tmp_path / "two/model/model.safetensors")
+    base = load_file(coin_checkpoint / "model.safetensors")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5), k
+    assert any(not torch.equal(wa[k], base[k]) for k in wa)
+
+    # stopped after the checkpoint at step 2: resumed by 2 processes, it ends where the whole run did
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "two", stopped)
+    shutil.rmtree(stopped / "model")
+    shutil.rmtree(stopped / "checkpoints" / "step-4")
+    (stopped / "train.json").unlink()
+    one_proc = _train(tmp_path, coin_checkpoint, "stopped", 1, "--resume")
+    assert one_proc.returncode == 2 and "written by 2 process(es)" in one_proc.stderr, one_proc.stderr[-2000:]
+    again = _train(tmp_path, coin_checkpoint, "stopped", 2, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]  # noqa: E731
+    assert strip(_rows(stopped)) == strip(b)
+    wc = load_file(stopped / "model/model.safetensors")
+    assert all(torch.equal(wb[k], wc[k]) for k in wb)
+    assert json.loads((stopped / "train.json").read_text())["resumed_from_step"] == 2
