@@ -55,6 +55,7 @@ def training_summary(run, name: str) -> dict[str, Any]:
 def assemble_results(cfg: StudyConfig, evals: dict[str, dict], diagnostics: dict[str, dict], run,
                      wall_seconds: float, diag_extra: dict | None = None) -> dict[str, Any]:
     from posttrain.analysis.diagnostics import results_keys
+    from posttrain.analysis.format_shares import read_format_series
 
     models = {name: model_entry(cfg, scores) for name, scores in evals.items()}
     keys = results_keys()
@@ -76,6 +77,9 @@ def assemble_results(cfg: StudyConfig, evals: dict[str, dict], diagnostics: dict
         # per method: diagnostics of each step-<N> checkpoint against the base
         "trajectories": (diag_extra or {}).get("trajectory", {}),
         "training": {name: training_summary(run, name) for name in cfg.methods},
+        # per on-policy / Expert Iteration method: the format shares of its samples over training steps
+        "format_trajectories": {name: pts for name in cfg.methods
+                                if (pts := read_format_series(run.method(name) / "metrics.jsonl"))},
         "repairs": {},
         # per method with evaluated kept checkpoints: [{step, id_acc, ood_acc}] (final model last) and
         # the point with the best OOD accuracy; where methods started from another one's checkpoint

@@ -378,7 +378,9 @@ def weight_diagnostics(cfg: StudyConfig, run: Run, stages: Stages, base_dir: Pat
     names = list(cfg.methods)
     root = run.root / "diagnostics"
     extra_path = root / "extra.json"
-    key = config_hash({"base": base_key, "models": {n: keys[n] for n in names}, "diagnostics": dcfg.model_dump()})
+    # the null (a seeded random update) is part of the diagnostics: diagnostics written before it are redone
+    key = config_hash({"base": base_key, "models": {n: keys[n] for n in names}, "diagnostics": dcfg.model_dump(),
+                       "null_seed": cfg.seed})
     outputs = [run.diagnostics("base", n) for n in names] + [extra_path]
     if stages.done("diagnostics", key, outputs):
         return {n: read_json(run.diagnostics("base", n)) for n in names}, read_json(extra_path)
@@ -405,7 +407,8 @@ def weight_diagnostics(cfg: StudyConfig, run: Run, stages: Stages, base_dir: Pat
         + (f" and {n_ck} earlier checkpoint{'s' * (n_ck != 1)}" if n_ck else ""))
     res = diff(base_dir, {**{n: model_dirs[n] for n in names}, **traj_models}, None, plots=False,
                show_progress=False, spectral=dcfg.spectral, top_frac=dcfg.top_frac, bins=dcfg.bins,
-               compare_pairs=method_pairs + traj_pairs)
+               compare_pairs=method_pairs + traj_pairs, null_seed=cfg.seed,
+               null_models=names)  # the findings read the final models' null; checkpoints skip its SVDs
     main = res.subset(names, method_pairs)
     write_outputs(main, root / "diff")
     summaries = {n: main.summaries[n].to_json() for n in names}

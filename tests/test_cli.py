@@ -94,6 +94,14 @@ def test_quick_demo_end_to_end(quick_study):
         assert len(d["angle_curve"]["x"]) == len(d["angle_curve"]["left"]) > 0
         # checkpoint_every: 2 over 4 steps gives a two-point trajectory per method
         assert [p["step"] for p in res["trajectories"][name]] == [2, 4]
+        # the random-update null of sft_rotates_not_rescales, for the final models that moved
+        if d["rel_update_total"] > 0:
+            assert 0 <= d["null_principal_angle_top"] <= 90 and d["null_sv_rel_change_top_d0"] >= 0
+        else:
+            assert d["null_principal_angle_top"] is None
+    # the formats of the samples of every on-policy step (4 prompts x 4 samples); SFT on expert data samples none
+    assert [(p["step"], p["samples"]) for p in res["format_trajectories"]["grpo"]] == [(s, 16) for s in (1, 2, 3, 4)]
+    assert "sft" not in res["format_trajectories"]
     cos = res["diagnostic_pairs"]["sft|grpo"]["cosine_total"]  # None when one update is exactly zero
     assert (cos is None) == (res["diagnostics"]["grpo"]["rel_update_total"] == 0) and (cos is None or -1 <= cos <= 1)
     # the findings are what the rules give on the numbers in results.json
@@ -130,7 +138,7 @@ def test_quick_demo_end_to_end(quick_study):
     assert kl_f["n_models"] == 6 and kl_f["evidence"].startswith("6 models")
     html = (out / "report.html").read_text()
     assert "Rotation or rescaling?" in html and "Over training" in html and "RL from SFT checkpoints" in html
-    assert "KL to the base and forgetting" in html
+    assert "KL to the base and forgetting" in html and "Format shares over training" in html
     assert html.count("data:image/png;base64,") >= 9 and "Findings" in html and "http" not in html.split("<body>")[1][:200]
     for rel in ("config.yaml", "versions.json", "base/config.json", "methods/sft/model/model.safetensors",
                 "methods/grpo/metrics.jsonl", "eval/base.json", "diagnostics/base__sft.json",

@@ -599,3 +599,122 @@ def test_float32_tall_matrices_take_the_gram_route_with_the_same_answers(tmp_pat
                 "stable_rank_delta", "effective_rank_delta", "sv_rel_change_all"):
         assert rows["auto"][col] == pytest.approx(rows["full64"][col], rel=1e-5, abs=1e-4)
         assert rows["full32"][col] == pytest.approx(rows["full64"][col], rel=1e-3, abs=1e-3)
+
+
+def _perturbed(src, dst, change, seed=0):
+    """A copy of checkpoint `src` at `dst` whose layer matrices are `change(W, generator)`."""
+    model, tok = load_model(src)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and ".layers." in n:
+                p.copy_(change(p.detach().double(), g).to(p.dtype))
+    model.save_pretrained(dst, safe_serialization=True)
+    tok.save_pretrained(dst)
+    return dst
+
+
+def _rotate_top(W, g):
+    """Turn the top left singular vector 0.3 rad toward the 5th and grow s_1 by 0.1%: mostly a rotation."""
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U = U.clone()
+    u0, u4 = U[:, 0].clone(), U[:, 4].clone()
+    U[:, 0], U[:, 4] = math.cos(0.3) * u0 + math.sin(0.3) * u4, -math.sin(0.3) * u0 + math.cos(0.3) * u4
+    S = S.clone()
+    S[0] *= 1.001
+    return (U * S) @ Vh
+
+
+def test_isotropic_noise_does_not_pass_the_rotation_rule_and_a_rotation_does(tiny_checkpoint, tmp_path):
+    """sft_rotates_not_rescales against its null, from real diffs: an SFT update that is itself isotropic
+    Gaussian noise (another draw than the null's) must not hold, as it did by 30-60x before the null;
+    a planted rotation of the top singular vectors must."""
+    from types import SimpleNamespace
+
+    from posttrain.findings import decide
+    from posttrain.findings.spectra import sft_rotates_not_rescales
+
+    def noise(W, g):
+        return W + 0.02 * W.norm() / math.sqrt(W.numel()) * torch.randn(W.shape, generator=g, dtype=W.dtype)
+
+    others = {"iso": _perturbed(tiny_checkpoint, tmp_path / "iso", noise, seed=123),
+              "rot": _perturbed(tiny_checkpoint, tmp_path / "rot", _rotate_top)}
+    res = diff(tiny_checkpoint, others, plots=False, show_progress=False, spectral=True, compare_pairs=None,
+               null_seed=0)
+    verdicts = {}
+    for name in others:
+        d = res.summaries[name].to_json()
+        if name == "iso":  # the null's updates have the noise's norm: top-k angles of the same size
+            assert d["null_principal_angle_top"] == pytest.approx(d["principal_angle_top"], rel=0.5)
+        m = sft_rotates_not_rescales(SimpleNamespace(sft=name, rl=None, diagnostics={name: d}))
+        verdicts[name] = decide(m.value, m.threshold, m.se)
+        assert "random updates of the same norm" in m.evidence
+    assert verdicts["iso"] is not True and verdicts["rot"] is True
+    # the same seed draws the same null; another seed another one
+    again = diff(tiny_checkpoint, {"iso": others["iso"]}, plots=False, show_progress=False, spectral=True,
+                 compare_pairs=None, null_seed=0).summaries["iso"].to_json()
+    other = diff(tiny_checkpoint, {"iso": others["iso"]}, plots=False, show_progress=False, spectral=True,
+                 compare_pairs=None, null_seed=1).summaries["iso"].to_json()
+    first = res.summaries["iso"].to_json()
+    assert again["null_sv_rel_change_top_d0"] == first["null_sv_rel_change_top_d0"]
+    assert other["null_sv_rel_change_top_d0"] != first["null_sv_rel_change_top_d0"]
+
+
+def test_update_energy_cells_match_numpy_and_scale_out_of_the_mlp_share(pair, tmp_path):
+    """update_sq = sum ||dW||_F^2 per layer x module cell; sft_moves_mlp_more's share of it is the
+    same for an update 6x larger (Adam's update scales with the learning rate)."""
+    from posttrain.findings.weights import mid_layer_mlp_share
+
+    base, ft, _ = pair
+    summary, _ = relative_updates(base, ft)
+    a, b, _ = numpy_rel(base, ft)
+    sq = {n: float(np.sum((b[n].astype(np.float64) - a[n].astype(np.float64)) ** 2)) for n in a}
+    cells = summary.to_json()["update_sq_by_layer_module"]
+    assert cells["down_proj"][0] == pytest.approx(sq["model.layers.0.mlp.down_proj.weight"], rel=1e-9)
+    assert cells["q_proj"][1] == pytest.approx(sq["model.layers.1.self_attn.q_proj.weight"], rel=1e-9)
+    assert summary.to_json()["update_sq"] == pytest.approx(sum(sq.values()), rel=1e-9)
+    # ft + 5 dW: the same update 6x larger
+    model, tok = load_model(ft)
+    ref, _ = load_model(base)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), ref.parameters()):
+            p.add_(5 * (p - q))
+    model.save_pretrained(tmp_path / "x6", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "x6")
+    big = relative_updates(base, tmp_path / "x6")[0].to_json()
+    assert big["update_sq_by_layer_module"]["down_proj"][0] == pytest.approx(36 * cells["down_proj"][0], rel=1e-5)
+    share = mid_layer_mlp_share(summary.to_json())
+    assert share is not None and 0 < share < 1
+    assert mid_layer_mlp_share(big) == pytest.approx(share, rel=1e-5)
+
+
+def test_qk_rule_does_not_depend_on_a_modules_weight_scale(pair, tmp_path):
+    """qk_change_most ranks modules by ||dW|| / ||W_base||: scaling down_proj's base weights and its
+    update together by 100 (a module with larger weights that moved more in absolute terms, now
+    more than q_proj) leaves every relative update and the verdict (q_proj on top) as they were."""
+    from types import SimpleNamespace
+
+    from posttrain.findings.weights import qk_change_most
+
+    base, ft, _ = pair
+    scaled = {}
+    for tag, src in (("base", base), ("ft", ft)):
+        model, tok = load_model(src)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".down_proj." in n:
+                    p.mul_(100.0)
+        model.save_pretrained(tmp_path / tag, safe_serialization=True)
+        tok.save_pretrained(tmp_path / tag)
+        scaled[tag] = tmp_path / tag
+    plain = relative_updates(base, ft)[0].to_json()
+    big = relative_updates(scaled["base"], scaled["ft"])[0].to_json()
+    assert big["rel_update_by_module"] == pytest.approx(plain["rel_update_by_module"], rel=1e-5)
+    # in absolute terms down_proj now moved most: a rule on ||dW|| would name it
+    energy = {m: sum(x for x in v if x is not None) for m, v in big["update_sq_by_layer_module"].items()}
+    assert max(energy, key=energy.get) == "down_proj"
+
+    def verdict(d):
+        return qk_change_most(SimpleNamespace(sft="m", rl=None, diagnostics={"m": d}))
+
+    assert verdict(plain)[0] is True and verdict(big) == verdict(plain)

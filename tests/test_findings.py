@@ -37,17 +37,45 @@ def model(id_acc, ood_acc, top=0.5, base_fmt=None, facts=0.9):
             "format_share": base_fmt or {"eq": top, "steps": 1 - top}}
 
 
+ANGLE = 30.0  # degrees: 0.5236 rad
+NULL_RATIOS = (1.0, 2.0, 3.0, 1.0, 2.0, 3.0)  # rotation-to-rescaling ratios of the random draws: mean 2, SD sqrt(0.8)
+
+
+def null_diag(ratios=NULL_RATIOS, angle=ANGLE):
+    """The random-update null of a method's diagnostics, its draws at `angle` degrees with these ratios."""
+    svcs = [math.radians(angle) / r for r in ratios]
+    d = {f"null_principal_angle_top_d{i}": angle for i in range(len(ratios))}
+    d.update({f"null_sv_rel_change_top_d{i}": v for i, v in enumerate(svcs)})
+    d.update(null_principal_angle_top=angle, null_sv_rel_change_top=sum(svcs) / len(svcs))
+    return d
+
+
+def energy(mid, attn=1.0, mlp=1.0, scale=1.0):
+    """||dW||_F^2 cells of 3 layers: `attn` in each attention matrix, `mlp` in the outer layers' MLP
+    matrices, `mid` in the middle layer's; all times `scale`."""
+    cells = {m: [attn * scale] * 3 for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    cells.update({m: [mlp * scale, mid * scale, mlp * scale] for m in ("gate_proj", "up_proj", "down_proj")})
+    return cells
+
+
 def diag(mlp_mid=1.0, top_module="q_proj", angle=None, svc=None, curve=None):
     by_mod = {m: 0.1 for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
     by_mod[top_module] = 0.5
     d = {"rel_update_by_module": by_mod,
          # 3 layers: the middle third is layer 1
-         "rel_update_by_layer_module": {m: [99.0, mlp_mid, 99.0] for m in ("gate_proj", "up_proj", "down_proj")}}
+         "rel_update_by_layer_module": {m: [99.0, mlp_mid, 99.0] for m in ("gate_proj", "up_proj", "down_proj")},
+         "update_sq_by_layer_module": energy(mlp_mid)}
     if angle is not None:
         d["principal_angle_top"], d["sv_rel_change_top"] = angle, svc
+        d.update(null_diag())
     if curve is not None:
         d["angle_curve"] = curve
     return d
+
+
+def series(eq_shares, samples=BIG, start=1):
+    """A method's format shares over its sampling steps: eq at each given share, steps the rest."""
+    return [{"step": start + i, "samples": samples, "shares": {"eq": p, "steps": 1 - p}} for i, p in enumerate(eq_shares)]
 
 
 def results(**over):
@@ -57,6 +85,8 @@ def results(**over):
                    "grpo": model(0.5, 0.25, top=0.95, facts=0.89)},
         "n_problems": {"id": BIG, "ood": BIG, "retention": {"facts": BIG}},
         "forgetting": {"sft": 0.2, "grpo": 0.01},
+        # the formats grpo sampled over 10 training steps: the base's top format eq rises 0.6 -> 0.95
+        "format_trajectories": {"grpo": series([0.6] * 5 + [0.9] * 4 + [0.95])},
         "diagnostics": {"sft": diag(6.0, "q_proj", angle=30.0, svc=0.1,
                                     curve={"x": [0.05, 0.5, 0.95], "left": [10.0, 2.0, 12.0], "right": [10.0, 2.0, 12.0]}),
                         "grpo": diag(2.0, "k_proj")},
@@ -101,8 +131,9 @@ ALL = ["sft_gains_id", "rl_gains_id", "sft_gains_more_id", "sft_forgets_more", "
        "rl_generalizes_ood", "sft_moves_mlp_more", "qk_change_most", "sft_rotates_not_rescales",
        "rotation_at_spectrum_ends", "uv_top20_recovers_ood", "reset_first_quarter_recovers_ood",
        "sft_damage_is_rotation", "rl_format_collapse"]
-# claims the made-up run cannot test: too few models for the KL rule, no RL started from SFT
-UNTESTED = ["kl_predicts_forgetting", "rl_heals_sft_ood", "stronger_sft_heals_better", "rl_undoes_sft_rotation"]
+# claims the made-up run cannot test: too few models for the KL rule, no RL started from SFT, no frozen SFT
+UNTESTED = ["kl_predicts_forgetting", "rl_heals_sft_ood", "stronger_sft_heals_better", "rl_undoes_sft_rotation",
+            "freezing_reduces_forgetting", "rl_easy_to_hard", "on_policy_forgets_less"]
 
 
 def verdicts(res, cfg=CFG):
@@ -153,18 +184,23 @@ CASES = [
     ("rl_generalizes_ood", {"models__grpo__ood_acc": 0.06}, True),
     ("rl_generalizes_ood", {"models__grpo__ood_acc": 0.0501}, True),
     ("rl_generalizes_ood", {"models__sft__ood_acc": 0.3}, False),
-    # mid-layer MLP ratio strictly above 1.5; 1.5 exactly is not
-    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 3.0, 0.0]}}, False),
-    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 3.02, 0.0]}}, True),
-    # a ratio, not a product: 1.0 / 0.5 = 2 holds, 0.5 / 0.25 = 2 as well, 0.7 / 0.5 = 1.4 does not
-    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 1.0, 0.0]},
-                            "diagnostics__grpo__rel_update_by_layer_module": {"up_proj": [0.0, 0.5, 0.0]}}, True),
-    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 0.5, 0.0]},
-                            "diagnostics__grpo__rel_update_by_layer_module": {"up_proj": [0.0, 0.25, 0.0]}}, True),
-    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 3.5, 0.0]},
-                            "diagnostics__grpo__rel_update_by_layer_module": {"up_proj": [0.0, 2.5, 0.0]}}, False),
-    ("sft_moves_mlp_more", {"diagnostics__grpo__rel_update_by_layer_module": {"up_proj": [0.0, 0.0, 0.0]}}, None),
-    ("sft_moves_mlp_more", {"diagnostics__grpo__rel_update_by_layer_module": DELETE}, None),
+    # mid-layer MLP share of the update energy: sft 18 / 36 = 0.5, grpo 6 / 24 = 0.25 (ratio 2); the
+    # ratio of shares must be strictly above 1.5
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": energy(4.0)}, False),  # 12/30 = 0.4: 1.25
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": energy(3.0)}, False),  # 9/27: exactly 1.5
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": energy(2.99)}, True),
+    # learning-rate invariant: RL's whole update 6x larger (36x the energy) or 6x smaller decides the same
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": energy(2.0, scale=36.0)}, True),
+    ("sft_moves_mlp_more", {"diagnostics__sft__update_sq_by_layer_module": energy(6.0, scale=1 / 36)}, True),
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": energy(4.0, scale=1 / 36)}, False),
+    # a larger relative update of SFT's mid-layer MLPs alone does not decide it: the share does
+    ("sft_moves_mlp_more", {"diagnostics__sft__rel_update_by_layer_module": {"up_proj": [0.0, 300.0, 0.0]},
+                            "diagnostics__sft__update_sq_by_layer_module": energy(2.0, scale=1000.0)}, False),
+    # every energy in the mid-layer MLPs: share 1
+    ("sft_moves_mlp_more", {"diagnostics__sft__update_sq_by_layer_module": energy(5.0, attn=0.0, mlp=0.0)}, True),
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": energy(0.0, attn=0.0, mlp=0.0)}, None),
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": energy(0.0)}, None),  # share 0
+    ("sft_moves_mlp_more", {"diagnostics__grpo__update_sq_by_layer_module": DELETE}, None),
     ("sft_moves_mlp_more", {"diagnostics__sft": {}}, None),
     # q/k must be the top linear module of every method
     ("qk_change_most", {"diagnostics__grpo__rel_update_by_module__v_proj": 0.9}, False),
@@ -176,11 +212,22 @@ CASES = [
     ("qk_change_most", {"diagnostics__grpo__rel_update_by_module": dict.fromkeys(("v_proj", "q_proj"), 0.0),
                         "diagnostics__sft__rel_update_by_module": dict.fromkeys(("v_proj", "q_proj"), 0.0)}, None),
     ("qk_change_most", {"diagnostics": {}}, None),
-    # rotation vs rescaling: angle in radians against the relative s.v. change
-    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": 0.6}, False),
-    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": 0.52}, True),   # 30 deg = 0.5236 rad
+    # rotation vs rescaling against the random updates' ratios (mean 2, SD 0.894, 2 SD = 1.789): SFT's
+    # ratio 0.5236 rad / 0.1 = 5.24 holds. Before the null, 0.52 rad vs a change of 0.5 held (ratio
+    # 1.05): a random update does more than that
+    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": 0.5}, None),
+    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": math.radians(30) / 2}, None),  # = null
+    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": math.radians(30) / 3.7}, None),  # +1.7
+    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": math.radians(30) / 3.9}, True),  # +1.9
+    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": math.radians(30) / 0.2}, False),  # -1.8
+    # draws that agree exactly have no spread: the plain comparison with their ratio
+    ("sft_rotates_not_rescales", {"diagnostics__sft": {**diag(6.0, angle=30.0, svc=math.radians(30) / 2.01),
+                                                       **null_diag((2.0,) * 6)}}, True),
+    ("sft_rotates_not_rescales", {"diagnostics__sft": {**diag(6.0, angle=30.0, svc=math.radians(30) / 1.99),
+                                                       **null_diag((2.0,) * 6)}}, False),
     ("sft_rotates_not_rescales", {"diagnostics__sft__principal_angle_top": 0.0,
-                                  "diagnostics__sft__sv_rel_change_top": 0.0}, False),
+                                  "diagnostics__sft__sv_rel_change_top": 0.0}, None),  # no ratio
+    ("sft_rotates_not_rescales", {"diagnostics__sft__null_sv_rel_change_top_d3": DELETE}, None),
     ("sft_rotates_not_rescales", {"diagnostics__sft__principal_angle_top": DELETE}, None),
     ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": DELETE}, None),
     # both ends above the middle
@@ -243,15 +290,27 @@ CASES = [
     ("sft_damage_is_rotation", {"repairs__dir100": DELETE}, None),
     ("sft_damage_is_rotation", {"repairs__dir100__ood_recovered_frac": None}, None),
     ("sft_damage_is_rotation", {"repairs__mag100__ood_recovered_frac": None}, None),
-    # format collapse: RL's top share >= 0.9 and above the base's
-    ("rl_format_collapse", {"models__grpo__format_share": {"eq": 0.9, "steps": 0.1}}, True),
-    ("rl_format_collapse", {"models__grpo__format_share": {"eq": 0.89, "steps": 0.11}}, False),
-    ("rl_format_collapse", {"models__base__format_share": {"eq": 0.95, "steps": 0.05}}, False),
-    ("rl_format_collapse", {"models__base__format_share": {"eq": 0.96, "steps": 0.04}}, False),
-    # the top format is any format but "malformed"; here steps collapses
-    ("rl_format_collapse", {"models__grpo__format_share": {"eq": 0.02, "steps": 0.93, "malformed": 0.05}}, True),
-    ("rl_format_collapse", {"models__grpo__format_share": {"eq": 0.05, "steps": 0.03, "malformed": 0.92}}, False),
-    ("rl_format_collapse", {"models__grpo__format_share": {"malformed": 1.0}}, False),
+    # format collapse: the base's top format (eq, 0.6) rises from the first 10% of RL's sampling steps
+    # to the last 10% (10 steps: one step each, 0.6 -> 0.95)
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.6] * 10)}, None),  # no rise: within noise
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.6] * 9 + [0.5999])}, False),
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.6] * 9 + [0.6001])}, True),
+    # a high final share that was already there at the start is no collapse
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.95] * 10)}, None),
+    # the windows: 20 steps, the first and the last two; the middle does not count
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.5, 0.7] + [0.0] * 16 + [0.6, 0.6])}, None),
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.5, 0.7] + [1.0] * 16 + [0.55, 0.6])}, False),
+    # the dominant format is the base's: steps (0.7 in the base) fell from 0.4 to 0.05 while eq rose
+    ("rl_format_collapse", {"models__base__format_share": {"eq": 0.3, "steps": 0.7}}, False),
+    # malformed is not a format
+    ("rl_format_collapse", {"models__base__format_share": {"eq": 0.2, "steps": 0.1, "malformed": 0.7}}, True),
+    ("rl_format_collapse", {"models__base__format_share": {"malformed": 1.0}}, None),
+    # on few samples the same rise of 0.05 is within noise (64 samples per step: 2 SE = 0.17)
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.6] * 9 + [0.65], samples=64)}, None),
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.6] * 9 + [0.95], samples=64)}, True),
+    # one sampling point (an Expert Iteration with one round) or none: untestable
+    ("rl_format_collapse", {"format_trajectories__grpo": series([0.6])}, None),
+    ("rl_format_collapse", {"format_trajectories": {}}, None),
 ]
 
 
@@ -305,7 +364,7 @@ def test_evidence_states_the_numbers():
     assert ev["sft_gains_id"] == "sft: id_acc 0.300 -> 0.600 (+0.300)"
     assert ev["sft_forgets_more"] == "forgetting sft +0.200 vs grpo +0.010"
     assert ev["rl_forgets_little"] == "forgetting grpo +0.010"
-    assert ev["sft_moves_mlp_more"].endswith("(ratio 3.00)")
+    assert ev["sft_moves_mlp_more"].endswith("(ratio 2.00)")
     assert ev["uv_top20_recovers_ood"].startswith("uv20: OOD 0.150 (gap to recover +0.150), recovered 80% ± 0% (SE)")
 
 
@@ -439,10 +498,21 @@ CLAIMS = {
     "sft_forgets_more": "SFT forgets more than RL (larger mean drop on retention probes). " + NOISE,
     "rl_forgets_little": "RL forgets little: mean retention drop below 0.05. " + NOISE,
     "rl_generalizes_ood": "RL generalises better out of domain than SFT (larger OOD change). " + NOISE,
-    "sft_moves_mlp_more": "SFT moves mid-layer MLP weights more than RL (relative update ratio > 1.5).",
-    "qk_change_most": "Attention query/key weights change most (top linear module is q_proj or k_proj, for every method).",
-    "sft_rotates_not_rescales": "SFT mostly rotates singular vectors rather than rescaling singular values (mean top-k "
-                                "principal angle, in radians, exceeds the mean top-k relative singular-value change).",
+    "sft_moves_mlp_more": "SFT moves mid-layer MLP weights more than RL, independently of the learning rate (rule: the "
+                          "share of each method's update energy, sum of ||dW||_F^2, that falls in the MLP matrices of "
+                          "the middle third of the layers, out of all the layers' linear matrices; SFT's share over "
+                          "RL's share > 1.5).",
+    "qk_change_most": "Attention query/key weights change most (rule: per linear module type, the relative update "
+                      "||dW||_F / ||W_base||_F of its matrices over all layers taken together, sqrt(sum ||dW||_F^2) / "
+                      "sqrt(sum ||W_base||_F^2), as in Scalpel vs Hammer, so that a module's weight scale does not "
+                      "decide; the top module is q_proj or k_proj, for the SFT and the RL method).",
+    "sft_rotates_not_rescales": "SFT mostly rotates singular vectors rather than rescaling singular values, beyond what "
+                                "a random update does (rule: SFT's rotation-to-rescaling ratio, mean top-k principal "
+                                "angle in radians over mean top-k relative singular-value change, must exceed the mean "
+                                "ratio of norm-matched random updates of the same matrices (per matrix the same "
+                                "||dW||_F as SFT's, i.i.d. Gaussian direction, seeded by the study seed; 6 draws) by "
+                                "more than twice the draws' standard deviation; several seeds: a 95% paired interval "
+                                "over seeds of the margin must exclude 0; otherwise within noise).",
     "rotation_at_spectrum_ends": "The rotation concentrates at the top and bottom of the spectrum (SFT's principal angle "
                                  "in both the top and the bottom 10% of the spectrum exceeds its mean over the middle 50%).",
     "uv_top20_recovers_ood": "Restoring the base's top-20% singular directions recovers >= 70% of SFT's lost OOD accuracy "
@@ -459,7 +529,37 @@ CLAIMS = {
                               "base matrix itself, singular values included, so the direction side is the "
                               "re-orthonormalised operator, which equals the published formula without that shortcut; "
                               "the difference of the recovered fractions must exceed twice its delta-method SE). " + NOISE,
-    "rl_format_collapse": "RL collapses outputs onto one format (top format share >= 0.9 and above the base's).",
+    "rl_format_collapse": "RL and Expert Iteration collapse their outputs onto the dominant pretraining format (rule: "
+                          "the base's most-sampled format, malformed excluded; for every RL and Expert Iteration "
+                          "method trained from the base, its share among the completions the method sampled during "
+                          "training, in the last 10% of its sampling steps (rounds, for Expert Iteration) minus in "
+                          "the first 10%; one seed: the method whose rise is smallest in units of its binomial "
+                          "standard error decides, its rise must exceed twice that SE; several seeds: a 95% paired "
+                          "interval over seeds must exclude 0; otherwise within noise; a method with a single "
+                          "sampling round cannot be tested).",
+    "freezing_reduces_forgetting": "Freezing part of the model during SFT reduces forgetting (rule: every SFT-on-"
+                                   "expert-data method trained from the base with freezing rules, e.g. mid-layer "
+                                   "MLPs or Q/K frozen, against plain SFT: forgetting(plain) - "
+                                   "forgetting(frozen); the variant whose reduction is smallest in units of its "
+                                   "standard error decides, it must exceed twice that SE (one seed; several "
+                                   "seeds: a 95% paired interval over seeds must exclude 0; otherwise within "
+                                   "noise); the in-domain gain of each variant against plain SFT is reported "
+                                   "beside it with the same noise rule; untestable without a frozen SFT method, "
+                                   "as in the default study: configs/freezing.yaml has them).",
+    "rl_easy_to_hard": "RL on a task's easier split raises accuracy on its harder split (rule: the RL method "
+                       "trains on a split whose task has a harder split, e.g. arith with 2 operations against 3, "
+                       "and the study evaluates that harder split as its OOD task or a retention probe; its "
+                       "accuracy there minus the base's must exceed twice its binomial standard error; several "
+                       "seeds: a 95% paired interval over seeds must exclude 0; otherwise within noise; "
+                       "untestable when the study trains RL on no such split).",
+    "on_policy_forgets_less": "SFT on the model's own verified samples (Self-SFT) forgets less than SFT on expert"
+                              " data at a comparable in-domain gain (rule: the first Self-SFT method, filtered "
+                              "self-samples in one round from the base, against the plain expert SFT method: "
+                              "forgetting(SFT) - forgetting(Self-SFT) must exceed twice its binomial standard "
+                              "error; several seeds: a 95% paired interval over seeds must exclude 0; otherwise "
+                              "within noise; untestable when Self-SFT gained less in-domain than SFT beyond twice"
+                              " the SE of the difference, as learning less is then a cheaper way to forget less, "
+                              "or when the study has no Self-SFT).",
 }
 
 
@@ -475,11 +575,12 @@ def test_claims_and_evidence_text():
         "sft_forgets_more": "forgetting sft +0.200 vs grpo +0.010",
         "rl_forgets_little": "forgetting grpo +0.010",
         "rl_generalizes_ood": "ood change sft -0.150 vs grpo +0.050 (base ood 0.200)",
-        "sft_moves_mlp_more": "mid-layer MLP rel. update sft 6.00e+00 vs grpo 2.00e+00 (ratio 3.00)",
+        "sft_moves_mlp_more": "mid-layer MLP share of the update energy sft 0.500 vs grpo 0.250 (ratio 2.00)",
         "qk_change_most": "sft: top q_proj 5.00e-01, k_proj 1.00e-01, v_proj 1.00e-01; "
                           "grpo: top k_proj 5.00e-01, q_proj 1.00e-01, v_proj 1.00e-01",
-        "sft_rotates_not_rescales": "sft: top-k angle 30.00 deg = 0.524 rad vs top-k s.v. change 0.100 "
-                                    "(grpo: 0.157 rad vs 0.250)",
+        "sft_rotates_not_rescales": "sft: top-k angle 30.00 deg vs s.v. change 1.00e-01 (ratio 5.24); random updates "
+                                    "of the same norm: 30.00 deg vs 3.20e-01 (ratio 2 ± 0.89 SD over 6 draws) (grpo: "
+                                    "top-k angle 9.00 deg vs s.v. change 2.50e-01 (ratio 0.628))",
         "rotation_at_spectrum_ends": "sft: mean angle top 10% 10.00 deg, bottom 10% 12.00, middle 50% 2.00",
         "uv_top20_recovers_ood": "uv20: OOD 0.150 (gap to recover +0.150), recovered 80% ± 0% (SE), in-domain gain kept "
                                  "n/a; QR variant (uvqr20): recovered 50%",
@@ -487,7 +588,13 @@ def test_claims_and_evidence_text():
                                             "in-domain gain kept 50%; whole layers, norms included (reset25l): recovered 60%",
         "sft_damage_is_rotation": "directions restored (dir100): 90% recovered; singular values restored (mag100): 20% "
                                   "recovered",
-        "rl_format_collapse": "sampled format shares: base top eq 0.60; grpo top eq 0.95",
+        "rl_format_collapse": "share of the base's top format eq (base 0.60) in the samples of training; grpo: 0.60 -> "
+                              "0.95 (+0.35, steps 1-1 vs 10-10)",
+        "freezing_reduces_forgetting": "this run has no frozen SFT method (run configs/freezing.yaml: SFT with "
+                                       "mid-layer MLPs frozen and with Q/K frozen beside plain SFT)",
+        "rl_easy_to_hard": "grpo trains on points24/id, which has no harder split",
+        "on_policy_forgets_less": "this run has no Self-SFT method (SFT on filtered self-samples in one round: "
+                                  "method: self_sft)",
     }
 
 
@@ -500,8 +607,8 @@ def test_untestable_evidence_text():
     both = "this run has no SFT method and no RL method"
     assert {f["id"]: (f["holds"], f["evidence"]) for f in out if f["id"] in CLAIMS} == {
         **{cid: (None, both) for cid in ("sft_gains_id", "rl_gains_id", "sft_gains_more_id", "sft_forgets_more",
-                                          "rl_forgets_little", "rl_generalizes_ood", "sft_moves_mlp_more",
-                                          "rl_format_collapse")},
+                                          "rl_forgets_little", "rl_generalizes_ood", "sft_moves_mlp_more")},
+        "rl_format_collapse": (None, "this run has no RL or Expert Iteration method trained from the base"),
         "qk_change_most": (None, "no diagnostics"),
         "sft_rotates_not_rescales": (None, "this run has no SFT method"),
         "rotation_at_spectrum_ends": (None, "this run has no SFT method"),
@@ -510,22 +617,33 @@ def test_untestable_evidence_text():
         "reset_first_quarter_recovers_ood": (None, "no reset_layers repair with first_frac=0.25, scope=reference in this "
                                                    "run's sweep"),
         "sft_damage_is_rotation": (None, "needs uv_merge direction (orthonormalize: true) and magnitude repairs at top=1.0"),
+        "freezing_reduces_forgetting": (None, "this run has no plain SFT method"),
+        "rl_easy_to_hard": (None, "this run has no RL method"),
+        "on_policy_forgets_less": (None, "this run has no Self-SFT method (SFT on filtered self-samples in one round: "
+                                         "method: self_sft)"),
     }
     # an SFT method without spectral diagnostics or a curve, an RL method without layer cells
     res = results(**{"diagnostics__sft__principal_angle_top": DELETE, "diagnostics__sft__angle_curve": DELETE,
-                     "diagnostics__grpo__rel_update_by_layer_module": DELETE})
+                     "diagnostics__grpo__update_sq_by_layer_module": DELETE})
     out = evaluate_findings(res, CFG)
     assert {f["id"]: f["claim"] for f in out if f["id"] in CLAIMS} == CLAIMS
     ev = {f["id"]: f["evidence"] for f in out}
     assert ev["sft_rotates_not_rescales"] == "no spectral diagnostics (diagnostics.spectral: false)"
     assert ev["rotation_at_spectrum_ends"] == "no principal-angle curve"
-    assert ev["sft_moves_mlp_more"] == "no per-layer MLP diagnostics"
+    assert ev["sft_moves_mlp_more"] == "no per-layer update energy of the linear matrices (update_sq_by_layer_module)"
+    sft_ev = ("sft: top-k angle 30.00 deg vs s.v. change 1.00e-01 (ratio 5.24); random updates of the same norm: "
+              "30.00 deg vs 3.20e-01 (ratio 2 ± 0.89 SD over 6 draws)")
     res = results(**{"diagnostics__grpo__principal_angle_top": 9.0})  # an RL angle without its s.v. change
     ev = {f["id"]: f["evidence"] for f in evaluate_findings(res, CFG)}
-    assert ev["sft_rotates_not_rescales"].endswith("change 0.100 (grpo: 0.157 rad vs nan)")
+    assert ev["sft_rotates_not_rescales"] == sft_ev
     res = results(**{"diagnostics__grpo": DELETE})
     ev = {f["id"]: f["evidence"] for f in evaluate_findings(res, CFG)}
-    assert ev["sft_rotates_not_rescales"] == "sft: top-k angle 30.00 deg = 0.524 rad vs top-k s.v. change 0.100"
+    assert ev["sft_rotates_not_rescales"] == sft_ev
+    # diagnostics written before the null: untestable, saying why
+    res = results(**{"diagnostics__sft__null_principal_angle_top_d0": DELETE})
+    f = by_id(res)["sft_rotates_not_rescales"]
+    assert (f["holds"], f["evidence"]) == (None, "sft: no random-update null in the diagnostics (rerun the diagnostics "
+                                                 "stage)")
     # no recovered fraction: SFT did not lose OOD accuracy, or lost it within noise; without a QR variant
     res = results(**{"repairs__uv20__ood_recovered_frac": None, "repairs__uv20__ood_recovered_se": None,
                      "repairs__uv20__ood_gap": -0.02, "repairs__uvqr20": DELETE})
@@ -580,7 +698,7 @@ def test_comparisons_report_value_threshold_and_standard_error():
         assert FINDINGS[fid].noisy, fid
     # a weight-space ratio has no sampling noise of its own: no standard error, a plain comparison
     mlp = out["sft_moves_mlp_more"]
-    assert (mlp["value"], mlp["threshold"], mlp["se"], mlp["holds"]) == (pytest.approx(3.0), 1.5, None, True)
+    assert (mlp["value"], mlp["threshold"], mlp["se"], mlp["holds"]) == (pytest.approx(2.0), 1.5, None, True)
     assert not FINDINGS["sft_moves_mlp_more"].noisy
     # the recovery claims compare the sweep's recovered fraction with 0.7, with the sweep's delta-method SE
     for fid, value in (("uv_top20_recovers_ood", 0.8), ("reset_first_quarter_recovers_ood", 0.75)):
@@ -592,8 +710,16 @@ def test_comparisons_report_value_threshold_and_standard_error():
     want = math.sqrt(0.2 * 0.8 / BIG + 0.08 * 0.92 / BIG + 0.7**2 * SE_GAP**2) / 0.15
     assert (rot["value"], rot["threshold"], rot["se"]) == (pytest.approx(0.7), 0.0, pytest.approx(want, rel=1e-9))
     assert FINDINGS["sft_damage_is_rotation"].noisy
+    # rotation vs rescaling: SFT's ratio against the random draws' mean ratio, their SD as the noise
+    rot = out["sft_rotates_not_rescales"]
+    assert (rot["value"], rot["threshold"], rot["se"]) == (pytest.approx(math.radians(30) / 0.1), pytest.approx(2.0),
+                                                           pytest.approx(math.sqrt(0.8)))
+    # format collapse: the rise of eq's share, binomial SEs of the two windows' shares
+    fc = out["rl_format_collapse"]
+    assert (fc["value"], fc["threshold"], fc["se"]) == (pytest.approx(0.35), 0.0,
+                                                        pytest.approx(math.hypot(se(0.6), se(0.95)), rel=1e-9))
     # findings that are not comparisons carry no statistic
-    for fid in ("qk_change_most", "sft_rotates_not_rescales", "rotation_at_spectrum_ends", "rl_format_collapse"):
+    for fid in ("qk_change_most", "rotation_at_spectrum_ends"):
         assert not {"value", "threshold", "se"} & set(out[fid]), fid
     assert {f["held_in"] for f in out.values() if f["id"] in ALL} == {"1/1"}
 

@@ -24,8 +24,9 @@ import torch
 
 TESTS = Path(__file__).resolve().parent
 # timings, whether a run was resumed, and repair.json's "inputs": fingerprints of the input
-# checkpoints by file size and mtime (posttrain.repair.writer.fingerprint), new for every run
-VOLATILE = {"wall_seconds", "step_seconds", "resumed_from_step", "finished", "inputs"}
+# checkpoints by file size and mtime (posttrain.repair.writer.fingerprint), new for every run; the
+# git commit in versions.json moves when the checkout does during a long run
+VOLATILE = {"wall_seconds", "step_seconds", "resumed_from_step", "finished", "inputs", "git_sha"}
 
 TRAIN_CONFIG = """\
 methods:

@@ -24,7 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--remote-debugging-port=0", "--remote-allow-origins=*"]
-SECTIONS = ["Accuracy", "Findings", "Training curves", "Where the weights moved", "Repairing SFT's damage",
+SECTIONS = ["Accuracy", "Findings", "Training curves", "Format shares over training", "RL from SFT checkpoints",
+            "Where the weights moved", "KL to the base and forgetting", "Repairing SFT's damage",
             "Example completions (in-domain)", "Configuration"]
 STUDY_XSS = "<script>window.__xss_study=1</script>"
 METHOD_XSS = "<script>window.__xss_method=1</script>"

@@ -128,7 +128,8 @@ def strip_volatile(x):
     return x
 
 
-FAST = ["--set", "methods.sft.steps=2", "--set", "methods.grpo.steps=2", "--set", "methods.sft.checkpoint_every=0",
+# (SFT keeps its step-2 checkpoint: RL from its peak-OOD checkpoint needs one)
+FAST = ["--set", "methods.sft.steps=2", "--set", "methods.grpo.steps=2", "--set", "methods.sft.checkpoint_every=2",
         "--set", "methods.grpo.checkpoint_every=0", "--set", "pretrain.steps=20", "--set", "eval.n_sampled_problems=4",
         "--set", "repair.grid=[{method: reset_layers, first_frac: 0.5}]"]
 

@@ -11,7 +11,16 @@ import torch
 from posttrain.analysis import spectral as sp
 from posttrain.analysis.factors import Factors, gram_factors, svd_factors
 from posttrain.analysis.diagnostics import matrix_columns, matrix_diagnostics
-from posttrain.analysis.tensor_metrics import DEG, NAN, MatrixPair, from_gram, from_svd
+from posttrain.analysis.tensor_metrics import (
+    DEG,
+    NAN,
+    NULL_DRAWS,
+    MatrixPair,
+    from_gram,
+    from_svd,
+    null_seed_for,
+    random_update_null,
+)
 
 M, N, K, BINS = 30, 20, 3, 4
 
@@ -20,8 +29,10 @@ M, N, K, BINS = 30, 20, 3, 4
 SPECTRAL_COLUMNS = [
     "k", "angle_top_left", "angle_top_right", "angle_top_max_left", "angle_top_max_right", "proj_dist_top_left",
     "proj_dist_top_right", "alignment_top_left", "alignment_top_right", "angle_bottom_left", "angle_bottom_right",
-    "sv_rel_change_top", "sv_rel_change_bottom", "sv_rel_change_all", "energy_magnitude", "energy_rotation",
-    "energy_diag_in_span", "energy_rotation_in_span", "update_energy_top", "stable_rank_delta", "effective_rank_delta", "stable_rank_base", "stable_rank_ft",
+    "sv_rel_change_top", "sv_rel_change_bottom", "sv_rel_change_all", "null_angle_top_left", "null_angle_top_right",
+    "null_sv_rel_change_top", *(f"null_{c}_d{d}" for d in range(6) for c in ("angle_top_left", "angle_top_right",
+                                                                        "sv_rel_change_top")),
+    "energy_magnitude", "energy_rotation", "energy_diag_in_span", "energy_rotation_in_span", "update_energy_top", "stable_rank_delta", "effective_rank_delta", "stable_rank_base", "stable_rank_ft",
     "alpha_base", "alpha_ft", "alpha_weighted_base", "alpha_weighted_ft", "log_spectral_norm_base",
     "log_spectral_norm_ft",
 ]
@@ -38,7 +49,8 @@ def test_the_table_declares_the_spectral_columns():
 
 def pair_metrics(ps, k, bins, dsq, transposed):
     """(row, curve) of one pair as `scan` computes them: every per-matrix diagnostic of the table."""
-    m = MatrixPair(ps.fb, ps.ft, k, bins=bins, delta_sq=dsq, base_sq=1.0, transposed=transposed, ps=ps)
+    m = MatrixPair(ps.fb, ps.ft, k, bins=bins, delta_sq=dsq, base_sq=1.0, transposed=transposed, ps=ps,
+                   name="w", null_seed=0)
     row = dict.fromkeys(matrix_columns(), NAN)
     row["k"] = m.k
     for d in matrix_diagnostics(vectors=True):
@@ -118,7 +130,7 @@ def reference(Wb, Wt, k=K):
     return out, dsq
 
 
-def check_row(row, ref, swap=False, rel=1e-6, abs=1e-9):
+def check_row(row, ref, swap=False, rel=1e-6, abs=1e-9, null=True):
     flip = {"left": "right", "right": "left"}
     assert set(row) == set(SPECTRAL_COLUMNS)
     for key, value in ref.items():
@@ -128,7 +140,9 @@ def check_row(row, ref, swap=False, rel=1e-6, abs=1e-9):
                 if key.endswith(a):
                     name = key[: -len(a)] + b
         assert row[name] == pytest.approx(value, rel=rel, abs=abs), key
-    assert not any(isinstance(v, float) and math.isnan(v) for k, v in row.items() if k in SPECTRAL_COLUMNS)
+    # without U (the Gram route) there is no base matrix to add a random update to: no null
+    nan = {k for k, v in row.items() if k in SPECTRAL_COLUMNS and isinstance(v, float) and math.isnan(v)}
+    assert nan == (set() if null else {c for c in SPECTRAL_COLUMNS if c.startswith("null_")})
 
 
 def test_explicit_factors_give_the_definitions(pair):
@@ -165,7 +179,7 @@ def test_gram_route_gives_the_same_row(pair):
     assert not ps.explicit_left
     row, curve, _ = pair_metrics(ps, K, BINS, dsq, transposed=False)
     # angles from cosines alone are accurate to ~sqrt(eps): 1e-5 degrees near zero
-    check_row(row, ref, rel=1e-5, abs=1e-4)
+    check_row(row, ref, rel=1e-5, abs=1e-4, null=False)
     explicit, curve_svd, _ = pair_metrics(from_svd(dW, svd_factors(Wb), svd_factors(Wt)), K, BINS, dsq, False)
     assert [c["angle"] for c in curve] == pytest.approx([c["angle"] for c in curve_svd], rel=1e-5, abs=1e-4)
 
@@ -177,6 +191,35 @@ def test_a_wide_matrix_names_its_sides_in_its_own_orientation(pair):
     row, curve, _ = pair_metrics(from_svd(Wt - Wb, svd_factors(Wb), svd_factors(Wt)), K, BINS, dsq, transposed=True)
     check_row(row, ref, swap=True)
     assert {c["side"] for c in curve[:4]} == {"right"} and {c["side"] for c in curve[4:]} == {"left"}
+
+
+def test_random_update_null_by_hand(pair):
+    """The null: NULL_DRAWS Gaussian updates, each scaled to ||dW||_F, seeded by the seed and the name."""
+    Wb, Wt = pair
+    dsq = float(((Wt - Wb) ** 2).sum())
+    row, _, _ = pair_metrics(from_svd(Wt - Wb, svd_factors(Wb), svd_factors(Wt)), K, BINS, dsq, False)
+    g = torch.Generator().manual_seed(null_seed_for(0, "w"))
+    R = torch.randn((NULL_DRAWS, *Wb.shape), generator=g, dtype=torch.float64)
+    Ub, sb, Vbh = torch.linalg.svd(Wb, full_matrices=False)
+    lefts, rights, svcs = [], [], []
+    for d in range(NULL_DRAWS):
+        Rd = R[d] * math.sqrt(dsq) / float(R[d].norm())
+        assert float(Rd.norm()) ** 2 == pytest.approx(dsq)
+        Un, sn, Vnh = torch.linalg.svd(Wb + Rd, full_matrices=False)
+        lefts.append(float(sp.principal_angles(Ub[:, :K], Un[:, :K]).mean()) * DEG)
+        rights.append(float(sp.principal_angles(Vbh[:K].T, Vnh[:K].T).mean()) * DEG)
+        svcs.append(float(((sn[:K] - sb[:K]) / sb[:K]).abs().mean()))
+        assert row[f"null_angle_top_left_d{d}"] == pytest.approx(lefts[-1], rel=1e-6)
+        assert row[f"null_angle_top_right_d{d}"] == pytest.approx(rights[-1], rel=1e-6)
+        assert row[f"null_sv_rel_change_top_d{d}"] == pytest.approx(svcs[-1], rel=1e-6)
+    assert row["null_angle_top_left"] == pytest.approx(sum(lefts) / NULL_DRAWS, rel=1e-9)
+    assert row["null_sv_rel_change_top"] == pytest.approx(sum(svcs) / NULL_DRAWS, rel=1e-9)
+    assert len(set(svcs)) == NULL_DRAWS  # independent draws, not one draw repeated
+    # another name (or study seed) draws another update; no seed: no null
+    assert null_seed_for(0, "w") != null_seed_for(0, "v") != null_seed_for(1, "w")
+    m = MatrixPair(svd_factors(Wb), svd_factors(Wt), K, bins=BINS, delta_sq=dsq, base_sq=1.0, transposed=False,
+                   ps=from_svd(Wt - Wb, svd_factors(Wb), svd_factors(Wt)))
+    assert random_update_null(m) == {}
 
 
 def test_k_is_clamped_and_partial_factors_skip_what_they_cannot_give(pair):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from posttrain.analysis.format_shares import format_series
 from posttrain.config import TrainConfig
 from posttrain.errors import TrainingDiverged, UserError
 from posttrain.tasks import build_task
@@ -67,6 +68,16 @@ def test_every_method_runs_and_changes_weights(coin_checkpoint, tmp_path, kw):
         assert set(b) == set(a)  # the policy checkpoint never holds critic weights
     if kw.get("data") == "filtered":
         assert (tmp_path / "rounds" / "round-0.json").is_file()
+    # the formats of the completions sampled while training (rl_format_collapse): every RL step, one
+    # point per Expert Iteration round; SFT on expert data samples nothing
+    pts = format_series(log)
+    if kw.get("data") == "expert":
+        assert pts == []
+    else:
+        want = [1, 3][:kw["rounds"]] if kw.get("data") == "filtered" else [1, 2, 3]
+        assert [p["step"] for p in pts] == want
+        for p in pts:
+            assert p["samples"] > 0 and 0 <= sum(p["shares"].values()) <= 1 + 1e-9 and set(p["shares"]) <= {"default"}
 
 
 def test_grpo_ratio_is_exactly_one_at_mu_1_and_not_after(coin_checkpoint, tmp_path):

@@ -22,6 +22,7 @@ per-layer list}). Aggregation (`how`):
 - "norm_ratio" (columns num, den): sqrt(sum num^2) / sqrt(sum den^2) over the bucket, i.e. the
   bucket as one concatenated weight (the relative update);
 - "numel_weighted": sum(value * numel) / sum(numel) (shares of entries, e.g. update sparsity);
+- "sum_sq": sum of the squared column over the bucket (e.g. the update energy sum ||dW||_F^2);
 - "mean": the unweighted mean over the bucket's matrices (per-matrix spectral metrics);
 - a function of `SummaryInputs` for whole-table summaries (the angle curve, chosen spectra).
 """
@@ -221,6 +222,12 @@ def _ratio_aggregate(rows: pd.DataFrame, a: Aggregate, n_layers: int) -> dict[st
 
         def f(n: float, d: float) -> float:
             return math.sqrt(n) / math.sqrt(d) if d > 0 else float("nan")
+    elif a.how == "sum_sq":
+        col = a.value or a.key
+        nums, dens = _ratio_sums(rows, lambda r: getattr(r, col) ** 2, lambda r: 1.0)
+
+        def f(n: float, d: float) -> float:
+            return n
     else:
         col = a.value or a.key
         nums, dens = _ratio_sums(rows, lambda r: getattr(r, col) * r.numel, lambda r: r.numel)
@@ -362,6 +369,8 @@ register(Diagnostic("update_norms", None, columns=("base_norm", "delta_norm", "r
     Aggregate("rel_update", value=("delta_norm", "base_norm"), how="norm_ratio", scopes=_ALL,
               results=_ALL, trajectory=("total", "module"), total_key="rel_update_total",
               plot=Plot("relative update ||dW|| / ||W_base|| by layer x module", "rel_update_heatmap.png")),
+    # the update energy sum ||dW||_F^2: where a method's update went, as a share of its own total
+    Aggregate("update_sq", value="delta_norm", how="sum_sq", scopes=("total", "cell"), results=("total", "cell")),
 )))
 register(Diagnostic("update_sparsity", None, columns=("changed_frac", "unchanged_frac"), needs="stream", aggregates=(
     Aggregate("changed_frac", how="numel_weighted", scopes=("total", "module"), results=("total",), trajectory=("total",)),
@@ -388,6 +397,20 @@ register(Diagnostic("singular_value_changes", tm.singular_value_changes, needs="
               plot=Plot("relative change of the top-k singular values |s_ft - s_base| / s_base", "sv_change_heatmap.png")),
     Aggregate("sv_rel_change_bottom", results=("total",)),
 )))
+register(Diagnostic("random_update_null", tm.random_update_null, columns=(
+    "null_angle_top_left", "null_angle_top_right", "null_sv_rel_change_top",
+    *(f"null_{c}_d{d}" for d in range(tm.NULL_DRAWS) for c in ("angle_top_left", "angle_top_right", "sv_rel_change_top"))),
+    aggregates=(
+        Aggregate("null_principal_angle_top", value=_both_sides("null_angle_top"), scopes=("total", "module"),
+                  results=("total", "module")),
+        Aggregate("null_sv_rel_change_top", scopes=("total", "module"), results=("total", "module")),
+        # each draw's model-level numbers: the spread of the null's ratio over draws
+        *(a for d in range(tm.NULL_DRAWS) for a in (
+            Aggregate(f"null_principal_angle_top_d{d}",
+                      value=lambda df, d=d: df[[f"null_angle_top_left_d{d}", f"null_angle_top_right_d{d}"]].mean(
+                          axis=1, skipna=False), results=("total",)),
+            Aggregate(f"null_sv_rel_change_top_d{d}", results=("total",)))),
+    )))
 register(Diagnostic("energy_split", tm.energy_split, columns=(
     "energy_magnitude", "energy_rotation", "energy_diag_in_span", "energy_rotation_in_span"), aggregates=(
     Aggregate("energy_rotation", scopes=("total", "module"), results=("total", "module"), trajectory=("total",)),

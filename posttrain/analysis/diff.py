@@ -88,7 +88,8 @@ def diff(base: str | Path, others: dict[str, str | Path], out_dir: str | Path | 
          spectral: bool = False, esd: bool = False, rank: int | None = None, top_frac: float | None = None, svd: str = "auto",
          svd_dtype: str = "auto", bins: int = 20, tol: float = 1e-5,
          compare_pairs: list[tuple[str, str]] | str | None = "auto",
-         spectra_for: list[str] | None = None, chunk_elems: int | None = None) -> DiffResult:
+         spectra_for: list[str] | None = None, chunk_elems: int | None = None, null_seed: int = 0,
+         null_models: list[str] | None = None) -> DiffResult:
     """Compare each of `others` ({display name: checkpoint}) with `base`; files go to `out_dir` if given.
 
     Always: relative update ||dW||_F / ||W_b||_F, update sparsity (`changed_frac`: |dW_ij| > `tol`;
@@ -106,7 +107,11 @@ def diff(base: str | Path, others: dict[str, str | Path], out_dir: str | Path | 
     in float64 up to 2^18 entries and float32 above. Very tall matrices (embeddings, LM heads) are
     analysed from their streamed float64 Gram matrices, never loaded whole; with svd="auto" so is every
     float32-size matrix at least twice as long as wide (faster than two float32 SVDs and more
-    accurate; svd="full" uses LAPACK's SVD for all but the huge ones).
+    accurate; svd="full" uses LAPACK's SVD for all but the huge ones). Each fully decomposed matrix
+    also gets the same top-k angle and singular-value change for a norm-matched random update of the
+    base (`null_principal_angle_top`, `null_sv_rel_change_top`; `tensor_metrics.random_update_null`,
+    seeded by `null_seed` and the tensor name; `tensor_metrics.NULL_DRAWS` draws, each draw's total as
+    `..._d<i>`): the null of a rotation-vs-rescaling comparison, for the models `null_models` (None: all).
 
     With `esd=True` (and not `spectral`), only singular values: their relative changes and the
     WeightWatcher-style ESD summaries (alpha, alpha_weighted, stable rank, log spectral norm) of
@@ -115,7 +120,7 @@ def diff(base: str | Path, others: dict[str, str | Path], out_dir: str | Path | 
     if not others:
         raise UserError("diff needs at least one checkpoint to compare with the base")
     opts = DiffOptions.parse(spectral=spectral, esd=esd, rank=rank, top_frac=top_frac, svd=svd, svd_dtype=svd_dtype,
-                             bins=bins, tol=tol, device=str(device),
+                             bins=bins, tol=tol, device=str(device), null_seed=null_seed, null_models=null_models,
                              **({} if chunk_elems is None else {"chunk_elems": chunk_elems}))
     pairs = _pairs(list(others), compare_pairs)
     b = Checkpoint(base)

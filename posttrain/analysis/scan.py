@@ -55,6 +55,8 @@ class DiffOptions(BaseModel):
     fast_gram_aspect: float = 2.0  # float32-mode matrices this elongated use it too (svd="auto"): faster
     chunk_elems: int = Field(2**24, ge=1)  # elements per streamed block, summed over all checkpoints
     randomized_min_dim: int = 256  # truncated SVD only pays off from about this size
+    null_seed: int = 0  # seeds the norm-matched random updates of `tensor_metrics.random_update_null`
+    null_models: list[str] | None = None  # the models that get that null (None: all)
 
     @model_validator(mode="after")
     def _one_k(self) -> "DiffOptions":
@@ -201,7 +203,7 @@ def _scan_tensor(base, models, name, opts, pairs, dev, res) -> None:
         })
     if spectral and b_finite:
         todo = [m for m in models if rows[m]["finite"]]
-        ctx = _PairContext(opts, shape, rows, d_sq, b_sq)
+        ctx = _PairContext(opts, shape, rows, d_sq, b_sq, name)
         if use_gram:
             out = _spectral_gram(G, todo, ctx)
         else:
@@ -261,6 +263,7 @@ class _PairContext:
     rows: dict[str, dict]
     d_sq: dict[str, float]
     b_sq: float
+    name: str = ""
     base_cache: dict = field(default_factory=dict)
 
     def fill(self, m: str, fb, ft, ps, method: str) -> tuple[list[dict], list[float], list[float]]:
@@ -268,7 +271,8 @@ class _PairContext:
         opts = self.opts
         pair = MatrixPair(fb, ft, opts.k_for(min(self.shape)), bins=opts.bins, delta_sq=self.d_sq[m], base_sq=self.b_sq,
                           transposed=self.shape[0] < self.shape[1], ps=ps, base_cache=self.base_cache,
-                          min_eval=opts.min_eval)
+                          min_eval=opts.min_eval, name=self.name,
+                          null_seed=opts.null_seed if opts.null_models is None or m in opts.null_models else None)
         row = self.rows[m]
         row["k"] = pair.k if ps is not None else max(1, min(opts.k_for(min(self.shape)), fb.S.numel()))
         for d in matrix_diagnostics(vectors=ps is not None):

@@ -11,6 +11,7 @@ Definitions of every quantity are in `spectral`.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -113,8 +114,9 @@ class MatrixPair:
 
     def __init__(self, fb: Factors, ft: Factors, k: int, *, bins: int, delta_sq: float, base_sq: float,
                  transposed: bool, ps: PairSpectra | None = None, base_cache: dict | None = None,
-                 min_eval: float = 1e-5) -> None:
+                 min_eval: float = 1e-5, name: str = "", null_seed: int | None = None) -> None:
         self.fb, self.ft, self.ps = fb, ft, ps
+        self.name, self.null_seed = name, null_seed  # seed the norm-matched random update (`random_update_null`)
         self.q = min(fb.S.numel(), ft.S.numel())
         self.k = max(1, min(k, self.q))
         self.bins, self.delta_sq, self.base_sq, self.min_eval = bins, delta_sq, base_sq, min_eval
@@ -221,6 +223,58 @@ def singular_value_changes(m: MatrixPair) -> dict[str, float]:
     if m.complete:
         out["sv_rel_change_bottom"] = _mean(rel[m.q - m.k:])
         out["sv_rel_change_all"] = _mean(rel)
+    return out
+
+
+NULL_DRAWS = 6  # random updates per matrix: their spread is the null's own noise
+
+
+def null_seed_for(seed: int, name: str) -> int:
+    """The generator seed of matrix `name`'s random updates: a function of the study seed and the
+    tensor name only (crc32, not Python's salted hash), so it is the same in every run and process."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+def random_update_null(m: MatrixPair) -> dict[str, float]:
+    """The top-k principal angle and singular-value change of `NULL_DRAWS` norm-matched random
+    updates: the null a rotation-vs-rescaling verdict is compared against (a random direction rotates
+    the top singular subspaces and barely rescales the spectrum, so "angle > s.v. change" alone
+    holds for noise).
+
+        W_null,d = W_b + R_d * ||dW||_F / ||R_d||_F,   R_d,ij ~ N(0, 1) i.i.d., seeded by `null_seed_for`
+
+    Per draw d: `null_angle_top_<side>_d<d>`, the mean principal angle (degrees) between the top-k
+    singular subspaces of W_b and W_null,d, and `null_sv_rel_change_top_d<d>`, the mean
+    |s_null,i - s_b,i| / s_b,i over the top k (the definitions of `top_subspace_angles` and
+    `singular_value_changes`); without the suffix, their means over the draws. Needs the base's full
+    SVD with both singular-vector sets (matrices analysed through their Gram matrix get none), a
+    non-zero dW, and `m.null_seed` (None: the caller wants no null for this model).
+    """
+    fb = m.fb
+    if m.null_seed is None or not (m.vectors and m.complete and fb.U is not None) or m.delta_sq <= 0:
+        return {}
+    Ub, Sb, Vb = fb.U.double(), fb.S.double(), fb.V.double()
+    k = m.k
+    # the whole null on one thread for small matrices: with other work on the machine, threads
+    # spin-wait on each other in these small products and SVDs (see `lapack_threads`)
+    with lapack_threads(Ub.shape[0] * Vb.shape[0]):
+        Wb = (Ub * Sb) @ Vb.mT
+        gen = torch.Generator().manual_seed(null_seed_for(m.null_seed, m.name))
+        R = torch.randn((NULL_DRAWS, *Wb.shape), generator=gen, dtype=torch.float64).to(Wb.device)
+        R *= math.sqrt(m.delta_sq) / torch.linalg.matrix_norm(R)[:, None, None]
+        U, S, Vh = torch.linalg.svd(Wb + R, full_matrices=False)
+        left = sp.principal_angles(Ub[:, :k].expand(NULL_DRAWS, -1, -1).contiguous(), U[..., :k].contiguous())
+        right = sp.principal_angles(Vb[:, :k].expand(NULL_DRAWS, -1, -1).contiguous(), Vh[:, :k].mT.contiguous())
+    left, right = left.mean(-1) * DEG, right.mean(-1) * DEG
+    svc = [_mean(sp.sv_relative_change(Sb[:k], S[d, :k]).abs()) for d in range(NULL_DRAWS)]
+    out: dict[str, float] = {}
+    for d in range(NULL_DRAWS):
+        out[f"null_angle_top_{m.side(0)}_d{d}"] = float(left[d])
+        out[f"null_angle_top_{m.side(1)}_d{d}"] = float(right[d])
+        out[f"null_sv_rel_change_top_d{d}"] = svc[d]
+    out[f"null_angle_top_{m.side(0)}"] = float(left.mean())
+    out[f"null_angle_top_{m.side(1)}"] = float(right.mean())
+    out["null_sv_rel_change_top"] = sum(svc) / NULL_DRAWS
     return out
 
 

@@ -111,9 +111,9 @@ def finding(fid: str, claim: str, paper: str = "", noisy: bool = False) -> Calla
 
 class Context:
     """What a finding's rule reads: `results` (results.json so far), `cfg`, and the roles of the
-    study's methods: `sft` (the first SFT-on-expert-data method) and `rl` (the first method whose
-    objective learns from rewards and that does not start from another method of the study), each
-    None when the study has none."""
+    study's methods: `sft` (the first SFT-on-expert-data method without freezing rules) and `rl`
+    (the first method whose objective learns from rewards and that does not start from another
+    method of the study), each None when the study has none."""
 
     def __init__(self, results: dict, cfg: StudyConfig) -> None:
         self.results, self.cfg = results, cfg
@@ -121,7 +121,9 @@ class Context:
         self.diagnostics, self.repairs = results["diagnostics"], results.get("repairs", {})
         self.base = self.models["base"]
         done = self.models
-        self.sft = next((n for n, m in cfg.methods.items() if n in done and m.is_expert_sft), None)
+        # a frozen variant (freeze / train_only rules) is another experiment (findings/freezing.py)
+        self.sft = next((n for n, m in cfg.methods.items()
+                         if n in done and m.is_expert_sft and not (m.freeze or m.train_only)), None)
         # RL started from another method of the study (RL on top of SFT) is another experiment
         # (findings/heal.py), not "the RL method" compared with SFT
         self.rl = next((n for n, m in cfg.methods.items()
@@ -227,4 +229,4 @@ def fmt3(x: float) -> str:
 
 
 # registration order is report order
-from posttrain.findings import learning, weights, spectra, repairs, formats, kl, heal  # noqa: E402,F401
+from posttrain.findings import learning, weights, spectra, repairs, formats, kl, heal, freezing, transfer  # noqa: E402,F401

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import math
 
-from posttrain.findings import Context, finding
+from posttrain.analysis.tensor_metrics import NULL_DRAWS
+from posttrain.findings import Context, Measured, finding
 
-ROTATES = ("SFT mostly rotates singular vectors rather than rescaling singular values (mean top-k principal "
-           "angle, in radians, exceeds the mean top-k relative singular-value change).")
+ROTATES = ("SFT mostly rotates singular vectors rather than rescaling singular values, beyond what a random update "
+           "does (rule: SFT's rotation-to-rescaling ratio, mean top-k principal angle in radians over mean top-k "
+           "relative singular-value change, must exceed the mean ratio of norm-matched random updates of the same "
+           "matrices (per matrix the same ||dW||_F as SFT's, i.i.d. Gaussian direction, seeded by the study seed; "
+           f"{NULL_DRAWS} draws) by more than twice the draws' standard deviation; several seeds: a 95% paired "
+           "interval over seeds of the margin must exclude 0; otherwise within noise).")
 ENDS = ("The rotation concentrates at the top and bottom of the spectrum (SFT's principal angle in both the "
         "top and the bottom 10% of the spectrum exceeds its mean over the middle 50%).")
 
@@ -25,20 +30,60 @@ def curve_ends_vs_middle(curve: dict) -> tuple[float, float, float] | None:
     return sum(top) / len(top), sum(bottom) / len(bottom), sum(mid) / len(mid)
 
 
+def rotation_ratio(angle_deg: float | None, sv_change: float | None) -> float | None:
+    """Rotation-to-rescaling ratio: mean top-k principal angle (radians) / mean top-k relative
+    singular-value change (None when either is missing or not finite, or the change is 0)."""
+    if angle_deg is None or sv_change is None or not (math.isfinite(angle_deg) and math.isfinite(sv_change)):
+        return None
+    return math.radians(angle_deg) / sv_change if sv_change > 0 else None
+
+
+def null_ratios(d: dict) -> list[float] | None:
+    """The rotation-to-rescaling ratio of each random-update draw in one method's diagnostics
+    (`null_principal_angle_top_d<i>`, `null_sv_rel_change_top_d<i>`); None unless every draw has one."""
+    out = [rotation_ratio(d.get(f"null_principal_angle_top_d{i}"), d.get(f"null_sv_rel_change_top_d{i}"))
+           for i in range(NULL_DRAWS)]
+    return None if any(r is None for r in out) else out
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1) of `xs` (n >= 2)."""
+    mean = sum(xs) / len(xs)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _describe(d: dict) -> tuple[float | None, list[float] | None, str]:
+    """(ratio, the random updates' ratios, evidence) of one method's diagnostics."""
+    ang, svc = d.get("principal_angle_top"), d.get("sv_rel_change_top")
+    r, nulls = rotation_ratio(ang, svc), null_ratios(d)
+    if r is None:
+        return r, nulls, ""
+    ev = f"top-k angle {ang:.2f} deg vs s.v. change {svc:.2e} (ratio {r:.3g})"
+    if nulls is not None:
+        mean, sd = mean_sd(nulls)
+        ev += (f"; random updates of the same norm: {d['null_principal_angle_top']:.2f} deg vs "
+               f"{d['null_sv_rel_change_top']:.2e} (ratio {mean:.3g} ± {sd:.2g} SD over {len(nulls)} draws)")
+    return r, nulls, ev
+
+
 @finding("sft_rotates_not_rescales", ROTATES, paper="arXiv 2508.16546")
 def sft_rotates_not_rescales(ctx: Context):
     if ctx.sft is None:
         return None, "this run has no SFT method"
     d = ctx.diagnostics.get(ctx.sft, {})
-    ang, svc = d.get("principal_angle_top"), d.get("sv_rel_change_top")
-    if ang is None or svc is None:
+    if d.get("principal_angle_top") is None or d.get("sv_rel_change_top") is None:
         return None, "no spectral diagnostics (diagnostics.spectral: false)"
-    rad = math.radians(ang)
-    ev = f"{ctx.sft}: top-k angle {ang:.2f} deg = {rad:.3f} rad vs top-k s.v. change {svc:.3f}"
-    r = ctx.diagnostics.get(ctx.rl, {}) if ctx.rl else {}
-    if r.get("principal_angle_top") is not None:
-        ev += f" ({ctx.rl}: {math.radians(r['principal_angle_top']):.3f} rad vs {r.get('sv_rel_change_top', float('nan')):.3f})"
-    return rad > svc, ev
+    r, nulls, ev = _describe(d)
+    if r is None:
+        return None, f"{ctx.sft}: no rotation-to-rescaling ratio (s.v. change {d['sv_rel_change_top']})"
+    if nulls is None:
+        return None, f"{ctx.sft}: no random-update null in the diagnostics (rerun the diagnostics stage)"
+    mean, sd = mean_sd(nulls)
+    if ctx.rl:
+        _, _, rev = _describe(ctx.diagnostics.get(ctx.rl, {}))
+        if rev:
+            ev += f" ({ctx.rl}: {rev})"
+    return Measured(r, mean, sd, f"{ctx.sft}: {ev}")
 
 
 @finding("rotation_at_spectrum_ends", ENDS, paper="arXiv 2508.16546")

@@ -306,6 +306,12 @@ def _render(run: Path, res: dict) -> str:
             keys.append(("kl_ref", "KL to base (k1, per token, on the training batch)"))
         body.append("<h2>Training curves</h2>")
         body.append(_img(P.training_curves(curves, keys), "training curves"))
+    fmts = {n: pts for n, pts in (res.get("format_trajectories") or {}).items() if pts}
+    if fmts:
+        body.append("<h2>Format shares over training</h2><p>Share of each output format among the completions each "
+                    "RL method sampled at each step (an Expert Iteration method: at each round), by the task's format "
+                    "classifier; malformed completions make up the rest (Echo Chamber, arXiv 2504.07912).</p>")
+        body.append(_img(P.format_share_curves(fmts), "format shares over training"))
     body.append(healing_section(res, curves))
     pre = _read_metrics(run / "pretrain" / "metrics.jsonl")
     if pre:

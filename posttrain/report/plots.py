@@ -70,6 +70,31 @@ def training_curves(curves: dict[str, list[dict]], keys: list[tuple[str, str]], 
     return fig
 
 
+def format_share_curves(series: dict[str, list[dict]], ncols: int = 3):
+    """One panel per method: the share of each format among the completions it sampled at each
+    training step (Echo Chamber's figure); `series`: {method: [{step, samples, shares}]}."""
+    ncols = max(1, min(ncols, len(series)))
+    nrows = math.ceil(len(series) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.1 * nrows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    formats = sorted({f for pts in series.values() for p in pts for f in p["shares"]})
+    for ax, (name, pts) in zip(flat, series.items()):
+        steps = [p["step"] for p in pts]
+        for i, f in enumerate(formats):
+            ax.plot(steps, [p["shares"].get(f, 0.0) for p in pts], marker="o" if len(pts) < 30 else None, ms=3,
+                    label=f, color=color(f, i))
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("step")
+        ax.set_title(f"{name}: format shares of its samples", fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in flat[len(series):]:
+        ax.axis("off")
+    if formats:  # every sample malformed: empty panels, no legend
+        flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def accuracy_bars(models: dict[str, dict]):
     """ID, OOD and mean retention accuracy per model."""
     names = list(models)

@@ -41,6 +41,12 @@ class Arith(Task):
         self.n_ops_ood = n_ops_ood
         self.max_operand = max_operand
 
+    def harder_split(self, split: str) -> str | None:
+        """The split with the longer chains of operations (ood by default: 3 operations against 2)."""
+        other = {"id": "ood", "ood": "id"}.get(split)
+        ops = {"id": self.n_ops, "ood": self.n_ops_ood}
+        return other if other is not None and ops[other] > ops[split] else None
+
     def sample(self, rng: random.Random, split: str, partition: str = "any") -> Problem:
         self.check_split(split)
         n_ops = self.n_ops if split == "id" else self.n_ops_ood

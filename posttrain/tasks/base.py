@@ -63,6 +63,11 @@ class Task:
         if params:
             raise UserError(f"task {self.name!r} got unknown parameters: {sorted(params)}")
 
+    def harder_split(self, split: str) -> str | None:
+        """The split of this task that is a harder version of `split` (the same problems with more
+        steps), or None: what `rl_easy_to_hard` (findings/learning_transfer.py) asks of a task."""
+        return None
+
     # -- to implement -------------------------------------------------------------------------
     def sample(self, rng: random.Random, split: str, partition: str = "any") -> Problem:
         """Draw one problem of `split`. `partition` is "train", "test" or "any" (see `held_out`)."""

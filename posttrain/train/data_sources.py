@@ -221,6 +221,7 @@ class OnPolicySource(DataSource):
         rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32)
         packed = pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id, self.max_length, group_size=n)
         metrics = verdict_metrics(verdicts, "rollout/")
+        metrics["rollout/samples"] = float(len(verdicts))  # the format shares' denominator (analysis/format_shares.py)
         metrics["rollout/len"] = sum(len(c) for c in ro.completion_ids) / max(len(ro.completion_ids), 1)
         return Batch(packed, n, rows, ro.texts, rewards, verdicts, metrics)
 
@@ -321,7 +322,10 @@ class FilteredSource(DataSource):
         self.stats[r] = {"filtered/sample_acc": n_correct / max(len(verdicts), 1),
                          "filtered/prompts_solved": len(solved) / max(len(flat), 1),
                          "filtered/kept": float(kept),
-                         "filtered/duplicate_frac": duplicates / max(n_correct, 1)}
+                         "filtered/duplicate_frac": duplicates / max(n_correct, 1),
+                         # the formats of all k samples the round drew (format collapse over rounds)
+                         "filtered/round": float(r), "filtered/samples": float(len(verdicts)),
+                         **{k: v for k, v in verdict_metrics(verdicts, "filtered/").items() if "/format/" in k}}
         if path is not None:
             atomic_write_json(path, {"data": {str(t): self.data.get(t, []) for t in steps}, "stats": self.stats[r]})
 
