@@ -313,7 +313,7 @@ def table(res: dict, a) -> list[tuple[str, str, str]]:
         return x[key] / x["seconds"] if "seconds" in x and x.get("seconds") else None
 
     rows = [("model", f"{res['build'].get('params', 0) / 1e6:.1f}M params, {'tiny' if a.tiny else 'Qwen2.5-0.5B shape'}",
-             res["build"].get("error", ""))]
+             res["build"].get("error", "ok"))]
     s = res.get("study", {})
     rows.append(("(a) study on " + a.device, f"{s['seconds']:.0f}s, {_dtype(a)}, models {', '.join(s['models'])}"
                  if "seconds" in s else "-", s.get("error", "ok" if s.get("finite") else "non-finite accuracy")))
