@@ -53,7 +53,7 @@ def main() -> None:
             tj = m / "train.json"
             if tj.is_file():
                 parts.append(f"{m.name} {json.loads(tj.read_text())['wall_seconds']:.0f}")
-        pre = run / "pretrain" / "train.json"
+        pre = run / "pretrain" / "pretrain.json"
         pre_s = f"pretrain {json.loads(pre.read_text())['wall_seconds']:.0f}, " if pre.is_file() else ""
         print(f"seed {s}: {one['wall_seconds']:.0f} s ({pre_s}training s: {', '.join(parts)})")
     print(f"run directory: {dest / 'runs' / 'demo'}")
