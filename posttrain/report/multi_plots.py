@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from posttrain.report.plots import color, plt
+from posttrain.report.plots import color, finish_panels, panel_grid, plt
 
 
 def _vals(node: Any) -> list[float]:
@@ -61,10 +61,7 @@ def seed_dots(models: dict[str, dict], forgetting: dict[str, Any], seeds: list[i
 def seed_curves(curves: dict[str, dict[int, list[dict]]], keys: list[tuple[str, str]], ncols: int = 3):
     """Training curves of every seed: one panel per (metric key, label), one thin line per (method,
     seed) in the method's colour."""
-    ncols = max(1, min(ncols, len(keys)))
-    nrows = math.ceil(len(keys) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.1 * nrows), squeeze=False)
-    flat = [ax for row in axes for ax in row]
+    fig, flat = panel_grid(len(keys), ncols)
     for ax, (key, label) in zip(flat, keys):
         for i, (name, by_seed) in enumerate(curves.items()):
             for j, rows in enumerate(by_seed.values()):
@@ -75,21 +72,14 @@ def seed_curves(curves: dict[str, dict[int, list[dict]]], keys: list[tuple[str, 
         ax.set_xlabel("step")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-    for ax in flat[len(keys):]:
-        ax.axis("off")
-    flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return finish_panels(fig, flat, len(keys))
 
 
 def axis_panels(axis: str, positions: list[str], panels: list[tuple[str, dict[str, list[Any]]]]):
     """Metrics against one sweep axis: one panel per (title, {line label: [node per position]}),
     nodes being aggregated leaves; x = the axis values in sweep order (evenly spaced), y = the mean
     with +/- sd error bars and the per-seed values as faint dots."""
-    ncols = min(3, max(1, len(panels)))
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.1 * nrows), squeeze=False)
-    flat = [ax for row in axes for ax in row]
+    fig, flat = panel_grid(len(panels), 3)
     xs = np.arange(len(positions))
     for ax, (title, lines) in zip(flat, panels):
         for i, (label, nodes) in enumerate(lines.items()):
@@ -108,8 +98,4 @@ def axis_panels(axis: str, positions: list[str], panels: list[tuple[str, dict[st
         ax.set_xlabel(axis, fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    for ax in flat[len(panels):]:
-        ax.axis("off")
-    flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return finish_panels(fig, flat, len(panels), legend_size=7)

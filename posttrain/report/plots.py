@@ -48,12 +48,27 @@ def module_bars(summaries: dict[str, dict]):
     return fig
 
 
+def panel_grid(n: int, ncols: int = 3):
+    """A figure of n panels, up to `ncols` per row: (fig, the axes in reading order)."""
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.1 * nrows), squeeze=False)
+    return fig, [ax for row in axes for ax in row]
+
+
+def finish_panels(fig, flat: list, used: int, legend: bool = True, legend_size: int = 8):
+    """Blank the unused panels of a `panel_grid`, put the legend on the first, lay out."""
+    for ax in flat[used:]:
+        ax.axis("off")
+    if legend:
+        flat[0].legend(fontsize=legend_size)
+    fig.tight_layout()
+    return fig
+
+
 def training_curves(curves: dict[str, list[dict]], keys: list[tuple[str, str]], ncols: int = 3):
     """One panel per (metric key, label), up to `ncols` per row; one line per method."""
-    ncols = max(1, min(ncols, len(keys)))
-    nrows = math.ceil(len(keys) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.1 * nrows), squeeze=False)
-    flat = [ax for row in axes for ax in row]
+    fig, flat = panel_grid(len(keys), ncols)
     for ax, (key, label) in zip(flat, keys):
         for i, (name, rows) in enumerate(curves.items()):
             pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None and not _nan(r[key])]
@@ -63,20 +78,13 @@ def training_curves(curves: dict[str, list[dict]], keys: list[tuple[str, str]], 
         ax.set_xlabel("step")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-    for ax in flat[len(keys):]:
-        ax.axis("off")
-    flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return finish_panels(fig, flat, len(keys))
 
 
 def format_share_curves(series: dict[str, list[dict]], ncols: int = 3):
     """One panel per method: the share of each format among the completions it sampled at each
     training step (Echo Chamber's figure); `series`: {method: [{step, samples, shares}]}."""
-    ncols = max(1, min(ncols, len(series)))
-    nrows = math.ceil(len(series) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.1 * nrows), squeeze=False)
-    flat = [ax for row in axes for ax in row]
+    fig, flat = panel_grid(len(series), ncols)
     formats = sorted({f for pts in series.values() for p in pts for f in p["shares"]})
     for ax, (name, pts) in zip(flat, series.items()):
         steps = [p["step"] for p in pts]
@@ -87,11 +95,8 @@ def format_share_curves(series: dict[str, list[dict]], ncols: int = 3):
         ax.set_xlabel("step")
         ax.set_title(f"{name}: format shares of its samples", fontsize=10)
         ax.grid(alpha=0.3)
-    for ax in flat[len(series):]:
-        ax.axis("off")
-    if formats:  # every sample malformed: empty panels, no legend
-        flat[0].legend(fontsize=8)
-    fig.tight_layout()
+    # every sample malformed: empty panels, no legend
+    return finish_panels(fig, flat, len(series), legend=bool(formats))
     return fig
 
 
