@@ -50,7 +50,7 @@ SEEDS_HELP = ("Run the whole study once per seed, e.g. --seeds 0,1,2, under OUT/
 
 
 JOBS_HELP = ("Processes that run the seeds side by side, each with cores/jobs threads, or auto (one per seed up to "
-             "the CPU cores; 1 on a GPU). Results do not depend on it (config field `jobs`).")
+             "twice the CPU cores; 1 on a GPU). Results do not depend on it (config field `jobs`).")
 
 
 def _jobs_override(jobs: str | None) -> list[str]:

@@ -238,7 +238,8 @@ def test_seed_jobs_follow_the_config_and_the_cores(monkeypatch):
 
     monkeypatch.setattr(multiseed, "cpu_cores", lambda: 2)
     three = quick(seeds=[0, 1, 2])
-    assert multiseed.seed_jobs(three, "cpu") == 2 and multiseed.threads_per_job(2) == 1
+    assert multiseed.seed_jobs(three, "cpu") == 3 and multiseed.threads_per_job(3) == 1
+    assert multiseed.seed_jobs(quick(seeds=list(range(6))), "cpu") == 4 and multiseed.threads_per_job(2) == 1
     assert multiseed.seed_jobs(quick(seeds=[4]), "cpu") == 1  # one seed: no side process
     assert multiseed.seed_jobs(quick(seeds=[0, 1, 2], jobs=1), "cpu") == 1
     assert multiseed.seed_jobs(quick(seeds=[0, 1, 2], jobs=8), "cpu") == 3  # never more processes than seeds
