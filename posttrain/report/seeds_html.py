@@ -51,6 +51,14 @@ def accuracy_table(res: dict) -> str:
     return f"<table><tr>{th}</tr>{''.join(rows)}</table>"
 
 
+def _wall(res: dict) -> str:
+    """Elapsed time, and the seeds' own times summed when they ran side by side."""
+    total = f"{res['wall_seconds']:.0f}s summed over the seeds"
+    if res.get("elapsed_seconds") is None:
+        return f"total wall time {res['wall_seconds']:.0f}s"
+    return f"wall time {res['elapsed_seconds']:.0f}s ({res.get('jobs', 1)} at a time; {total})"
+
+
 def multi_findings_table(findings: list[dict]) -> str:
     rows = []
     for f in findings:
@@ -110,7 +118,7 @@ def build_seeds_report(run: Path) -> str:
     runs = res.get("runs", {})
     links = " · ".join(f'<a href="{html.escape(rel)}/report.html">seed {html.escape(s)}</a>' for s, rel in runs.items())
     body = [f"<h1>posttrain study <code>{html.escape(str(res['study']))}</code> over {len(seeds)} seeds</h1>",
-            f'<p class="meta">seeds {", ".join(map(str, seeds))} · total wall time {res["wall_seconds"]:.0f}s · '
+            f'<p class="meta">seeds {", ".join(map(str, seeds))} · {_wall(res)} · '
             f'in-domain task <code>{html.escape(res["id_task"])}</code> · OOD task <code>{html.escape(res["ood_task"])}</code>'
             f' · each seed\'s own report: {links}</p>',
             "<h2>Accuracy</h2><p>Every seed runs the whole study (its own pretraining, prompts, rollouts and "
