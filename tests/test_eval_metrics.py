@@ -33,6 +33,22 @@ def test_pass_at_k_rejects_k_above_n():
     assert pass_at_k(4, 1, 4) == 1.0
 
 
+def test_eval_problems_take_a_dataset_tasks_own_held_out_rows():
+    class Rows:  # a task that owns its evaluation rows (dataset tasks): asked with the split, n and seed
+        name = "rows"
+
+        def eval_set(self, split, n, seed):
+            return [("row", split, n, seed)]
+
+        def all_problems(self):
+            raise AssertionError("eval_set comes first")
+
+        def sample(self, *a):
+            raise AssertionError("eval_set comes first")
+
+    assert eval_problems(Rows(), "ood", 7, seed=3) == [("row", "ood", 7, 3)]
+
+
 def test_eval_problems_are_fixed_per_seed_and_held_out():
     arith = build_task("arith")
     a = eval_problems(arith, "ood", 6, seed=0)

@@ -907,3 +907,29 @@ def test_problem_counts_per_accuracy():
               "strings/ood": {}}
     assert problem_counts(cfg, scores) == {"id": 64, "ood": 32,
                                            "retention": {"facts": 50, "strings/id": 40, "strings/ood": None}}
+
+
+def test_repair_findings_read_the_repairs_from_the_base():
+    # a repair from SFT's peak-OOD checkpoint with the same operator and point comes first in the sweep:
+    # the claims are about restoring the base, so it is not the one read
+    res = results()
+    peak = {**res["repairs"]["uv20"], "source": "sft_peak_ood", "ood_recovered_frac": 0.0}
+    res["repairs"] = {"uv20@sft_peak_ood": peak, **res["repairs"]}
+    f = by_id(res)["uv_top20_recovers_ood"]
+    assert (f["value"], f["holds"]) == (0.8, True) and f["evidence"].startswith("uv20:")
+
+
+def test_repairs_without_a_recorded_gap_cannot_be_tested():
+    # results.json written before the recovered fraction had its noise rule: no ood_gap at all
+    res = results(**{"repairs__uv20__ood_recovered_frac": None, "repairs__uv20__ood_gap": DELETE,
+                     "repairs__dir100__ood_recovered_frac": None, "repairs__dir100__ood_gap": DELETE})
+    out = by_id(res)
+    for fid in ("uv_top20_recovers_ood", "sft_damage_is_rotation"):
+        assert out[fid]["holds"] is None and out[fid]["evidence"].startswith("cannot test: the sweep recorded no OOD gap; ")
+    assert "(gap to recover n/a)" in out["uv_top20_recovers_ood"]["evidence"]
+
+
+def test_difference_of_recovered_fractions_has_no_se_without_the_gaps_se():
+    res = results(**{"repairs__dir100__ood_gap_se": None})
+    rot = by_id(res)["sft_damage_is_rotation"]
+    assert rot["se"] is None and rot["value"] == pytest.approx(0.7)

@@ -52,7 +52,8 @@ def _recovers(ctx: Context, method: str, params: dict, variant: tuple[str, dict]
     name, r = hit
     f, kept = r.get("ood_recovered_frac"), r.get("id_kept_frac")
     kept_s = "n/a" if kept is None else f"{100 * kept:.0f}%"
-    ev = (f"{name}: OOD {r['ood_acc']:.3f} (gap to recover {r['ood_gap']:+.3f}), recovered {recovered(r)}"
+    gap = "n/a" if r.get("ood_gap") is None else f"{r['ood_gap']:+.3f}"  # results written before the noise rule
+    ev = (f"{name}: OOD {r['ood_acc']:.3f} (gap to recover {gap}), recovered {recovered(r)}"
           + ("" if r.get("ood_recovered_se") is None else f" ± {100 * r['ood_recovered_se']:.0f}% (SE)")
           + f", in-domain gain kept {kept_s}")
     if variant is not None and (other := repair_pick(ctx.repairs, method, **variant[1])) is not None:
