@@ -206,3 +206,23 @@ def test_repair_construction_errors_and_params():
         r.check_targets(2)
     r.check_targets(1)
     assert get_repair("reset_layers", layers="0").restricted and not r.restricted
+
+
+def test_reset_layers_refusals_say_exactly_what_is_missing():
+    import re
+
+    def refused(**kw) -> str:
+        with pytest.raises(UserError) as e:
+            get_repair("reset_layers", **kw).check()
+        return str(e.value)
+
+    assert refused(first_frac=0.25, embeddings=True, head=True) == (
+        "reset_layers: embeddings and head apply to scope 'layers'; scope 'reference' always resets the token "
+        "embeddings and the LM head and never the norms")
+    assert refused(first_frac=0.25, head=True).startswith("reset_layers: head apply to scope 'layers'")
+    assert refused() == "reset_layers: say which layers to reset: layers (e.g. 0:6), first_frac or last_frac"
+    assert refused(scope="layers") == ("reset_layers: say what to reset: layers (e.g. 0:6), first_frac, last_frac, "
+                                       "embeddings or head")
+    for ok in ({"first_frac": 0.25}, {"layers": "0:1"}, {"last_frac": 0.5}, {"scope": "layers", "head": True}):
+        get_repair("reset_layers", **ok).check()
+    assert re.search("scope", refused(first_frac=0.25, embeddings=True))
