@@ -461,6 +461,9 @@ def test_assemble_results_computes_forgetting_for_every_method(tmp_path):
 
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "train.json").write_text('{"steps": 3}')
+    (tmp_path / "grpo").mkdir()  # on-policy format shares per step, read for format_trajectories
+    (tmp_path / "grpo" / "metrics.jsonl").write_text('{"step": 1, "rollout/reward": 0.5, "rollout/format/eq": 0.25, "rollout/format/steps": 0.75, '
+                                                     '"rollout/samples": 8}\n')
 
     def s(acc):
         return {"acc": acc, "malformed": 0.0, "format_share": {"eq": 1.0}}
@@ -476,6 +479,13 @@ def test_assemble_results_computes_forgetting_for_every_method(tmp_path):
     assert (res["id_task"], res["ood_task"]) == ("points24/id", "points24/ood")
     assert res["diagnostic_pairs"] == {} and res["trajectories"] == {}
     assert (res["study"], res["seed"], res["repairs"], res["findings"]) == ("s1", 7, {}, [])
+    from posttrain.analysis.format_shares import read_format_series
+
+    assert res["format_trajectories"] == {"grpo": read_format_series(tmp_path / "grpo" / "metrics.jsonl")}
+    assert res["format_trajectories"]["grpo"]
+    assert res["n_problems"] == {"id": None, "ood": None, "retention": {"facts": None, "strings": None, "arith": None}}
+    for key in ("checkpoint_evals", "peak_ood", "init_from", "repair_sources"):
+        assert res[key] == {}, key
     assert set(res["models"]) == {"base", "sft", "grpo"} and res["models"]["sft"]["retention"] == \
         {"facts": 0.6, "strings": 0.8, "arith": 0.4}
     extra = {"pairs": {"a|b": 1}, "trajectory": {"sft": [2]}}
@@ -933,3 +943,11 @@ def test_difference_of_recovered_fractions_has_no_se_without_the_gaps_se():
     res = results(**{"repairs__dir100__ood_gap_se": None})
     rot = by_id(res)["sft_damage_is_rotation"]
     assert rot["se"] is None and rot["value"] == pytest.approx(0.7)
+
+
+def test_retention_probes_are_named_by_task_or_lm_eval_task():
+    from posttrain.config import LmEvalRef, TaskRef
+    from posttrain.results import retention_label
+
+    assert retention_label(LmEvalRef(lm_eval="mmlu", limit=5)) == "mmlu"
+    assert retention_label(TaskRef(task="facts")) == "facts"
