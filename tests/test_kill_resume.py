@@ -26,7 +26,9 @@ TESTS = Path(__file__).resolve().parent
 # timings, whether a run was resumed, and repair.json's "inputs": fingerprints of the input
 # checkpoints by file size and mtime (posttrain.repair.writer.fingerprint), new for every run; the
 # git commit in versions.json moves when the checkout does during a long run
-VOLATILE = {"wall_seconds", "step_seconds", "resumed_from_step", "finished", "inputs", "git_sha"}
+# whether a stage's output was reused is provenance too: a repair finished before the kill is
+# "cached" in the rerun's results.json, recomputed in the uninterrupted run
+VOLATILE = {"wall_seconds", "step_seconds", "resumed_from_step", "finished", "inputs", "git_sha", "cached"}
 
 TRAIN_CONFIG = """\
 methods:
@@ -153,6 +155,13 @@ def leftovers(root: Path) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.name.endswith(".tmp") or ".old-" in p.name]
 
 
+def _differing(a, b, path: str = "") -> list[str]:
+    """The leaf paths where two parsed JSON values differ (a few, for the failure message)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [p for k in sorted(set(a) | set(b)) for p in _differing(a.get(k), b.get(k), f"{path}.{k}")][:8]
+    return [] if a == b else [path or "."]
+
+
 def trials(forker: Forker, rng: random.Random, n: int, argv, rerun_argv, ref: dict, span: float, work: Path,
            out_of, done) -> tuple[int, int]:
     """`n` SIGKILL trials of `argv` (run in a fresh directory under `work` each), each followed by
@@ -175,7 +184,8 @@ def trials(forker: Forker, rng: random.Random, n: int, argv, rerun_argv, ref: di
         got = snapshot(out_of(cwd))
         assert got.keys() == ref.keys(), sorted(got.keys() ^ ref.keys())
         bad = [k for k in ref if got[k] != ref[k]]
-        assert not bad, f"trial {tries}: outputs differ from the uninterrupted run: {bad[:5]}"
+        where = {k: _differing(ref[k], got[k]) for k in bad[:5]}
+        assert not bad, f"trial {tries}: outputs differ from the uninterrupted run: {bad[:5]} (keys: {where})"
         assert not leftovers(cwd), leftovers(cwd)
     return kills, left
 
