@@ -70,3 +70,19 @@ def quick_study(tmp_path_factory):
                        capture_output=True, text=True, env=env, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """`posttrain ARGS...` in this process: (exit code, stdout, stderr)."""
+    from posttrain.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["posttrain", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            main()
+            raise SystemExit(0)
+        cap = capsys.readouterr()
+        return e.value.code, cap.out, cap.err
+
+    return run

@@ -4,7 +4,6 @@ writer (sharding, reload), the CLI's errors, and recovery sweeps with a fake eva
 import json
 import math
 import re
-import sys
 
 import pytest
 import torch
@@ -350,21 +349,10 @@ def test_task_arithmetic_checkpoint(models, tmp_path):
 # CLI
 
 
-def run_cli(monkeypatch, capsys, *args):
-    from posttrain.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["posttrain", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return e.value.code, cap.out, cap.err
-
-
-def test_cli_success_and_errors(models, tmp_path, monkeypatch, capsys):
+def test_cli_success_and_errors(models, tmp_path, run_cli):
     b, t = models["base"], models["target"]
     out = tmp_path / "out"
-    code, stdout, err = run_cli(monkeypatch, capsys, "repair", "uv-merge", "--base", b, "--target", t, "--top", "0.2",
+    code, stdout, err = run_cli("repair", "uv-merge", "--base", b, "--target", t, "--top", "0.2",
                                 "--bottom", "0.05", "--direction-only", "--out", out)
     assert code == 0, err
     assert stdout.strip() == str(out) and (out / "repair.json").is_file()
@@ -386,17 +374,17 @@ def test_cli_success_and_errors(models, tmp_path, monkeypatch, capsys):
          "unknown module type"),
     ]
     for args, match in cases:
-        code, _, err = run_cli(monkeypatch, capsys, "repair", *args)
+        code, _, err = run_cli("repair", *args)
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, err)
         assert re.search(match, lines[0]), (match, lines[0])
     assert not (tmp_path / "o2").exists()
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # the refused write left the old output alone
-    code, _, err = run_cli(monkeypatch, capsys, "repair", "reset-layers", "--base", b, "--target", t, "--first-frac",
+    code, _, err = run_cli("repair", "reset-layers", "--base", b, "--target", t, "--first-frac",
                            "0.5", "--out", out, "--overwrite")
     assert code == 0, err
     assert json.loads((out / "repair.json").read_text())["method"] == "reset_layers"
-    code, _, err = run_cli(monkeypatch, capsys, "repair", "task-arithmetic", "--base", b, "--target", t, "--target",
+    code, _, err = run_cli("repair", "task-arithmetic", "--base", b, "--target", t, "--target",
                            models["sharded"], "--lambda", "0.3", "--out", tmp_path / "ta")
     assert code == 0, err
     assert json.loads((tmp_path / "ta" / "repair.json").read_text())["params"]["lambdas"] == [0.3]

@@ -4,7 +4,6 @@ U_b^T dW V_b normalised by ||dW||_F^2, and the noise rule of the recovered fract
 
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -76,22 +75,11 @@ def tensors(path):
     return {n: ck.get(n) for n in ck.names()}
 
 
-def run_cli(monkeypatch, capsys, *args):
-    from posttrain.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["posttrain", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return e.value.code, cap.out, cap.err
-
-
-def test_cli_no_orthonormalize_is_the_reference_formula(ckpts, tmp_path, monkeypatch, capsys):
+def test_cli_no_orthonormalize_is_the_reference_formula(ckpts, tmp_path, run_cli):
     b, t = ckpts["base"], ckpts["target"]
     base, target = tensors(b), tensors(t)
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(target)  # untied: both are separate matrices
-    code, _, err = run_cli(monkeypatch, capsys, "repair", "uv-merge", "--base", b, "--target", t, "--top", "0.2",
+    code, _, err = run_cli("repair", "uv-merge", "--base", b, "--target", t, "--top", "0.2",
                            "--direction-only", "--no-orthonormalize", "--out", tmp_path / "ref")
     assert code == 0, err
     out = tensors(tmp_path / "ref")
@@ -111,11 +99,11 @@ def test_cli_no_orthonormalize_is_the_reference_formula(ckpts, tmp_path, monkeyp
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(rec["tensors_repaired"])
 
     # the default is the reference operator; --orthonormalize selects the QR variant, which differs
-    code, _, err = run_cli(monkeypatch, capsys, "repair", "uv-merge", "--base", b, "--target", t, "--top", "0.2",
+    code, _, err = run_cli("repair", "uv-merge", "--base", b, "--target", t, "--top", "0.2",
                            "--direction-only", "--out", tmp_path / "default")
     assert code == 0, err
     assert all(torch.equal(w, out[n]) for n, w in tensors(tmp_path / "default").items())
-    code, _, err = run_cli(monkeypatch, capsys, "repair", "uv-merge", "--base", b, "--target", t, "--top", "0.2",
+    code, _, err = run_cli("repair", "uv-merge", "--base", b, "--target", t, "--top", "0.2",
                            "--direction-only", "--orthonormalize", "--out", tmp_path / "qr")
     assert code == 0, err
     qr = tensors(tmp_path / "qr")
@@ -160,7 +148,7 @@ def test_reference_matrix_function_on_wide_and_tall_matrices():
         uv_merge_matrix(wb, wt, 0.2, mode="magnitude", orthonormalize=True)
 
 
-def test_cli_bool_flags_both_ways_and_errors(ckpts, tmp_path, monkeypatch, capsys):
+def test_cli_bool_flags_both_ways_and_errors(ckpts, tmp_path, run_cli):
     b, t = ckpts["base"], ckpts["target"]
     import typer
 
@@ -170,13 +158,13 @@ def test_cli_bool_flags_both_ways_and_errors(ckpts, tmp_path, monkeypatch, capsy
     flags = {c: {o for p in cmds[c].params for o in (*p.opts, *p.secondary_opts)} for c in ("uv-merge", "reset-layers")}
     assert {"--orthonormalize", "--no-orthonormalize"} <= flags["uv-merge"]
     assert {"--scope", "--embeddings", "--no-embeddings", "--head", "--no-head"} <= flags["reset-layers"]
-    code, _, err = run_cli(monkeypatch, capsys, "repair", "uv-merge", "--base", b, "--target", t, "--top", "1",
+    code, _, err = run_cli("repair", "uv-merge", "--base", b, "--target", t, "--top", "1",
                            "--magnitude-only", "--orthonormalize", "--out", tmp_path / "x")
     assert code == 2 and err.strip().startswith("error: uv_merge: orthonormalize applies") and len(err.splitlines()) == 1
-    code, _, err = run_cli(monkeypatch, capsys, "repair", "reset-layers", "--base", b, "--target", t, "--first-frac",
+    code, _, err = run_cli("repair", "reset-layers", "--base", b, "--target", t, "--first-frac",
                            "0.5", "--head", "--out", tmp_path / "x")
     assert code == 2 and "apply to scope 'layers'" in err
-    code, _, err = run_cli(monkeypatch, capsys, "repair", "reset-layers", "--base", b, "--target", t, "--scope",
+    code, _, err = run_cli("repair", "reset-layers", "--base", b, "--target", t, "--scope",
                            "everything", "--first-frac", "0.5", "--out", tmp_path / "x")
     assert code == 2 and "scope" in err
     assert not (tmp_path / "x").exists()
@@ -186,9 +174,9 @@ def test_cli_bool_flags_both_ways_and_errors(ckpts, tmp_path, monkeypatch, capsy
 # layer reset in the reference's scope
 
 
-def test_reset_layers_reference_scope(ckpts, tmp_path, monkeypatch, capsys):
+def test_reset_layers_reference_scope(ckpts, tmp_path, run_cli):
     base, target = tensors(ckpts["base"]), tensors(ckpts["target"])
-    code, _, err = run_cli(monkeypatch, capsys, "repair", "reset-layers", "--base", ckpts["base"], "--target",
+    code, _, err = run_cli("repair", "reset-layers", "--base", ckpts["base"], "--target",
                            ckpts["target"], "--first-frac", "0.5", "--out", tmp_path / "ref")
     assert code == 0, err
     out = tensors(tmp_path / "ref")
