@@ -8,10 +8,8 @@ and with batches above the 32768-element size where PyTorch starts to parallelis
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from safetensors.torch import load_file
 
 from posttrain.train.policy import gather_rows, policy_forward
 from posttrain.train.sequences import pack
+from procs import sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 # the subprocesses' thread count, whatever the machine has
@@ -158,13 +157,7 @@ def test_grpo_sigkill_then_resume_at_two_threads_is_bitwise_identical(coin_check
     full, killed = tmp_path / "full", tmp_path / "killed"
     _train(config, coin_checkpoint, full)
     proc = _train(config, coin_checkpoint, killed, popen=True)
-    deadline = time.time() + 600
-    while not (killed / "checkpoints" / "step-12" / "trainer_state.pt").exists():
-        assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when(proc, killed / "checkpoints" / "step-12" / "trainer_state.pt", timeout=600)
     assert not (killed / "model").exists()
     _train(config, coin_checkpoint, killed, "--resume")
     assert json.loads((killed / "train.json").read_text())["resumed_from_step"] >= 12

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from posttrain.tasks import build_task
 from posttrain.train.checkpointing import latest_checkpoint
 from posttrain.train.loop import train
 from posttrain.train.objectives import OBJECTIVES, SFT, register_objective
+from procs import sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,13 +167,7 @@ methods:
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(config, tiny_checkpoint, killed, "m"), env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-4" / "trainer_state.pt").exists():
-        assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when(proc, killed / "checkpoints" / "step-4" / "trainer_state.pt", timeout=300)
     assert not (killed / "model").exists()
     r = subprocess.run(_train_cmd(config, tiny_checkpoint, killed, "m"), env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "--resume" in r.stderr  # refuses to clobber an unfinished run
