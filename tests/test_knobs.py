@@ -485,3 +485,50 @@ def test_register_estimator_types_the_keyword_only_arguments_as_knobs():
         "grpo": {"adv_norm_std": True, "adv_eps": 1e-6}, "dr_grpo": {}, "rloo": {}, "gae": {"gamma": 1.0, "lam": 0.95}}
     assert [(n, ESTIMATORS[n].level, ESTIMATORS[n].needs_groups) for n in ("grpo", "dr_grpo", "rloo", "gae")] == [
         ("grpo", "sequence", True), ("dr_grpo", "sequence", True), ("rloo", "sequence", True), ("gae", "token", False)]
+
+
+# ---- clip_ratio_c (dual clip) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+@pytest.mark.parametrize("clip_c,row1,dualfrac", [(3.0, 3 * 1.0, 1.0), (2.0, 2 * 1.0, 1.0), (None, 10 * 1.0, 0.0)])
+def test_clip_ratio_c_caps_a_negative_advantage_tokens_loss(name, clip_c, row1, dualfrac):
+    # rewards (1, 0): Dr. GRPO A = (+0.5, -0.5), RLOO A = (+1, -1); scale both to |A| = 1 below.
+    # Row 1 (A = -1, 1 token) had its ratio explode to 10: L1 = max(1 * 10, 1 * 1.2) = 10, capped
+    # at clip_ratio_c * |A|; row 0 (A = +1, ratio 1) contributes -1 per token. token-mean over 4 tokens.
+    extra = {"adv_norm_std": False} if name == "grpo" else {}
+    scale = 2.0 if name == "grpo" else 1.0
+    old = HALF
+    new = old + torch.log(torch.tensor([[1.0], [10.0]]))
+    batch = make_batch(rewards=(scale * 1.0, 0.0))
+    out, g = logp_grad(name, cfg(name, clip_ratio_c=clip_c, **extra), batch, new, old_logp=old)
+    assert out.loss.item() == pytest.approx((3 * -1.0 + row1) / 4, rel=1e-5)
+    # dualclip_frac is over completion tokens: 1 of 4 when the cap binds
+    assert out.metrics["dualclip_frac"] == pytest.approx(dualfrac / 4)
+    # a capped token has zero gradient; uncapped, row 1 gets d(-A rho)/d logp = rho / 4 = 2.5
+    assert g[1, 0].item() == pytest.approx(0.0 if clip_c else 2.5, abs=1e-6)
+
+
+# ---- Targets.select (minibatches) --------------------------------------------------------------
+
+def test_targets_select_takes_the_rows_and_cuts_per_token_targets_to_the_width():
+    from posttrain.train.objectives import Targets
+
+    adv = torch.tensor([1.0, 2.0, 3.0])  # per sequence
+    ret = torch.arange(12.0).reshape(3, 4)  # per token, 4 target positions (width 5)
+    t = Targets(adv, ret).select(torch.tensor([2, 0]), 3)
+    assert torch.equal(t.advantages, torch.tensor([3.0, 1.0]))
+    assert torch.equal(t.returns, torch.tensor([[8.0, 9.0], [0.0, 1.0]]))
+    # PPO's per-token advantages are cut like the returns
+    t = Targets(ret, None).select(torch.tensor([1]), 4)
+    assert torch.equal(t.advantages, torch.tensor([[4.0, 5.0, 6.0]])) and t.returns is None
+    assert Targets().select(torch.tensor([0]), 3) == Targets()
+
+
+def test_register_objective_names_and_registers_the_class():
+    from posttrain.train.objectives import Objective, register_objective
+
+    try:
+        cls = register_objective("toy_knob_objective")(type("Toy", (Objective,), {}))
+        assert OBJECTIVES["toy_knob_objective"] is cls and cls.name == "toy_knob_objective"
+    finally:
+        OBJECTIVES.pop("toy_knob_objective", None)

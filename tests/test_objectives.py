@@ -72,8 +72,10 @@ def test_kl_estimators_hand_computed():
     assert kl_penalty(logp, ref, "k3").item() == pytest.approx(0.5 + d - 1, abs=1e-6)  # 0.193147
     same = kl_penalty(ref, ref, "k3")
     assert same.item() == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^unknown KL estimator 'k9'$"):
         kl_penalty(logp, ref, "k9")
+    # k3 (verl's low_var_kl) is the default estimator
+    assert kl_penalty(logp, ref).item() == pytest.approx(0.5 + d - 1, abs=1e-6)
 
 
 def test_k3_is_unbiased_for_kl():
