@@ -532,3 +532,22 @@ def test_register_objective_names_and_registers_the_class():
         assert OBJECTIVES["toy_knob_objective"] is cls and cls.name == "toy_knob_objective"
     finally:
         OBJECTIVES.pop("toy_knob_objective", None)
+
+
+@pytest.mark.parametrize("clip_c,pg,dualfrac", [(3.0, (-1.2 + 3.0) / 2, 0.5), (None, (-1.2 + 10.0) / 2, 0.0)])
+def test_ppo_dual_clip_and_its_metrics(clip_c, pg, dualfrac):
+    # two one-token rows, rewards (1, 0), V = 0: GAE gives A = (1, 0), whitened (+1, -1).
+    # Row 0 (A = +1) at ratio 1.5 is clipped to 1.2: -1.2 (clipfrac 1/2); row 1 (A = -1) at ratio 10:
+    # max(10, 1.2) = 10, capped at clip_ratio_c * |A| = 3 (dualclip_frac 1/2). token-mean over 2 tokens.
+    mask = torch.ones(2, 1)
+    batch = make_batch(mask, rewards=(1.0, 0.0))
+    old = torch.full((2, 1), math.log(0.5))
+    new = old + torch.log(torch.tensor([[1.5], [10.0]]))
+    zeros = torch.zeros(2, 1)
+    out, _ = logp_grad("ppo", cfg("ppo", vf_coef=0.0, clip_ratio_c=clip_c), batch, new, old_logp=old,
+                       ref_logp=new - 0.25, values=zeros, old_values=zeros, entropy=zeros)
+    assert out.loss.item() == pytest.approx(pg, rel=1e-5)
+    m = out.metrics
+    assert m["pg_loss"] == pytest.approx(pg, rel=1e-5) and m["value_loss"] == pytest.approx(0.25)
+    assert m["clipfrac"] == 0.5 and m["dualclip_frac"] == dualfrac and m["value_clipfrac"] == 0.0
+    assert m["kl_ref"] == pytest.approx(0.25) and m["entropy"] == 0.0

@@ -264,3 +264,17 @@ def test_rloo_advantages_three_per_group_and_rejects_groups_of_one():
     assert torch.allclose(adv, torch.tensor([3.0, -1.5, -1.5, -1.5, -1.5, 3.0]))
     with pytest.raises(ValueError, match="^RLOO needs group_size >= 2$"):
         rloo_advantages(torch.tensor([1.0]), 1)
+
+
+def test_value_loss_clips_at_0_2_by_default():
+    # V_old = 0, V = 0.5, R = 1: unclipped (0.5 - 1)^2 = 0.25; V_clip = 0 + clip(0.5, -0.2, 0.2) = 0.2,
+    # (0.2 - 1)^2 = 0.64 is larger: 1/2 * 0.64
+    one = torch.ones(1, 1)
+    loss, frac = value_loss(0.5 * one, 0 * one, one, one)
+    assert loss.item() == pytest.approx(0.32) and frac.item() == 1.0
+
+
+def test_masked_whiten_adds_eps_to_the_standard_deviation():
+    # a spread of 1e-8 is within eps = 1e-8 of zero: (x - 0) / (1e-8 + 1e-8) = +-0.5
+    x = torch.tensor([[1e-8, -1e-8]])
+    assert torch.allclose(masked_whiten(x, torch.ones(1, 2)), torch.tensor([[0.5, -0.5]]), atol=1e-4)
