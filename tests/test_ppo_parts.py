@@ -278,3 +278,19 @@ def test_masked_whiten_adds_eps_to_the_standard_deviation():
     # a spread of 1e-8 is within eps = 1e-8 of zero: (x - 0) / (1e-8 + 1e-8) = +-0.5
     x = torch.tensor([[1e-8, -1e-8]])
     assert torch.allclose(masked_whiten(x, torch.ones(1, 2)), torch.tensor([[0.5, -0.5]]), atol=1e-4)
+
+
+def test_policy_ratio_clamps_the_log_ratio_at_both_ends():
+    from posttrain.train.objectives import policy_ratio
+
+    r = policy_ratio(torch.tensor([-30.0, 30.0, 0.5]), torch.zeros(3))
+    assert r.tolist() == pytest.approx([math.exp(-20), math.exp(20), math.exp(0.5)], rel=1e-5)
+
+
+def test_clipped_policy_loss_without_dual_clip_keeps_the_dr_grpo_budget():
+    # per-token loss -A at ratio 1, A = (1, -1) over 3 + 1 tokens: sum = -3 + 1 = -2, over B * budget = 2 * 5
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    logp = torch.zeros(2, 3)
+    loss, clipfrac, lower = clipped_policy_loss(logp, logp, torch.tensor([1.0, -1.0]), mask,
+                                                mode="seq-mean-token-sum-norm", clip_ratio_c=None, norm_len=5)
+    assert loss.item() == pytest.approx(-2 / 10) and clipfrac.item() == 0.0 and lower.item() == 0.0
