@@ -294,3 +294,29 @@ def test_clipped_policy_loss_without_dual_clip_keeps_the_dr_grpo_budget():
     loss, clipfrac, lower = clipped_policy_loss(logp, logp, torch.tensor([1.0, -1.0]), mask,
                                                 mode="seq-mean-token-sum-norm", clip_ratio_c=None, norm_len=5)
     assert loss.item() == pytest.approx(-2 / 10) and clipfrac.item() == 0.0 and lower.item() == 0.0
+
+
+def test_aggregate_defaults_and_the_budget_bounds():
+    loss = T([1.0, 2.0, 3.0], [4.0, 9.0, 9.0])
+    mask = T([1, 1, 1], [1, 0, 0])
+    assert aggregate(loss, mask).item() == pytest.approx(10 / 4)  # token-mean by default
+    assert aggregate(loss, mask, "seq-mean-token-sum-norm", norm_len=1).item() == pytest.approx(10 / 2)
+    for bad in (None, 0):
+        with pytest.raises(ValueError, match=r"^seq-mean-token-sum-norm needs a constant norm_len >= 1 \(the max_new_tokens budget\)$"):
+            aggregate(loss, mask, "seq-mean-token-sum-norm", norm_len=bad)
+
+
+def test_aggregate_over_ranks_sums_numerators_and_denominators(monkeypatch):
+    """Under `reducing()` every normaliser is a sum over ranks. Simulated here: a second rank holding
+    one row with a single completion token of loss 1 adds 1 to every sum (loss, tokens, rows)."""
+    import posttrain.train.objectives as objectives
+
+    monkeypatch.setattr(objectives, "reducing_over_ranks", lambda: True)
+    monkeypatch.setattr(objectives, "global_sum", lambda t: t + 1)
+    loss = T([1.0, 2.0, 3.0], [4.0, 9.0, 9.0])  # B = 2 rows, T = 3 positions
+    mask = T([1, 1, 1], [1, 0, 0])
+    assert aggregate(loss, mask, "token-mean").item() == pytest.approx((10 + 1) / (4 + 1))
+    # per-sequence means 2 and 4 here, 1 there: (2 + 4 + 1) / 3 sequences
+    assert aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx(7 / 3)
+    # (10 + 1) / (3 rows * budget 5)
+    assert aggregate(loss, mask, "seq-mean-token-sum-norm", norm_len=5).item() == pytest.approx(11 / 15)
