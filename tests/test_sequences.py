@@ -45,6 +45,9 @@ def test_packed_batch_moves_and_keeps_every_field():
         assert torch.equal(getattr(c.shared, f), getattr(b.shared, f))
     p = b.padded()
     assert p.shared is None and p.pad_id == 3 and torch.equal(p.target_mask, b.target_mask)
+    assert torch.equal(p.input_ids, b.input_ids) and torch.equal(p.attention_mask, b.attention_mask)
+    # a group cut out of a grouped batch keeps the batch's pad id
+    assert b.select_groups([0]).pad_id == 3
     assert pack([[1, 5], [1, 6]], [[6, 2], [7, 2]], pad_id=0, group_size=2).shared is None  # prompts differ
     assert pack([[1, 5]] * 3, [[6, 2]] * 3, pad_id=0, group_size=2).shared is None  # 3 rows, groups of 2
 
