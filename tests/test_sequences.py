@@ -33,6 +33,11 @@ def test_pack_documents_pads_truncates_and_masks_padding():
     assert short.input_ids.tolist() == [[1, 2]] and short.target_mask.tolist() == [[1]]
     empty = pack_documents([], row_len=4, pad_id=0)
     assert empty.input_ids.shape == (0, 1)
+    # one-token documents: rows as wide as the longest, one token, nothing to predict
+    one = pack_documents([[5], [6]], row_len=1, pad_id=0)
+    assert one.input_ids.tolist() == [[5], [6]] and one.target_mask.shape == (2, 0)
+    # token ids and positions are integer indices (embedding and rotary tables), the mask is boolean
+    assert p.input_ids.dtype == p.position_ids.dtype == torch.long and p.attention_mask.dtype == torch.bool
 
 
 def test_packed_batch_moves_and_keeps_every_field():
