@@ -1,7 +1,9 @@
 """Token plumbing by hand: document packing for pretraining, device moves, encoding."""
 
+import pytest
 import torch
 
+from posttrain.errors import UserError
 from posttrain.models.tiny import build_char_tokenizer
 from posttrain.train.sequences import encode_completions, encode_prompts, pack, pack_documents
 
@@ -62,3 +64,30 @@ def test_encoding_adds_bos_and_eos():
     a, b = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
     assert encode_prompts(tok, ["ab", "b"]) == [[tok.bos_token_id, a, b], [tok.bos_token_id, b]]
     assert encode_completions(tok, ["ba", ""]) == [[b, a, tok.eos_token_id], [tok.eos_token_id]]
+
+
+def test_encoding_wraps_prompts_in_the_chat_template_instead_of_bos():
+    tok = build_char_tokenizer()
+    tok.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    ids = lambda s: tok.convert_tokens_to_ids(list(s))  # noqa: E731
+    assert encode_prompts(tok, ["ab", "b"]) == [ids("[ab]A:"), ids("[b]A:")]
+    with pytest.raises(UserError, match=r"^the tokenizer cannot encode 'é' in the prompt '\[é\]A:'"):
+        encode_prompts(tok, ["é"])
+
+
+def test_share_prefixes_lays_out_each_group_once_by_hand():
+    # group 0: prompt [1, 5], completions [6, 2] and [7, 8, 2]; group 1: prompt [1, 9], completions [2], [3, 2]
+    b = pack([[1, 5], [1, 5], [1, 9], [1, 9]], [[6, 2], [7, 8, 2], [2], [3, 2]], pad_id=0, group_size=2)
+    sh = b.shared
+    assert sh.input_ids.tolist() == [[1, 5, 6, 2, 7, 8, 2], [1, 9, 2, 3, 2, 0, 0]]
+    # completions continue the prompt's positions; padding counts from 0 again
+    assert sh.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4], [0, 1, 2, 2, 3, 0, 1]]
+    assert sh.position_ids.dtype == sh.input_ids.dtype == torch.long
+    # padded row b, token t -> flat position in the shared rows (7 per row); padding -> 0
+    assert sh.index.tolist() == [[0, 1, 2, 3, 0], [0, 1, 4, 5, 6], [7, 8, 9, 0, 0], [7, 8, 10, 11, 0]]
+    m = sh.attention_mask[:, 0].int().tolist()
+    # a completion sees the prompt and itself, causally, never the other completion
+    assert m[0][4] == [1, 1, 0, 0, 1, 0, 0] and m[0][3] == [1, 1, 1, 1, 0, 0, 0]
+    assert m[1][4] == [1, 1, 0, 1, 1, 0, 0]
+    # a padding query attends to itself only (a non-empty softmax row)
+    assert m[1][5] == [0, 0, 0, 0, 0, 1, 0] and m[1][6] == [0, 0, 0, 0, 0, 0, 1]
