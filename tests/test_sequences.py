@@ -71,8 +71,30 @@ def test_encoding_wraps_prompts_in_the_chat_template_instead_of_bos():
     tok.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
     ids = lambda s: tok.convert_tokens_to_ids(list(s))  # noqa: E731
     assert encode_prompts(tok, ["ab", "b"]) == [ids("[ab]A:"), ids("[b]A:")]
-    with pytest.raises(UserError, match=r"^the tokenizer cannot encode 'é' in the prompt '\[é\]A:'"):
+    with pytest.raises(UserError, match=r"^the tokenizer cannot encode 'é' in the prompt '\[é\]A:' \(the tiny world's "
+                                        r"character tokenizer knows printable ASCII only\)$"):
         encode_prompts(tok, ["é"])
+
+
+def test_encoding_adds_no_special_tokens_of_the_tokenizers_own():
+    # a tokenizer that adds BOS itself (as Llama's does): the prompt still gets exactly one, the
+    # completion none before its text
+    from tokenizers.processors import TemplateProcessing
+
+    tok = build_char_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    a = tok.convert_tokens_to_ids("a")
+    assert tok(["a"])["input_ids"] == [[tok.bos_token_id, a]]  # the tokenizer alone would add it
+    assert encode_prompts(tok, ["a"]) == [[tok.bos_token_id, a]]
+    assert encode_completions(tok, ["a"]) == [[a, tok.eos_token_id]]
+
+
+def test_pack_scores_from_the_first_completion_token_and_types_its_tensors():
+    # a prompt of just BOS: token 1 is the first completion token, predicted at position 0
+    b = pack([[1]], [[6, 2]], pad_id=0)
+    assert b.target_mask.tolist() == [[1.0, 1.0]]
+    assert b.input_ids.dtype == b.attention_mask.dtype == torch.long and b.target_mask.dtype == torch.float32
 
 
 def test_share_prefixes_lays_out_each_group_once_by_hand():
