@@ -265,3 +265,35 @@ def test_report_shows_the_checkpoint_curve_and_the_rl_starts():
     html = repair_section({"repairs": reps, "repair_sources": {}})
     assert "From sft@step-50" in html and "From base" in html and html.count("data:image/png;base64,") == 2
     assert '<td class="l">sft@step-50</td>' in html
+
+
+def test_rl_from_sft_reads_the_resolved_start_and_falls_back_to_the_config(tmp_path):
+    from posttrain.findings.heal import Start, rl_from_sft
+
+    gone = tmp_path / "ck@v1"
+    gone.mkdir()
+    methods = {**HEAL_METHODS,
+               "rl_dir": {"objective": "grpo", "init": str(gone)},  # a checkpoint directory, deleted since
+               "rl_50": {"objective": "grpo", "init": "sft@step-50"},
+               "sft_on_sft": {**SFT, "init": "sft"},  # SFT on top of SFT: not RL
+               "rl_ei": {"objective": "grpo", "init": "ei"}, "ei": {"method": "ei"},  # from a method not on expert data
+               "rl_untrained": {"objective": "grpo", "init": "sft"}}
+    cfg = study(methods)
+    gone.rmdir()
+    ood = {**OOD, "rl_dir": 0.3, "rl_50": 0.3, "sft_on_sft": 0.3, "rl_ei": 0.3, "ei": 0.3}
+    res = results(ood, methods=methods)
+    # results.json's resolved steps win over what the config says (the peak moved to step 100 here)
+    res["init_from"]["rl_peak"]["step"] = 100
+    res["init_from"]["rl_sft"]["step"] = 149
+    assert rl_from_sft(Context(res, cfg)) == [
+        Start("rl_sft", "sft", 149, "end"), Start("rl_peak", "sft", 100, "peak_ood"),
+        Start("rl_long", "sft_long", 450, "end"), Start("rl_50", "sft", 50, "step-50")]
+    # without them (an older results.json): end -> the SFT method's steps, peak_ood -> the study's peak
+    del res["init_from"]
+    res["peak_ood"]["sft"]["step"] = 100
+    assert rl_from_sft(Context(res, cfg)) == [
+        Start("rl_sft", "sft", 150, "end"), Start("rl_peak", "sft", 100, "peak_ood"),
+        Start("rl_long", "sft_long", 450, "end"), Start("rl_50", "sft", 50, "step-50")]
+    del res["peak_ood"]
+    assert rl_from_sft(Context(res, cfg))[1] == Start("rl_peak", "sft", None, "peak_ood")
+    assert Start("rl_peak", "sft", None, "peak_ood").label == "sft@peak_ood"
