@@ -209,3 +209,38 @@ def test_kl_of_a_model_to_itself_is_exactly_zero_and_log_probs_are_sampler_consi
     with pytest.raises(ValueError, match="other prompts"):
         kl_to_base(model, base, tok, s, prompts[:1], 6, seed=0)
 
+
+
+def test_kl_verdict_evidence_word_for_word():
+    from posttrain.findings.kl import kl_verdict
+
+    forg = [0.01, 0.05, 0.02, 0.20, 0.10, 0.07, 0.15]
+
+    def pts(kl, upd):
+        return [{"name": f"m{i}", "forgetting": f, "kl_pi0_pi_per_seq": k, "rel_update_total": u}
+                for i, (f, k, u) in enumerate(zip(forg, kl, upd))]
+
+    kl = [10 * f for f in forg]  # a line through forgetting: rho 1, R^2 1
+    head = ("7 models, KL(pi0 || pi) per sequence (RL's Razor): rho +1.00, R^2 1.00; "
+            "KL(pi || pi0) per sequence: rho undefined, R^2 undefined; relative weight update ||dW|| / ||W0||: ")
+    holds, evidence, stats = kl_verdict(pts(kl, [2 * f for f in forg]))
+    assert holds is True and evidence == head + (
+        "rho +1.00, R^2 1.00; KL predicts forgetting no better than the weight-update norm (rho +1.00 vs +1.00)")
+    assert stats == {"n_models": 7, "rho": pytest.approx(1.0), "r2": pytest.approx(1.0),
+                     "rho_rel_update": pytest.approx(1.0), "r2_rel_update": pytest.approx(1.0)}
+    holds, evidence, _ = kl_verdict(pts(kl, [1 - f for f in forg]))
+    assert holds is True and evidence == head + (
+        "rho -1.00, R^2 1.00; KL predicts forgetting better than the weight-update norm (rho +1.00 vs -1.00)")
+    # no weight updates: nothing to compare with
+    holds, evidence, stats = kl_verdict(pts(kl, [None] * 7))
+    assert holds is True and evidence == head + "rho undefined, R^2 undefined"
+    assert stats["rho_rel_update"] is None and stats["r2_rel_update"] is None
+    # the same KL for every model: rho is undefined, so is the verdict
+    holds, evidence, _ = kl_verdict(pts([1.0] * 7, [None] * 7))
+    assert holds is None and evidence.endswith("R^2 undefined (forgetting or KL constant across models)")
+    # too few models: how many, and the fit so far from two on
+    assert kl_verdict(pts(kl[:1], [None]))[:2] == (
+        None, "untestable: 1 trained model with forgetting and KL, needs at least 6")
+    assert kl_verdict(pts(kl[:2], [None] * 2))[:2] == (
+        None, "untestable: 2 trained models with forgetting and KL, needs at least 6 (so far rho +1.00, R^2 undefined)")
+    assert kl_verdict(pts([1.0, 1.0], [None] * 2))[1].endswith("(so far rho undefined, R^2 undefined)")
