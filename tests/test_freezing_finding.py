@@ -87,3 +87,11 @@ def test_shipped_freezing_config_runs_both_variants_beside_plain_sft():
     models = dict.fromkeys(["base", *c.methods], {})
     ctx = Context({"models": models, "forgetting": {}, "diagnostics": {}}, c)
     assert ctx.sft == "sft" and frozen_sft(ctx) == ["sft_frozen_mlp", "sft_frozen_qk"]
+
+
+def test_a_frozen_variant_must_start_from_the_base():
+    # frozen SFT on top of plain SFT's model is no variant of it: its forgetting includes SFT's own
+    c = StudyConfig(methods={"sft": TrainConfig(objective="sft"), "grpo": TrainConfig(objective="grpo"),
+                             "sft_mlp": TrainConfig(objective="sft", freeze=MLP, init="sft"),
+                             "sft_qk": TrainConfig(objective="sft", freeze=QK, init="base")})
+    assert frozen_sft(Context(run(BASE_F), c)) == ["sft_qk"]

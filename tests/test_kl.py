@@ -244,3 +244,11 @@ def test_kl_verdict_evidence_word_for_word():
     assert kl_verdict(pts(kl[:2], [None] * 2))[:2] == (
         None, "untestable: 2 trained models with forgetting and KL, needs at least 6 (so far rho +1.00, R^2 undefined)")
     assert kl_verdict(pts([1.0, 1.0], [None] * 2))[1].endswith("(so far rho undefined, R^2 undefined)")
+
+
+def test_kl_predicts_forgetting_at_exactly_the_threshold(monkeypatch):
+    import posttrain.findings.kl as kl
+
+    fit = {"n": 6, "rho": kl.RHO, "r2": 0.5, "slope": 1.0, "intercept": 0.0}
+    monkeypatch.setattr(kl, "predictor_fits", lambda points: {k: dict(fit) for k in kl.PREDICTORS})
+    assert kl.kl_verdict([])[0] is True  # rho >= 0.7 holds
