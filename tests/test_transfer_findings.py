@@ -99,3 +99,31 @@ def test_on_policy_forgets_less_untestable_without_self_sft():
     f = finding(res, cfg, "on_policy_forgets_less")
     assert (f["holds"], f["evidence"]) == (None, "this run has no Self-SFT method (SFT on filtered self-samples in one "
                                                  "round: method: self_sft)")
+
+
+def test_harder_accuracy_names_where_the_harder_split_was_measured():
+    from posttrain.findings import Context
+    from posttrain.findings.transfer import harder_accuracy
+
+    methods = {"grpo": TrainConfig(objective="grpo", task="arith", split="id")}
+    res = {"models": {"base": model(ret={"facts": 0.8, "arith": 0.1}), "grpo": model(ret={"facts": 0.8, "arith": 0.3})},
+           "forgetting": {"grpo": 0.0}, "diagnostics": {}}
+    ood = StudyConfig(ood_task={"task": "arith", "split": "ood"}, methods=methods)
+    assert harder_accuracy(Context(res, ood), "arith", "ood") == ("arith/ood (OOD task)", "ood", "")
+    probe = StudyConfig(retention=[{"task": "facts"}, {"task": "arith", "split": "ood"}], methods=methods)
+    assert harder_accuracy(Context(res, probe), "arith", "ood") == ("arith/ood (retention probe)", "retention", "arith")
+    # a configured probe without a measurement in results.json: not measured
+    del res["models"]["base"]["retention"]["arith"]
+    assert harder_accuracy(Context(res, probe), "arith", "ood") is None
+
+
+def test_self_sft_starts_from_the_base():
+    from posttrain.findings import Context
+    from posttrain.findings.transfer import self_sft
+
+    cfg = StudyConfig(methods={"sft": TrainConfig(objective="sft"),
+                               "self_on_sft": TrainConfig(objective="sft", data="filtered", rounds=1, init="sft"),
+                               "self_sft": TrainConfig(objective="sft", data="filtered", rounds=1)})
+    res = self_run()
+    res["models"]["self_on_sft"] = model(0.6)
+    assert self_sft(Context(res, cfg)) == "self_sft"
