@@ -173,3 +173,22 @@ def test_unknown_task_and_split():
         build_task("nope")
     with pytest.raises(UserError, match="no split"):
         build_task("facts").sample(random.Random(0), "ood")
+
+
+def test_points24_samples_name_their_task_split_rule_and_prompt():
+    t = build_task("points24")
+    rng = random.Random(3)
+    for split, rule, tag in (("id", "ten", "JQK=10"), ("ood", "seq", "JQK=11,12,13")):
+        p = t.sample(rng, split)
+        cards = p.data["cards"]
+        assert (p.task, p.split, p.data["rule"], p.data["target"]) == ("points24", split, rule, 24)
+        assert len(cards) == 4 and p.prompt == f"pts {cards[0]} {cards[1]} {cards[2]} {cards[3]} {tag} t24:"
+
+
+def test_points24_default_partition_draws_from_every_hand():
+    # without a partition nothing is held out: training and held-out hands both come up
+    t = build_task("points24", {"holdout": 0.3})
+    rng = random.Random(1)
+    test = {tuple(sorted(t._values(t.sample(rng, "id", "test")))) for _ in range(100)}
+    drawn = {tuple(sorted(t._values(t.sample(rng, "id")))) for _ in range(300)}
+    assert drawn & test and drawn - test

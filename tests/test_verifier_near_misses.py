@@ -69,6 +69,7 @@ def test_points24_eq_near_misses(text, expect):
     ("10+5=15,15-3=12,12+12=24", WRONG),      # reuses an intermediate result
     ("10*2=20,20+5=25,25-3=22", WRONG),
     ("10-5=5,5*3=15,15+2=17", WRONG),
+    ("5*2=11,11+10=21,21+3=24", WRONG),       # reaches 24 with the right cards, but 5*2 is not 11
     ("10+5=15,15-3=12", BAD),                 # too few steps
     ("10+5=15,15-3=12,12*2=24,24*1=24", BAD), # too many steps
     ("10+5=15;15-3=12;12*2=24", BAD),
