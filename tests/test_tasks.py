@@ -192,3 +192,14 @@ def test_points24_default_partition_draws_from_every_hand():
     test = {tuple(sorted(t._values(t.sample(rng, "id", "test")))) for _ in range(100)}
     drawn = {tuple(sorted(t._values(t.sample(rng, "id")))) for _ in range(300)}
     assert drawn & test and drawn - test
+
+
+def test_points24_solve_is_canonical_without_rng_and_varied_with_one():
+    from posttrain.tasks.points24 import solutions
+
+    t = build_task("points24")
+    prob = P(["K", "3", "5", "2"])  # 10 3 5 2
+    first = solutions((2, 3, 5, 10), 24)[0]
+    assert t.solve(prob, "steps") == ",".join(f"{a}{op}{b}={r}" for a, op, b, r in first)
+    texts = {t.solve(prob, "steps", random.Random(s)) for s in range(20)}
+    assert len(texts) > 1 and all(t.verify(prob, x).correct for x in texts)
