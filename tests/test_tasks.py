@@ -28,6 +28,20 @@ def test_render_uses_fewest_parentheses():
     assert render(("-", 10, ("-", 4, 2))) == "10-(4-2)"
     assert render(("+", ("*", 3, 4), 2)) == "3*4+2"
     assert render(("/", 12, ("*", 2, 3))) == "12/(2*3)"
+    # + and * are associative: an equal-precedence right operand needs no parentheses
+    assert render(("+", 1, ("+", 2, 3))) == "1+2+3" and render(("*", 2, ("*", 3, 4))) == "2*3*4"
+    assert render(("+", 1, ("-", 2, 3))) == "1+2-3" and render(("*", 2, ("/", 3, 4))) == "2*3/4"
+
+
+def test_parser_length_limit_and_error_messages():
+    ok = "1+" * 31 + "12"  # 64 characters: the default limit
+    assert len(ok) == 64 and parse_expression(ok).value == 43
+    with pytest.raises(ParseError, match="^empty or too long$"):
+        parse_expression(ok + "3")
+    with pytest.raises(ParseError, match="^unexpected character at 1: 'x'$"):
+        parse_expression("2x3")
+    with pytest.raises(ParseError, match="^leading zero$"):
+        parse_expression("02+3")
 
 
 # ---- points24 --------------------------------------------------------------------------------
