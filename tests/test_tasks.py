@@ -219,3 +219,24 @@ def test_points24_solve_is_canonical_without_rng_and_varied_with_one():
     assert t.solve(prob, "steps") == ",".join(f"{a}{op}{b}={r}" for a, op, b, r in first)
     texts = {t.solve(prob, "steps", random.Random(s)) for s in range(20)}
     assert len(texts) > 1 and all(t.verify(prob, x).correct for x in texts)
+
+
+def test_apply_op_integer_arithmetic():
+    from posttrain.tasks.exprs import apply_op
+
+    assert apply_op("+", 3, 4) == 7 and apply_op("*", 3, 4) == 12
+    assert apply_op("-", 3, 3) == 0 and apply_op("-", 2, 3) is None  # no negative results
+    assert apply_op("/", 6, 3) == 2 and apply_op("/", 7, 2) is None and apply_op("/", 1, 0) is None
+    with pytest.raises(ValueError, match=r"^\^$"):
+        apply_op("^", 2, 3)
+
+
+def test_facts_problems_name_their_task_split_and_relation():
+    t = build_task("facts", {"n_entities": 3, "relations": ["pet", "city"]})
+    p = t.sample(random.Random(0), "id")
+    assert (p.task, p.split) == ("facts", "id") and p.data["relation"] in ("pet", "city")
+    assert t.verify(p, t.solve(p, "default")).correct
+    every = t.all_problems()
+    assert len(every) == 6 and {(q.task, q.split) for q in every} == {("facts", "id")}
+    assert [q.prompt for q in every[:2]] == [f"fact pet of {t.kb[0][0]}:", f"fact city of {t.kb[0][0]}:"]
+    assert all(t.verify(q, t.solve(q, "default")).correct for q in every)
