@@ -240,3 +240,13 @@ def test_facts_problems_name_their_task_split_and_relation():
     assert len(every) == 6 and {(q.task, q.split) for q in every} == {("facts", "id")}
     assert [q.prompt for q in every[:2]] == [f"fact pet of {t.kb[0][0]}:", f"fact city of {t.kb[0][0]}:"]
     assert all(t.verify(q, t.solve(q, "default")).correct for q in every)
+
+
+def test_strings_default_lengths_and_problem_fields():
+    t = build_task("strings")
+    assert (t.min_len, t.max_len, t.ood_len) == (3, 6, 8)  # the documented defaults
+    rng = random.Random(0)
+    for split, lengths in (("id", {3, 4, 5, 6}), ("ood", {7, 8})):
+        ps = [t.sample(rng, split) for _ in range(200)]
+        assert {(p.task, p.split) for p in ps} == {("strings", split)}
+        assert {len(p.prompt.split()[2][:-1]) for p in ps} == lengths
