@@ -112,3 +112,23 @@ def test_format_share_panels_one_line_per_format():
     lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
     # a format missing at a step has share 0 there
     assert lines == {"eq": [0.25, 0.5], "steps": [0.0, 0.5]} and ax.get_title() == "grpo: format shares of its samples"
+
+
+def test_start_end_windows_are_at_most_half_the_points():
+    from posttrain.analysis.format_shares import start_end
+
+    pts = [{"step": i} for i in range(5)]
+    assert start_end(pts, frac=1.0) == (pts[:2], pts[-2:])
+
+
+def test_read_format_series_skips_unreadable_lines_and_rows_without_a_step(tmp_path):
+    from posttrain.analysis.format_shares import read_format_series
+
+    lines = ['{"step": 1, "rollout/reward": 0.5, "rollout/samples": 4, "rollout/format/eq": 1.0}',
+             '{"step": 2, "rollout/rew',  # a torn write
+             '{"rollout/reward": 0.5, "rollout/samples": 4}',  # no step
+             '["step"]',
+             '{"step": 3, "rollout/reward": 0.5, "rollout/samples": 4, "rollout/format/eq": 0.5}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    got = read_format_series(tmp_path / "metrics.jsonl")
+    assert got == [{"step": 1, "samples": 4, "shares": {"eq": 1.0}}, {"step": 3, "samples": 4, "shares": {"eq": 0.5}}]

@@ -252,3 +252,11 @@ def test_kl_predicts_forgetting_at_exactly_the_threshold(monkeypatch):
     fit = {"n": 6, "rho": kl.RHO, "r2": 0.5, "slope": 1.0, "intercept": 0.0}
     monkeypatch.setattr(kl, "predictor_fits", lambda points: {k: dict(fit) for k in kl.PREDICTORS})
     assert kl.kl_verdict([])[0] is True  # rho >= 0.7 holds
+
+
+def test_line_fit_intercept_away_from_x_mean_one_and_undefined_fits():
+    # y = 1 + 2x through x = 1..4 (mean 2.5): slope 2, intercept 6 - 2 * 2.5 = 1
+    fit = line_fit([1, 2, 3, 4], [3, 5, 7, 9])
+    assert fit == {"r2": pytest.approx(1.0), "slope": pytest.approx(2.0), "intercept": pytest.approx(1.0)}
+    fits = predictor_fits([{"forgetting": 0.1, "kl_pi0_pi_per_seq": 1.0}, {"forgetting": 0.2, "kl_pi0_pi_per_seq": 2.0}])
+    assert fits["kl_pi0_pi_per_seq"] == {"n": 2, "rho": pytest.approx(1.0), "r2": None, "slope": None, "intercept": None}
