@@ -260,3 +260,16 @@ def test_line_fit_intercept_away_from_x_mean_one_and_undefined_fits():
     assert fit == {"r2": pytest.approx(1.0), "slope": pytest.approx(2.0), "intercept": pytest.approx(1.0)}
     fits = predictor_fits([{"forgetting": 0.1, "kl_pi0_pi_per_seq": 1.0}, {"forgetting": 0.2, "kl_pi0_pi_per_seq": 2.0}])
     assert fits["kl_pi0_pi_per_seq"] == {"n": 2, "rho": pytest.approx(1.0), "r2": None, "slope": None, "intercept": None}
+
+
+def test_pearson_by_hand_bounded_and_undefined():
+    from posttrain.analysis.predictors import pearson
+
+    # dx = (-1.5, -0.5, 0.5, 1.5), dy = (-0.5, -0.5, 0.5, 0.5): 2 / sqrt(5 * 1)
+    assert pearson([1, 2, 3, 4], [0, 0, 1, 1]) == pytest.approx(2 / math.sqrt(5))
+    assert pearson([1, 2, 3], [5, 5, 5]) is None and pearson([1], [2]) is None
+    # rounding would give 1.0000000000000002 here: r stays within [-1, 1]
+    x = [0.7, 0.7, 0.2, 0.7]
+    assert pearson(x, x) == 1.0 and pearson(x, [-v for v in x]) == -1.0
+    with pytest.raises(ValueError, match="^pearson: 2 x values and 3 y values$"):
+        pearson([1, 2], [1, 2, 3])
