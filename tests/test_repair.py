@@ -549,3 +549,54 @@ def test_recovery_curves_plot_the_sweep():
     assert idk["reset_layers  (x = first_frac)"] == ([0.25], [0.4])
     assert len(to_png(fig)) > 1000
     assert len(to_png(recovery_curves({}))) > 1000
+
+
+def test_uv_merge_defaults_dtypes_and_messages():
+    wb, wt = random_pair()
+    # mode "full" by default: B = everything returns the base, as a copy cast to the target's dtype
+    got = uv_merge_matrix(wb.double(), wt, top=1.0)
+    assert got.dtype == torch.float32 and torch.equal(got, wb)
+    same = uv_merge_matrix(wb, wt, top=1.0)
+    assert torch.equal(same, wb) and same.data_ptr() != wb.data_ptr()
+    with pytest.raises(ValueError, match=r"^uv_merge: bottom must be in \[0, 1\], got 1.5$"):
+        uv_merge_matrix(wb, wt, top=0.2, bottom=1.5)
+    with pytest.raises(ValueError, match="^uv_merge: mode must be one of full, direction, magnitude, got 'angles'$"):
+        uv_merge_matrix(wb, wt, top=0.2, mode="angles")
+    with pytest.raises(ValueError, match=r"^uv_merge: orthonormalize applies to modes full and direction \(magnitude "
+                                         r"keeps the target's singular vectors\)$"):
+        uv_merge_matrix(wb, wt, top=0.2, mode="magnitude", orthonormalize=True)
+
+
+def test_svd_dtype_choice():
+    from posttrain.repair.uv_merge import AUTO_FLOAT64_MAX_ELEMENTS, svd_dtype_for
+
+    assert AUTO_FLOAT64_MAX_ELEMENTS == 8192 * 8192
+    assert svd_dtype_for((8, 8), "float64") == torch.float64 and svd_dtype_for((8, 8), "float32") == torch.float32
+    assert svd_dtype_for((8192, 8192), "float64") == torch.float64
+    # auto: float64 up to 8192 * 8192 elements (counted over every dimension), float32 above
+    assert svd_dtype_for((8192, 8192), "auto") == torch.float64
+    assert svd_dtype_for((8192, 8193), "auto") == torch.float32
+    assert svd_dtype_for((2, 4096, 8193), "auto") == torch.float32 and svd_dtype_for((10, 10), "auto") == torch.float64
+
+
+def test_uv_merge_repair_passes_its_svd_dtype_and_names_non_finite_inputs():
+    wb, wt = random_pair()
+    r32 = get_repair("uv_merge", top=0.25, svd_dtype="float32")
+    assert torch.equal(r32.apply("w", wb, [wt]), uv_merge_matrix(wb, wt, 0.25, svd_dtype=torch.float32))
+    assert not torch.equal(r32.apply("w", wb, [wt]), uv_merge_matrix(wb, wt, 0.25, svd_dtype=torch.float64))
+    bad = wb.clone()
+    bad[0, 0] = float("nan")
+    for args, which in (((bad, [wt]), "base"), ((wb, [bad]), "target")):
+        with pytest.raises(UserError, match=f"^uv_merge: w has non-finite values in the {which}; its SVD is undefined$"):
+            r32.apply("w", *args)
+
+
+def test_merge_basis_keeps_unit_columns_when_a_target_column_lies_in_the_base_span():
+    from posttrain.repair.uv_merge import _merge_basis
+
+    e = torch.eye(3, dtype=torch.float64)
+    # the target's second column is the restored base column itself: QR's diagonal has an exact 0 there
+    target = torch.stack([e[:, 0], e[:, 0], e[:, 2]], 1)
+    out = _merge_basis(e[:, :1], target, torch.tensor([True, False, False]))
+    assert torch.allclose(out.norm(dim=0), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(out.T @ out, torch.eye(3, dtype=torch.float64))
