@@ -600,3 +600,9 @@ def test_merge_basis_keeps_unit_columns_when_a_target_column_lies_in_the_base_sp
     out = _merge_basis(e[:, :1], target, torch.tensor([True, False, False]))
     assert torch.allclose(out.norm(dim=0), torch.ones(3, dtype=torch.float64))
     assert torch.allclose(out.T @ out, torch.eye(3, dtype=torch.float64))
+
+
+def test_uv_merge_repair_refuses_orthonormalized_magnitude_mode():
+    with pytest.raises(UserError, match=r"^uv_merge: orthonormalize applies to modes full and direction \(magnitude "
+                                        r"keeps the target's singular vectors\)$"):
+        get_repair("uv_merge", top=0.2, mode="magnitude", orthonormalize=True).check()
