@@ -158,3 +158,44 @@ def test_gram_and_factorisations_agree():
     assert not f.complete and f.S.shape == (8,)
     assert torch.allclose(f.S, s[:8], rtol=1e-8)
     assert float(sp.principal_angles(f.U, U[:, :8]).max()) < 1e-6
+
+
+def test_principal_angles_near_90_degrees_and_cosines_rounded_past_one():
+    # k == l: angles above 45 degrees come from arccos; the sine of 89.99 degrees rounds to 1 in float32
+    th = math.radians(89.99)
+    A = torch.tensor([[1.0], [0.0], [0.0]])
+    B = torch.tensor([[math.cos(th)], [math.sin(th)], [0.0]])
+    assert sp.principal_angles(A, B).item() == pytest.approx(th, abs=1e-5)
+    # k != l: a column of A against A itself; its cosine comes out as 1.0000001 in float32
+    Q, _ = torch.linalg.qr(torch.randn(6, 3, generator=torch.Generator().manual_seed(0)))
+    assert torch.linalg.svdvals(Q.T @ Q[:, :1]).max() > 1.0
+    assert sp.principal_angles(Q, Q[:, :1]).tolist() == [0.0]
+    # and an angle between a plane and a line, from the cosine: 60 degrees
+    line = torch.tensor([[0.5], [0.0], [math.sqrt(3) / 2]])
+    assert sp.principal_angles(torch.eye(3)[:, :2], line).item() == pytest.approx(math.pi / 3, abs=1e-6)
+
+
+def test_effective_rank_and_in_span_split_bounds():
+    assert sp.effective_rank(torch.tensor([0.5, 0.5])) == pytest.approx(2.0)  # a total below 1 is fine
+    assert math.isnan(sp.effective_rank(torch.zeros(3)))
+    # a pure scaling whose ||C||^2 came out a hair below sum C_ii^2: the diagonal share stays 1
+    assert sp.energy_split_in_span(torch.tensor([1.0, 2.0]), 4.999999) == (1.0, 0.0)
+
+
+def test_ks_distance_on_a_strided_tail_by_the_definition():
+    from posttrain.analysis.spectral import _ks_distance
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.sort(torch.rand(9, generator=g, dtype=torch.float64) + 0.5).values
+    logx, alphas, N = x.log(), torch.full((9,), 2.5, dtype=torch.float64), 9
+    idx = torch.tensor([0, 3])
+
+    def direct(i, stride):
+        js = sorted({min(i + s, N - 1) for s in range(0, N, stride)} | {N - 1})
+        return max(abs((j - i) / (N - i) - (1 - (x[j] / x[i]) ** (1 - 2.5))) for j in js)
+
+    for stride in (1, 2, 4):
+        got = _ks_distance(logx, alphas, idx, N, stride)
+        assert got.tolist() == pytest.approx([float(direct(0, stride)), float(direct(3, stride))], rel=1e-12)
+    # the strided maximum skips the point that decides the exact one here
+    assert _ks_distance(logx, alphas, idx, N, 2)[0] < _ks_distance(logx, alphas, idx, N, 1)[0]
