@@ -199,3 +199,8 @@ def test_ks_distance_on_a_strided_tail_by_the_definition():
         assert got.tolist() == pytest.approx([float(direct(0, stride)), float(direct(3, stride))], rel=1e-12)
     # the strided maximum skips the point that decides the exact one here
     assert _ks_distance(logx, alphas, idx, N, 2)[0] < _ks_distance(logx, alphas, idx, N, 1)[0]
+
+
+def test_stable_rank_below_one_and_of_nothing():
+    assert sp.stable_rank(torch.tensor([0.5, 0.5])) == pytest.approx(2.0)  # (0.25 + 0.25) / 0.25
+    assert math.isnan(sp.stable_rank(torch.zeros(2))) and math.isnan(sp.stable_rank(torch.tensor([])))
