@@ -204,3 +204,19 @@ def test_ks_distance_on_a_strided_tail_by_the_definition():
 def test_stable_rank_below_one_and_of_nothing():
     assert sp.stable_rank(torch.tensor([0.5, 0.5])) == pytest.approx(2.0)  # (0.25 + 0.25) / 0.25
     assert math.isnan(sp.stable_rank(torch.zeros(2))) and math.isnan(sp.stable_rank(torch.tensor([])))
+
+
+def test_esd_powerlaw_input_cleaning_and_size_limits():
+    rng = np.random.default_rng(1)
+    x = rng.pareto(1.5, 40) + 1
+    fit = sp.esd_powerlaw(x)
+    # non-finite values and values at the floor (<= min_eval) are dropped before the fit
+    assert sp.esd_powerlaw(np.concatenate([x, [np.inf, np.nan, 1e-5, 0.0]])) == fit
+    # a float32 spectrum is fitted in float64: the same fit as its float64 copy
+    x32 = torch.tensor(x, dtype=torch.float32)
+    assert sp.esd_powerlaw(x32) == sp.esd_powerlaw(x32.double())
+    # min_n = 10 eigenvalues are enough, 9 are not
+    assert math.isfinite(sp.esd_powerlaw(x[:10]).alpha) and math.isnan(sp.esd_powerlaw(x[:9]).alpha)
+    # two points fit when allowed: alpha = 1 + 2 / ln(4 / 1)
+    two = sp.esd_powerlaw(np.array([1.0, 4.0]), min_n=2)
+    assert two.alpha == pytest.approx(1 + 2 / math.log(4)) and two.xmin == 1.0
