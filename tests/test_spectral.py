@@ -220,3 +220,5 @@ def test_esd_powerlaw_input_cleaning_and_size_limits():
     # two points fit when allowed: alpha = 1 + 2 / ln(4 / 1)
     two = sp.esd_powerlaw(np.array([1.0, 4.0]), min_n=2)
     assert two.alpha == pytest.approx(1 + 2 / math.log(4)) and two.xmin == 1.0
+    # a tail whose log-sum is below 1 still fits: 1 + 2 / ln 2
+    assert sp.esd_powerlaw(np.array([1.0, 2.0]), min_n=2).alpha == pytest.approx(1 + 2 / math.log(2))
