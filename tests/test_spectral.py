@@ -222,3 +222,11 @@ def test_esd_powerlaw_input_cleaning_and_size_limits():
     assert two.alpha == pytest.approx(1 + 2 / math.log(4)) and two.xmin == 1.0
     # a tail whose log-sum is below 1 still fits: 1 + 2 / ln 2
     assert sp.esd_powerlaw(np.array([1.0, 2.0]), min_n=2).alpha == pytest.approx(1 + 2 / math.log(2))
+
+
+def test_esd_powerlaw_with_exactly_one_batch_of_candidates():
+    # 33 eigenvalues: 32 candidates xmin, one full batch of the exact scan, then the scan stops
+    x = np.random.default_rng(2).pareto(1.5, 33) + 1
+    fit = sp.esd_powerlaw(x)
+    D, alpha, xmin = esd_reference(x)
+    assert fit.alpha == pytest.approx(alpha, rel=1e-10) and fit.xmin == xmin
