@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from posttrain.train.relaunch import requested_cpu_processes, torchrun_argv
 from posttrain.train.rollout import _sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,34 @@ def test_sample_over_ranks_is_multinomial():
     assert not torch.equal(alone, whole[2:])
 
 
+CPU_ENV = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+
+
+@pytest.mark.parametrize("parent, env, n", [
+    (["python", "/v/bin/accelerate", "launch", "--num_processes", "2", "--cpu", "-m", "posttrain.cli", "train"], {}, 2),
+    (["python", "-m", "accelerate.commands.launch", "--cpu", "--num_processes=3", "run_cli.py", "train"], {}, 3),
+    (["/v/bin/python3", "/v/bin/accelerate", "launch", "--cpu", "--num_processes", "1", "x.py"], {}, 0),
+    # accelerate started them itself (mpirun), or a launcher already set the world size
+    (["accelerate", "launch", "--cpu", "--num_processes", "2", "--mpirun_hostfile", "h", "x.py"], {}, 0),
+    (["accelerate", "launch", "--cpu", "--num_processes", "2", "x.py"], {"WORLD_SIZE": "2"}, 0),
+    # not on CPU (a GPU launch starts its own processes), or not accelerate at all
+    (["accelerate", "launch", "--num_processes", "2", "x.py"], {"ACCELERATE_USE_CPU": "False"}, 0),
+    (["python", "train.py", "launch", "--num_processes", "2"], {}, 0),
+    (["bash", "-c", "posttrain train"], {}, 0),
+])
+def test_requested_cpu_processes_reads_the_accelerate_command_line(parent, env, n):
+    assert requested_cpu_processes(parent, {**CPU_ENV, **env}) == n
+
+
+def test_torchrun_argv_keeps_the_module_or_script_and_accelerates_port():
+    head = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", "29511"]
+    assert torchrun_argv(2, ["python", "-m", "posttrain.cli", "train", "c.yaml"], CPU_ENV) == [
+        *head, "--module", "posttrain.cli", "train", "c.yaml"]
+    assert torchrun_argv(2, ["python", "-u", "tests/run_cli.py", "train", "--resume"], CPU_ENV) == [
+        *head, "tests/run_cli.py", "train", "--resume"]
+
+
 def test_other_commands_refuse_several_processes(tmp_path):
     env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "WORLD_SIZE": "2", "RANK": "1"}
     p = subprocess.run([sys.executable, "-m", "posttrain.cli", "diff", "--base", "a", "--target", "b", "--out",
@@ -57,14 +86,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(tmp: Path, base: Path, out: str, procs: int, *extra: str) -> subprocess.CompletedProcess:
+def _train(tmp: Path, base: Path, out: str, procs: int, *extra: str, launch: str = "config") -> subprocess.CompletedProcess:
     cli = [str(ROOT / "tests" / "run_cli.py"), "train", str(tmp / "cfg.yaml"), "--method", "m", "--base", str(base),
            "--out", str(tmp / out), "--device", "cpu", *extra]
     if procs == 1:
         cmd = [sys.executable, *cli]
-    else:  # the shipped config, on a free port
+    elif launch == "config":  # the shipped config, on a free port
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"), "--num_processes", str(procs),
+               "--main_process_port", str(_free_port()), *cli]
+    else:  # the plain command line, whose one process posttrain turns into `procs`
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs), "--cpu",
                "--main_process_port", str(_free_port()), *cli]
     env = {"POSTTRAIN_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -101,6 +133,19 @@ def test_two_processes_match_one_write_once_and_resume(coin_checkpoint, tmp_path
         assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5), k
     assert any(not torch.equal(wa[k], base[k]) for k in wa)
 
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]  # noqa: E731
+
+    # `accelerate launch --num_processes 2 --cpu` (no config): accelerate starts one process, which
+    # restarts as two and says so; the run is the config launch's, bit for bit
+    plain = _train(tmp_path, coin_checkpoint, "plain", 2, launch="plain")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "starting 2 with torch.distributed.run" in plain.stderr
+    assert plain.stdout.split() == [str(tmp_path / "plain" / "model")]
+    assert json.loads((tmp_path / "plain" / "train.json").read_text())["processes"] == 2
+    assert strip(_rows(tmp_path / "plain")) == strip(b)
+    wp = load_file(tmp_path / "plain/model/model.safetensors")
+    assert all(torch.equal(wp[k], wb[k]) for k in wb)
+
     # stopped after the checkpoint at step 2: resumed by 2 processes, it ends where the whole run did
     stopped = tmp_path / "stopped"
     shutil.copytree(tmp_path / "two", stopped)
@@ -109,9 +154,8 @@ def test_two_processes_match_one_write_once_and_resume(coin_checkpoint, tmp_path
     (stopped / "train.json").unlink()
     one_proc = _train(tmp_path, coin_checkpoint, "stopped", 1, "--resume")
     assert one_proc.returncode == 2 and "written by 2 process(es)" in one_proc.stderr, one_proc.stderr[-2000:]
-    again = _train(tmp_path, coin_checkpoint, "stopped", 2, "--resume")
+    again = _train(tmp_path, coin_checkpoint, "stopped", 2, "--resume", launch="plain")
     assert again.returncode == 0, again.stderr[-3000:]
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]  # noqa: E731
     assert strip(_rows(stopped)) == strip(b)
     wc = load_file(stopped / "model/model.safetensors")
     assert all(torch.equal(wb[k], wc[k]) for k in wb)
