@@ -86,14 +86,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(tmp: Path, base: Path, out: str, procs: int, *extra: str, launch: str = "config") -> subprocess.CompletedProcess:
-    cli = [str(ROOT / "tests" / "run_cli.py"), "train", str(tmp / "cfg.yaml"), "--method", "m", "--base", str(base),
-           "--out", str(tmp / out), "--device", "cpu", *extra]
+def _train(tmp: Path, base: Path, out: str, procs: int, *extra: str, launch: str = "config",
+           config: str = "ddp_cpu.yaml", cli: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`cli`: the command after the interpreter (default: `posttrain train` of method m of tmp/cfg.yaml)."""
+    cli = cli or [str(ROOT / "tests" / "run_cli.py"), "train", str(tmp / "cfg.yaml"), "--method", "m", "--base",
+                  str(base), "--out", str(tmp / out), "--device", "cpu", *extra]
     if procs == 1:
         cmd = [sys.executable, *cli]
-    elif launch == "config":  # the shipped config, on a free port
+    elif launch == "config":  # a shipped config, on a free port
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"), "--num_processes", str(procs),
+               str(ROOT / "configs" / "accelerate" / config), "--num_processes", str(procs),
                "--main_process_port", str(_free_port()), *cli]
     else:  # the plain command line, whose one process posttrain turns into `procs`
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs), "--cpu",
