@@ -160,3 +160,30 @@ def test_two_processes_match_one_write_once_and_resume(coin_checkpoint, tmp_path
     wc = load_file(stopped / "model/model.safetensors")
     assert all(torch.equal(wb[k], wc[k]) for k in wb)
     assert json.loads((stopped / "train.json").read_text())["resumed_from_step"] == 2
+
+
+EI_CONFIG = """\
+methods:
+  m: {method: ei_restart, task: coin, steps: 4, prompts_per_step: 4, samples_per_prompt: 2, max_new_tokens: 8,
+      lr: 3.0e-3, rounds: 2, filter_samples: 3, top_p: 0.9, checkpoint_every: 2, trackers: [none]}
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_run_expert_iteration_as_one(coin_checkpoint, tmp_path):
+    """Filtered data: the processes split each round's sampling and gather it, and every process
+    trains on the whole filtered batch, so 2 processes give the 1-process run bit for bit."""
+    (tmp_path / "cfg.yaml").write_text(EI_CONFIG)
+    one = _train(tmp_path, coin_checkpoint, "one", 1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _train(tmp_path, coin_checkpoint, "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]  # noqa: E731
+    a, b = strip(_rows(tmp_path / "one")), strip(_rows(tmp_path / "two"))
+    assert a == b
+    assert sum(r.get("filtered/batch", 0) for r in a) > 0 and any(r.get("loss", 0) != 0 for r in a)  # a real signal
+    for r in ("round-0.json", "round-1.json"):
+        assert (tmp_path / "two" / "rounds" / r).read_text() == (tmp_path / "one" / "rounds" / r).read_text()
+    wa, wb = load_file(tmp_path / "one/model/model.safetensors"), load_file(tmp_path / "two/model/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((tmp_path / "two" / "train.json").read_text())["processes"] == 2
