@@ -137,17 +137,6 @@ def test_two_processes_match_one_write_once_and_resume(coin_checkpoint, tmp_path
 
     strip = lambda rows: [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]  # noqa: E731
 
-    # `accelerate launch --num_processes 2 --cpu` (no config): accelerate starts one process, which
-    # restarts as two and says so; the run is the config launch's, bit for bit
-    plain = _train(tmp_path, coin_checkpoint, "plain", 2, launch="plain")
-    assert plain.returncode == 0, plain.stderr[-3000:]
-    assert "starting 2 with torch.distributed.run" in plain.stderr
-    assert plain.stdout.split() == [str(tmp_path / "plain" / "model")]
-    assert json.loads((tmp_path / "plain" / "train.json").read_text())["processes"] == 2
-    assert strip(_rows(tmp_path / "plain")) == strip(b)
-    wp = load_file(tmp_path / "plain/model/model.safetensors")
-    assert all(torch.equal(wp[k], wb[k]) for k in wb)
-
     # stopped after the checkpoint at step 2: resumed by 2 processes, it ends where the whole run did
     stopped = tmp_path / "stopped"
     shutil.copytree(tmp_path / "two", stopped)
@@ -156,9 +145,40 @@ def test_two_processes_match_one_write_once_and_resume(coin_checkpoint, tmp_path
     (stopped / "train.json").unlink()
     one_proc = _train(tmp_path, coin_checkpoint, "stopped", 1, "--resume")
     assert one_proc.returncode == 2 and "written by 2 process(es)" in one_proc.stderr, one_proc.stderr[-2000:]
+    # resumed by `accelerate launch --num_processes 2 --cpu` (no config): accelerate starts one
+    # process, which restarts as two (or the resume would refuse a run of 2 processes) and says so
     again = _train(tmp_path, coin_checkpoint, "stopped", 2, "--resume", launch="plain")
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "starting 2 with torch.distributed.run" in again.stderr
+    assert again.stdout.split() == [str(stopped / "model")]
     assert strip(_rows(stopped)) == strip(b)
     wc = load_file(stopped / "model/model.safetensors")
     assert all(torch.equal(wb[k], wc[k]) for k in wb)
     assert json.loads((stopped / "train.json").read_text())["resumed_from_step"] == 2
+
+
+EI_CONFIG = """\
+methods:
+  m: {method: ei_restart, task: coin, steps: 4, prompts_per_step: 4, samples_per_prompt: 2, max_new_tokens: 8,
+      lr: 3.0e-3, rounds: 2, filter_samples: 3, top_p: 0.9, checkpoint_every: 2, trackers: [none]}
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_run_expert_iteration_as_one(coin_checkpoint, tmp_path):
+    """Filtered data: the processes split each round's sampling and gather it, and every process
+    trains on the whole filtered batch, so 2 processes give the 1-process run bit for bit."""
+    (tmp_path / "cfg.yaml").write_text(EI_CONFIG)
+    one = _train(tmp_path, coin_checkpoint, "one", 1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _train(tmp_path, coin_checkpoint, "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]  # noqa: E731
+    a, b = strip(_rows(tmp_path / "one")), strip(_rows(tmp_path / "two"))
+    assert a == b
+    assert sum(r.get("filtered/batch", 0) for r in a) > 0 and any(r.get("loss", 0) != 0 for r in a)  # a real signal
+    for r in ("round-0.json", "round-1.json"):
+        assert (tmp_path / "two" / "rounds" / r).read_text() == (tmp_path / "one" / "rounds" / r).read_text()
+    wa, wb = load_file(tmp_path / "one/model/model.safetensors"), load_file(tmp_path / "two/model/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((tmp_path / "two" / "train.json").read_text())["processes"] == 2
