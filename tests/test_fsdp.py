@@ -16,13 +16,16 @@ from posttrain.errors import UserError
 from posttrain.train import fsdp
 from test_distributed import ATOL, CLOSE, CONFIG, EXACT, RTOL, ROOT, _rows, _train
 
-# two methods beyond GRPO: SFT on expert data, PPO with its separate (replicated) critic
+# beyond GRPO: SFT on expert data, PPO with its separate (replicated) critic, Expert Iteration
+# restarting from the init each round (filtered data: the policy's weights reloaded into the shards)
 MORE = """\
 methods:
   sft: {objective: sft, data: expert, task: coin, steps: 4, prompts_per_step: 4, samples_per_prompt: 2,
         lr: 3.0e-3, trackers: [none]}
   ppo: {method: ppo, task: coin, steps: 3, prompts_per_step: 4, samples_per_prompt: 2, max_new_tokens: 8,
         lr: 3.0e-3, trackers: [none]}
+  ei: {method: ei_restart, task: coin, steps: 4, prompts_per_step: 4, samples_per_prompt: 2, max_new_tokens: 8,
+       lr: 3.0e-3, rounds: 2, filter_samples: 3, top_p: 0.9, trackers: [none]}
 """
 NOT_GLOBAL = ("step_seconds", "rollout/samples")  # wall time; a per-process count (averaged like the rest)
 
@@ -149,8 +152,8 @@ def test_fsdp_grpo_matches_one_process_writes_once_and_resumes(coin_checkpoint, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "ppo"])
-def test_fsdp_sft_and_ppo_with_curves_match_one_process(coin_checkpoint, tmp_path, method):
+@pytest.mark.parametrize("method", ["sft", "ppo", "ei"])
+def test_fsdp_sft_ppo_ei_with_curves_match_one_process(coin_checkpoint, tmp_path, method):
     """Training curves (greedy evaluations by the main process on gathered weights) included."""
     (tmp_path / "more.yaml").write_text(MORE)
     script = lambda out: [str(ROOT / "tests" / "train_curves.py"), str(tmp_path / "more.yaml"), method,  # noqa: E731
@@ -164,6 +167,8 @@ def test_fsdp_sft_and_ppo_with_curves_match_one_process(coin_checkpoint, tmp_pat
     assert all(f"eval/coin/{s}/acc" in b[i] for s in ("id", "ood") for i in (0, 2, -1))
     assert any(r["loss"] != 0 for r in a[1:])
     _weights_close(tmp_path / "one/model/model.safetensors", tmp_path / "two/model/model.safetensors")
+    if method == "ei":
+        assert (tmp_path / "two/rounds/round-1.json").read_text() == (tmp_path / "one/rounds/round-1.json").read_text()
     if method == "ppo":
         assert any(r["critic_grad_norm"] > 0 for r in b[1:])
         _weights_close(tmp_path / "one/critic/model.safetensors", tmp_path / "two/critic/model.safetensors")
