@@ -41,6 +41,7 @@ def _check_supported(**kw):
     ({"cfg": {"objective": "ppo"}, "critic_mode": "shared"}, "methods.m.critic: shared (a value head"),
     ({"cfg": {"rollout": {"backend": "vllm"}}}, "methods.m.rollout.backend: vllm is not supported under FSDP"),
     ({"half": "bf16", "dtype": "bf16"}, "dtype: bf16: half precision under FSDP runs on GPUs only"),
+    ({"accelerate_precision": "bf16"}, "accelerate mixed_precision: bf16: half precision under FSDP runs on GPUs only"),
     ({"accelerate_precision": "fp16", "device_type": "cuda"}, "accelerate mixed_precision: fp16: under FSDP the "
                                                               "precision is the study's dtype (now fp32)"),
 ])

@@ -81,6 +81,9 @@ def check_supported(cfg, method: str | None, *, critic_mode: str | None, half: s
         raise UserError(f"{key}rollout.backend: {cfg.rollout.backend} is not supported under FSDP; use builtin")
     if half != "no" and device_type != "cuda":
         raise UserError(f"dtype: {dtype}: half precision under FSDP runs on GPUs only; use dtype: fp32 on {device_type}")
+    if accelerate_precision != "no" and device_type != "cuda":
+        raise UserError(f"accelerate mixed_precision: {accelerate_precision}: half precision under FSDP runs on GPUs "
+                        "only; set mixed_precision: 'no'")
     if accelerate_precision not in ("no", half):
         raise UserError(f"accelerate mixed_precision: {accelerate_precision}: under FSDP the precision is the "
                         f"study's dtype (now {dtype}); set mixed_precision: 'no' and dtype: {accelerate_precision}")
