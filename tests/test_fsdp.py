@@ -42,8 +42,11 @@ def _check_supported(**kw):
     ({"cfg": {"rollout": {"backend": "vllm"}}}, "methods.m.rollout.backend: vllm is not supported under FSDP"),
     ({"half": "bf16", "dtype": "bf16"}, "dtype: bf16: half precision under FSDP runs on GPUs only"),
     ({"accelerate_precision": "bf16"}, "accelerate mixed_precision: bf16: half precision under FSDP runs on GPUs only"),
-    ({"accelerate_precision": "fp16", "device_type": "cuda"}, "accelerate mixed_precision: fp16: under FSDP the "
+    ({"accelerate_precision": "bf16", "device_type": "cuda"}, "accelerate mixed_precision: bf16: under FSDP the "
                                                               "precision is the study's dtype (now fp32)"),
+    ({"half": "fp16", "dtype": "fp16", "device_type": "cuda", "accelerate_precision": "fp16"},
+     "dtype: fp16 under FSDP needs loss scaling"),
+    ({"device_type": "cuda", "accelerate_precision": "fp16"}, "accelerate mixed_precision: fp16 under FSDP needs loss"),
 ])
 def test_unsupported_combinations_are_refused_naming_the_key(kw, message):
     with pytest.raises(UserError) as e:

@@ -39,7 +39,7 @@ import torch
 
 from posttrain.errors import UserError
 
-HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HALF = {"bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,9 @@ def check_supported(cfg, method: str | None, *, critic_mode: str | None, half: s
     if accelerate_precision != "no" and device_type != "cuda":
         raise UserError(f"accelerate mixed_precision: {accelerate_precision}: half precision under FSDP runs on GPUs "
                         "only; set mixed_precision: 'no'")
+    if "fp16" in (half, accelerate_precision):
+        raise UserError(f"{'dtype' if half == 'fp16' else 'accelerate mixed_precision'}: fp16 under FSDP needs loss "
+                        "scaling, which the sharded loop does not do; use bf16")
     if accelerate_precision not in ("no", half):
         raise UserError(f"accelerate mixed_precision: {accelerate_precision}: under FSDP the precision is the "
                         f"study's dtype (now {dtype}); set mixed_precision: 'no' and dtype: {accelerate_precision}")
@@ -111,9 +114,9 @@ def shard(model, settings: FsdpSettings, device: torch.device, half: str = "no")
     if not layers:
         raise UserError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); FSDP cannot shard it")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    # a half-precision study keeps fp32 master weights and computes in half, as autocast does in one
-    # process; gradients are reduced in fp32
-    mp = MixedPrecisionPolicy(param_dtype=HALF[half], reduce_dtype=torch.float32) if half in HALF else MixedPrecisionPolicy()
+    # a bf16 study keeps fp32 master weights and computes in bf16, as autocast does in one process;
+    # gradients are reduced in fp32
+    mp = MixedPrecisionPolicy(param_dtype=HALF[half], reduce_dtype=torch.float32) if half != "no" else MixedPrecisionPolicy()
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=settings.reshard_after_forward, mp_policy=mp)
     fully_shard(model, mesh=mesh, reshard_after_forward=settings.reshard_after_forward, mp_policy=mp)
