@@ -186,3 +186,15 @@ def test_fsdp_refuses_lora_before_writing(coin_checkpoint, tmp_path):
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert errors and set(errors) == {"error: methods.m.lora: LoRA is not supported under FSDP (launch with a DDP config)"}
     assert not (tmp_path / "out").exists()
+
+
+def test_the_units_sharded_are_the_decoder_layers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert fsdp._layers(model) == list(model.model.layers)
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))  # names no unsplittable class
+    assert fsdp._layers(plain) == []
+    with pytest.raises(UserError, match=r"^Sequential names no decoder layer class \(_no_split_modules\); FSDP cannot"):
+        fsdp.shard(plain, fsdp.FsdpSettings(reshard_after_forward=True), torch.device("cpu"))
