@@ -22,7 +22,7 @@ methods:
       lr: 3.0e-3, checkpoint_every: 2, trackers: [none]}
 """
 # the samples are the same draws, so these are equal; the losses differ only by float summation order
-EXACT = ("rollout/reward", "rollout/malformed", "rollout/len", "rollout/format/default", "adv_abs_mean",
+EXACT = ("rollout/reward", "rollout/samples", "rollout/malformed", "rollout/len", "rollout/format/default", "adv_abs_mean",
          "groups_zero_adv", "lr", "ratio_mean", "clipfrac")
 CLOSE = ("loss", "pg_loss", "grad_norm", "kl_ref")
 RTOL, ATOL = 1e-5, 1e-6
@@ -182,3 +182,15 @@ def test_two_processes_run_expert_iteration_as_one(coin_checkpoint, tmp_path):
     wa, wb = load_file(tmp_path / "one/model/model.safetensors"), load_file(tmp_path / "two/model/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert json.loads((tmp_path / "two" / "train.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_refuse_fp16(coin_checkpoint, tmp_path):
+    """fp16 needs loss scaling, which the data-parallel loop (no prepared optimizer) does not undo."""
+    (tmp_path / "cfg.yaml").write_text("dtype: fp16\n" + CONFIG)
+    half = _train(tmp_path, coin_checkpoint, "half", 2)
+    assert half.returncode != 0 and "exitcode: 2" in " ".join(half.stderr.split())  # torchrun reports the worker's 2
+    errors = {line for line in half.stderr.splitlines() if line.startswith("error:")}
+    assert errors == {"error: dtype: fp16 under several processes needs loss scaling, which the data-parallel loop "
+                      "does not do; use bf16"}
+    assert not (tmp_path / "half").exists()

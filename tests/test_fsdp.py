@@ -27,7 +27,7 @@ methods:
   ei: {method: ei_restart, task: coin, steps: 4, prompts_per_step: 4, samples_per_prompt: 2, max_new_tokens: 8,
        lr: 3.0e-3, rounds: 2, filter_samples: 3, top_p: 0.9, trackers: [none]}
 """
-NOT_GLOBAL = ("step_seconds", "rollout/samples")  # wall time; a per-process count (averaged like the rest)
+NOT_GLOBAL = ("step_seconds",)  # wall time
 
 
 def _check_supported(**kw):

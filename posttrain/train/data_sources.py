@@ -221,7 +221,9 @@ class OnPolicySource(DataSource):
         rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32)
         packed = pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id, self.max_length, group_size=n)
         metrics = verdict_metrics(verdicts, "rollout/")
-        metrics["rollout/samples"] = float(len(verdicts))  # the format shares' denominator (analysis/format_shares.py)
+        # the format shares' denominator (analysis/format_shares.py): the step's samples over all
+        # processes (equal rows each), as the metrics are averaged over processes
+        metrics["rollout/samples"] = float(len(verdicts) * world_size())
         metrics["rollout/len"] = sum(len(c) for c in ro.completion_ids) / max(len(ro.completion_ids), 1)
         return Batch(packed, n, rows, ro.texts, rewards, verdicts, metrics)
 

@@ -192,6 +192,10 @@ def train(
             # the loop replicates the model (data parallel); FSDP/DeepSpeed would need it sharded
             raise UserError(f"accelerate distributed_type {accelerator.distributed_type.value} is not supported by "
                             "the training loop; launch with a DDP or FSDP config of configs/accelerate/")
+        elif half == "fp16":
+            # accelerator.backward would scale the loss for an optimizer the loop never prepares (unscales)
+            raise UserError("dtype: fp16 under several processes needs loss scaling, which the data-parallel loop "
+                            "does not do; use bf16")
     ddp.barrier()  # every process has checked its inputs (and the CLI its --out) before anything is written
     main = accelerator.is_main_process
     if main:
@@ -214,7 +218,8 @@ def train(
     if multi:
         # no DDP wrapper and no prepared scheduler (which steps once per process): gradients are
         # summed by train.distributed.all_reduce_grads (FSDP: reduce-scattered), the schedule steps once per update
-        model = model if sharding is not None else model.to(accelerator.device)
+        # (the study's dtype sets the precision: bf16 autocast as accelerator.prepare would apply it)
+        model = model if sharding is not None else ddp.autocast_forward(model.to(accelerator.device), accelerator)
     else:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     critic = None
@@ -222,7 +227,8 @@ def train(
         # its own optimizer, schedule and gradient clipping: value-loss gradients never reach the policy
         c_opt = make_optimizer(list(critic_model.parameters()), critic_lr, cfg.weight_decay)
         c_sched = make_scheduler(c_opt, cfg.schedule, cfg.warmup_steps * updates_per_step, cfg.steps * updates_per_step)
-        critic = CriticState(critic_model.to(accelerator.device), c_opt, c_sched) if multi else \
+        critic = CriticState(ddp.autocast_forward(critic_model.to(accelerator.device), accelerator), c_opt, c_sched) \
+            if multi else \
             CriticState(*accelerator.prepare(critic_model, c_opt, c_sched))
         critic.module.train()
     dev = accelerator.device
