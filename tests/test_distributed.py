@@ -108,6 +108,23 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_matches_one_process(one: Path, two: Path) -> tuple[list[dict], list[dict]]:
+    """The metrics of a run of 2 processes against the 1-process run: written once, checkpoints
+    finished, equal samples, losses within float tolerance, and a real training signal."""
+    a, b = _rows(one), _rows(two)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]  # one writer: no duplicate lines
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert not list(two.glob("**/*.tmp"))
+    for x, y in zip(a[1:], b[1:]):
+        assert set(x) == set(y)
+        for k in EXACT:
+            assert x[k] == y[k], (x["step"], k)
+        for k in CLOSE:
+            assert y[k] == pytest.approx(x[k], rel=RTOL, abs=ATOL), (x["step"], k)
+    assert len({r["rollout/reward"] for r in a[1:]}) > 1 and any(r["loss"] != 0 for r in a[1:])  # a real signal
+    return a, b
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_write_once_and_resume(coin_checkpoint, tmp_path):
     (tmp_path / "cfg.yaml").write_text(CONFIG)
@@ -117,18 +134,8 @@ def test_two_processes_match_one_write_once_and_resume(coin_checkpoint, tmp_path
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.split() == [str(tmp_path / "two" / "model")]  # one process speaks
 
-    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
-    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]  # one writer: no duplicate lines
+    a, b = assert_matches_one_process(tmp_path / "one", tmp_path / "two")
     assert json.loads((tmp_path / "two" / "train.json").read_text())["processes"] == 2
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-2", "step-4"]
-    assert not list(tmp_path.glob("two/**/*.tmp"))
-    for x, y in zip(a[1:], b[1:]):
-        assert set(x) == set(y)
-        for k in EXACT:
-            assert x[k] == y[k], (x["step"], k)
-        for k in CLOSE:
-            assert y[k] == pytest.approx(x[k], rel=RTOL, abs=ATOL), (x["step"], k)
-    assert len({r["rollout/reward"] for r in a[1:]}) > 1 and any(r["loss"] != 0 for r in a[1:])  # a real signal
     wa, wb = load_file(tmp_path / "one/model/model.safetensors"), load_file(tmp_path / "two/model/model.safetensors")
     base = load_file(coin_checkpoint / "model.safetensors")
     for k in wa:
