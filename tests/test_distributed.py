@@ -125,6 +125,19 @@ def assert_matches_one_process(one: Path, two: Path) -> tuple[list[dict], list[d
     return a, b
 
 
+def stopped_at_step_2(tmp_path: Path, base: Path) -> Path:
+    """A copy of the 2-process run `two` as a kill after its step-2 checkpoint leaves it; one
+    process may not resume it."""
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "two", stopped)
+    shutil.rmtree(stopped / "model")
+    shutil.rmtree(stopped / "checkpoints" / "step-4")
+    (stopped / "train.json").unlink()
+    alone = _train(tmp_path, base, "stopped", 1, "--resume")
+    assert alone.returncode == 2 and "written by 2 process(es)" in alone.stderr, alone.stderr[-2000:]
+    return stopped
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_write_once_and_resume(coin_checkpoint, tmp_path):
     (tmp_path / "cfg.yaml").write_text(CONFIG)
@@ -145,13 +158,7 @@ def test_two_processes_match_one_write_once_and_resume(coin_checkpoint, tmp_path
     strip = lambda rows: [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]  # noqa: E731
 
     # stopped after the checkpoint at step 2: resumed by 2 processes, it ends where the whole run did
-    stopped = tmp_path / "stopped"
-    shutil.copytree(tmp_path / "two", stopped)
-    shutil.rmtree(stopped / "model")
-    shutil.rmtree(stopped / "checkpoints" / "step-4")
-    (stopped / "train.json").unlink()
-    one_proc = _train(tmp_path, coin_checkpoint, "stopped", 1, "--resume")
-    assert one_proc.returncode == 2 and "written by 2 process(es)" in one_proc.stderr, one_proc.stderr[-2000:]
+    stopped = stopped_at_step_2(tmp_path, coin_checkpoint)
     # resumed by `accelerate launch --num_processes 2 --cpu` (no config): accelerate starts one
     # process, which restarts as two (or the resume would refuse a run of 2 processes) and says so
     again = _train(tmp_path, coin_checkpoint, "stopped", 2, "--resume", launch="plain")

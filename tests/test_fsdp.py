@@ -3,7 +3,6 @@ run of 1 process with the same global batch, write one set of full-weight output
 bit, and refuse what the sharded loop does not implement."""
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 from posttrain.config import TrainConfig
 from posttrain.errors import UserError
 from posttrain.train import fsdp
-from test_distributed import ATOL, CONFIG, RTOL, ROOT, _rows, _train, assert_matches_one_process
+from test_distributed import ATOL, CONFIG, RTOL, ROOT, _rows, _train, assert_matches_one_process, stopped_at_step_2
 
 # beyond GRPO: SFT on expert data, PPO with its separate (replicated) critic, Expert Iteration
 # restarting from the init each round (filtered data: the policy's weights reloaded into the shards)
@@ -126,13 +125,7 @@ def test_fsdp_grpo_matches_one_process_writes_once_and_resumes(coin_checkpoint, 
     assert any(not torch.equal(wb[k], base[k]) for k in wb)
 
     # stopped after the checkpoint at step 2: resumed by 2 FSDP processes, it ends where the whole run did
-    stopped = tmp_path / "stopped"
-    shutil.copytree(tmp_path / "two", stopped)
-    shutil.rmtree(stopped / "model")
-    shutil.rmtree(stopped / "checkpoints" / "step-4")
-    (stopped / "train.json").unlink()
-    alone = _train(tmp_path, coin_checkpoint, "stopped", 1, "--resume")
-    assert alone.returncode == 2 and "written by 2 process(es)" in alone.stderr, alone.stderr[-2000:]
+    stopped = stopped_at_step_2(tmp_path, coin_checkpoint)
     replicated = _train(tmp_path, coin_checkpoint, "stopped", 2, "--resume")
     assert replicated.returncode != 0
     assert "was written by a run with FSDP; resume it the same way" in replicated.stderr, replicated.stderr[-2000:]
