@@ -469,8 +469,11 @@ _register_repair_commands()
 def _check_launch() -> None:
     """Only `train` shares its work among the processes of `accelerate launch` / `torchrun`; any
     other command started N times would do its work N times over the same outputs."""
+    from posttrain.train.relaunch import relaunch_if_accelerate_cpu
+
+    cmd = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    relaunch_if_accelerate_cpu(cmd)
     if int(os.environ.get("WORLD_SIZE") or 1) > 1:
-        cmd = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
         if cmd not in (None, "train"):
             raise UserError(f"`posttrain {cmd}` runs in one process; of the commands only `posttrain train` "
                             "runs under accelerate launch / torchrun")

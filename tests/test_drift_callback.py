@@ -206,3 +206,41 @@ def test_resumed_training_measures_from_the_original_start(tmp_path):
     assert logged[3]["drift/rel_update"] == pytest.approx(full[3]["drift/rel_update"], rel=1e-3)
     steps = [json.loads(x)["step"] for x in (tmp_path / "drift/drift.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 3]  # the resumed run appends
+
+
+def test_drift_callback_refuses_sharded_or_adapter_weights_before_writing(tmp_path):
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(is_world_process_zero=True, global_step=0)
+    cb = DriftCallback(SimpleNamespace(), out_dir=tmp_path / "d")
+    model, tok = _model_and_tok()
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(UserError, match="^DriftCallback: the model is a PEFT model"):
+        cb.on_train_begin(args, state, None, model=lora, processing_class=tok)
+    model, tok = _model_and_tok()
+    next(model.parameters()).ds_numel = 10  # what DeepSpeed ZeRO-3 puts on a partitioned parameter
+    with pytest.raises(UserError, match="^DriftCallback: model.embed_tokens.weight is partitioned by DeepSpeed ZeRO-3"):
+        cb.on_train_begin(args, state, None, model=model, processing_class=tok)
+    assert not (tmp_path / "d").exists()
+
+
+def test_drift_callback_refuses_fsdp2_dtensor_parameters(tmp_path):
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model, tok = _model_and_tok()
+        fully_shard(model)
+        cb = DriftCallback(SimpleNamespace(), out_dir=tmp_path / "d")
+        with pytest.raises(UserError, match="^DriftCallback: model.embed_tokens.weight is a sharded DTensor"):
+            cb.on_train_begin(SimpleNamespace(output_dir=str(tmp_path)),
+                              SimpleNamespace(is_world_process_zero=True, global_step=0), None, model=model,
+                              processing_class=tok)
+    finally:
+        dist.destroy_process_group()
+    assert not (tmp_path / "d").exists()

@@ -127,3 +127,15 @@ def test_self_sft_starts_from_the_base():
     res = self_run()
     res["models"]["self_on_sft"] = model(0.6)
     assert self_sft(Context(res, cfg)) == "self_sft"
+
+
+def test_the_shipped_easy_to_hard_config_tests_the_claim_on_the_default_base():
+    from posttrain.config import load_study_config, preset_path
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_study_config(root / "configs" / "easy_to_hard.yaml")
+    f = finding(arith_run(0.3), cfg, "rl_easy_to_hard")
+    assert f["holds"] is True and f["evidence"].startswith("grpo trained on arith/id: arith/ood (OOD task)")
+    # the default study's model and pretraining, so a demo's bases are reused
+    default = load_study_config(preset_path("default"))
+    assert (cfg.model, cfg.pretrain) == (default.model, default.pretrain)

@@ -23,7 +23,8 @@ W&B and every other reporting callback) under `drift/...`, and to `<out_dir>/dri
     trainer.train()
 
 Measurements run on the main process only; every process holds the same weights under DDP.
-Sharded parameters (FSDP, DeepSpeed ZeRO-3) and PEFT adapters are not supported.
+Sharded parameters (FSDP, FSDP2 DTensors, DeepSpeed ZeRO-3) and PEFT adapters are not supported: the
+callback refuses them at train begin with a one-line `UserError`, before writing anything.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class DriftCallback(TrainerCallback):
         if self.trainer is None:
             raise UserError("DriftCallback needs its trainer to log through the trainer's loggers: "
                             "trainer.add_callback(DriftCallback(trainer, ...)) or DriftCallback(...).attach(trainer)")
+        _check_full_weights(model)
         if self.out_dir is None:
             self.out_dir = Path(args.output_dir) / "drift"
         # angle matrices are resolved before anything is written, so a bad pattern leaves no trace
@@ -183,6 +185,24 @@ class DriftCallback(TrainerCallback):
                 raise UserError(f"DriftCallback: angles_for pattern {pattern!r} matches no weight matrix")
             out += [n for n in hits if n not in out]
         return out
+
+
+def _check_full_weights(model: torch.nn.Module) -> None:
+    """The drift is measured on the full weight matrices the main process holds: refuse, in one
+    line, the setups where it holds a shard or only adapters."""
+    if type(model).__name__ == "FullyShardedDataParallel":
+        raise UserError("DriftCallback: the model is sharded by FSDP; sharded parameters are not supported "
+                        "(measure a DDP run, or `posttrain diff` the saved checkpoints)")
+    for name, p in model.named_parameters():
+        if type(p).__name__ == "DTensor":
+            raise UserError(f"DriftCallback: {name} is a sharded DTensor (FSDP2 or tensor parallel); sharded "
+                            "parameters are not supported (measure a DDP run, or `posttrain diff` the saved checkpoints)")
+        if hasattr(p, "ds_numel"):
+            raise UserError(f"DriftCallback: {name} is partitioned by DeepSpeed ZeRO-3; sharded parameters are not "
+                            "supported (use ZeRO-1/2, or `posttrain diff` the saved checkpoints)")
+    if hasattr(model, "peft_config"):
+        raise UserError("DriftCallback: the model is a PEFT model (adapters); merge the adapters and "
+                        "`posttrain diff` the merged checkpoints instead")
 
 
 def _save(model: torch.nn.Module, tok, path: Path) -> None:

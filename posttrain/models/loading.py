@@ -164,11 +164,13 @@ def load_model(
     return model, tok
 
 
-def save_checkpoint(model: PreTrainedModel, tok: PreTrainedTokenizerBase, path: str | Path) -> Path:
-    """Write config, tokenizer and safetensors weights to `path`, atomically."""
+def save_checkpoint(model: PreTrainedModel, tok: PreTrainedTokenizerBase, path: str | Path,
+                    state_dict: dict | None = None) -> Path:
+    """Write config, tokenizer and safetensors weights to `path`, atomically. `state_dict`: the
+    weights to write in place of the model's own (a sharded model's gathered ones)."""
     path = Path(path)
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         tok.save_pretrained(tmp)
     return path
 

@@ -7,6 +7,10 @@ critic's trunk and value head; its optimizer and scheduler state are in `trainer
 `value_head.safetensors` (a value head on the policy's trunk). The batch
 of each step is a pure function of (seed, step), so these are all a resumed run needs to continue
 exactly as an uninterrupted one would. Checkpoints are written atomically.
+
+A run whose policy is FSDP-sharded (`train.fsdp`) writes the same files: the gathered full
+weights, and the full optimizer state keyed by parameter name (`"fsdp": true` in the state), which
+every process puts back into its own shard.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from posttrain.analysis.checkpoints import Checkpoint, check_finite, step_dirs
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir, atomic_write_text
+from posttrain.train.fsdp import copy_into
 
 STATE_FILE = "trainer_state.pt"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -37,13 +42,18 @@ class CriticState:
 
 
 def save_training_checkpoint(path: Path, model, tok, optimizer, scheduler, step: int, value_head=None,
-                             critic: CriticState | None = None, rank_rng: list | None = None) -> Path:
-    """`rank_rng`: each process's torch RNG state, in rank order, when several trained together."""
+                             critic: CriticState | None = None, rank_rng: list | None = None,
+                             weights: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """`rank_rng`: each process's torch RNG state, in rank order, when several trained together.
+    `weights`, `optimizer_state`: a sharded policy's gathered weights and full optimizer state."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
         tok.save_pretrained(tmp)
-        state = {"format": 1, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "torch_rng": torch.get_rng_state()}
+        state = {"format": 1, "step": step,
+                 "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+        if optimizer_state is not None:
+            state["fsdp"] = True
         if rank_rng is not None:
             state["torch_rng_by_rank"] = list(rank_rng)
         if critic is not None:
@@ -72,21 +82,28 @@ def resume_latest(out_dir: Path, model, optimizer, scheduler, metrics_path: Path
     the checkpoint's step, or 0 when there is none. With several processes each restores its own
     RNG state and only the one that writes (`truncate`) rewrites metrics.jsonl."""
     from posttrain.train.distributed import rank, world_size
+    from posttrain.train.fsdp import is_sharded, load_optimizer_state
 
     ck = latest_checkpoint(out_dir)
     if ck is None:
         return 0
-    if hasattr(model, "load_checkpoint_weights"):  # a LoRA policy (train.lora.LoraPolicy): its adapters
-        model.load_checkpoint_weights(ck)
-    else:
-        load_weights_into(model, ck)
     state = load_training_state(ck)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     by_rank = state.get("torch_rng_by_rank")
     if len(by_rank or [None]) != world_size():
         raise UserError(f"{ck} was written by {len(by_rank or [None])} process(es); resume it with as many "
                         f"(this run has {world_size()})")
+    if bool(state.get("fsdp")) != is_sharded(model):
+        raise UserError(f"{ck} was written by a run {'with' if state.get('fsdp') else 'without'} FSDP; resume it "
+                        f"the same way (this run is {'' if is_sharded(model) else 'not '}under FSDP)")
+    if hasattr(model, "load_checkpoint_weights"):  # a LoRA policy (train.lora.LoraPolicy): its adapters
+        model.load_checkpoint_weights(ck)
+    else:
+        load_weights_into(model, ck)
+    if is_sharded(model):
+        load_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(by_rank[rank()] if by_rank else state["torch_rng"])
     if value_head is not None:
         if not (ck / VALUE_HEAD_FILE).is_file():
@@ -138,7 +155,7 @@ def load_weights_into(model, path: Path) -> None:
         for name in ck.names():
             t = ck.get(name)
             check_finite(name, t, path)
-            params[name].copy_(t.to(params[name].dtype))
+            copy_into(params[name], t)  # a sharded (FSDP) parameter keeps its own block
 
 
 def load_training_state(path: Path) -> dict:

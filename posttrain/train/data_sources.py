@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from posttrain.errors import UserError
 from posttrain.tasks import Problem, Task, Verdict
-from posttrain.train.distributed import rank, shard_range, world_size
+from posttrain.train.distributed import gather_objects, is_main, rank, shard_range, world_size
 from posttrain.train.rollout import generate
 from posttrain.train.sequences import PackedBatch, encode_completions, encode_prompts, pack
 
@@ -221,7 +221,9 @@ class OnPolicySource(DataSource):
         rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32)
         packed = pack(ro.prompt_ids, ro.completion_ids, tok.pad_token_id, self.max_length, group_size=n)
         metrics = verdict_metrics(verdicts, "rollout/")
-        metrics["rollout/samples"] = float(len(verdicts))  # the format shares' denominator (analysis/format_shares.py)
+        # the format shares' denominator (analysis/format_shares.py): the step's samples over all
+        # processes (equal rows each), as the metrics are averaged over processes
+        metrics["rollout/samples"] = float(len(verdicts) * world_size())
         metrics["rollout/len"] = sum(len(c) for c in ro.completion_ids) / max(len(ro.completion_ids), 1)
         return Batch(packed, n, rows, ro.texts, rewards, verdicts, metrics)
 
@@ -248,9 +250,18 @@ class FilteredSource(DataSource):
     its multiplicity, which is the format concentration the findings measure. A step whose
     prompts yielded nothing correct returns None (no update, the schedule still moves). Round
     data is written to `out_dir/rounds/` so a resumed run trains on exactly the same data.
+
+    Several processes split the round's sampling (each its block of prompts, with the samples one
+    process would draw) and gather the samples, so every process filters the same round. What the
+    filter keeps is uneven over prompts, so every process then trains on the step's whole batch:
+    the sums over processes of the loss reductions (`train.distributed`) are W times the
+    one-process sums in numerator and denominator alike, and the summed gradient is the
+    one-process gradient, exactly (the factors are powers of two for W = 2, 4, ...). The update,
+    cheap next to the round's sampling, is not split.
     """
 
     on_policy = True  # the policy's own (filtered) samples
+    sharded = True
     Params = FilteredParams
 
     @classmethod
@@ -294,18 +305,26 @@ class FilteredSource(DataSource):
         steps = range(r * self.per_round, min((r + 1) * self.per_round, len(self.schedule)))
         flat = [(t, i, p) for t in steps for i, p in enumerate(self.schedule[t])]
         gen = torch.Generator().manual_seed(step_seed(self.seed, r, "filtered"))
+        prompts, shard = [p.prompt for _, _, p in flat], None
+        if world_size() > 1:  # this rank's block of the round's prompts, sampled as one process would
+            lo, hi = shard_range(len(flat), world_size(), rank())
+            prompts, shard = prompts[lo:hi], (lo, len(flat))
         was_training = model.training
         model.eval()
-        ro = generate(model, tok, [p.prompt for _, _, p in flat], n=self.k, max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.temperature, generator=gen, top_p=self.top_p)
+        ro = generate(model, tok, prompts, n=self.k, max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, generator=gen, top_p=self.top_p, shard=shard)
         model.train(was_training)
+        texts, finished = ro.texts, ro.finished
+        if shard is not None:  # every rank filters the whole round
+            parts = gather_objects((texts, finished))
+            texts, finished = [t for p in parts for t in p[0]], [f for p in parts for f in p[1]]
         rows = [x for x in flat for _ in range(self.k)]
-        verdicts = score(self.task, [p for _, _, p in rows], ro.texts, ro.finished)
+        verdicts = score(self.task, [p for _, _, p in rows], texts, finished)
         kept, duplicates = 0, 0
         per_prompt: Counter = Counter()
         seen: set[tuple[str, str]] = set()
         solved: set[tuple[int, int]] = set()
-        for (t, i, p), text, v in zip(rows, ro.texts, verdicts):
+        for (t, i, p), text, v in zip(rows, texts, verdicts):
             self.data.setdefault(t, [])
             if not v.correct:
                 continue
@@ -326,7 +345,7 @@ class FilteredSource(DataSource):
                          # the formats of all k samples the round drew (format collapse over rounds)
                          "filtered/round": float(r), "filtered/samples": float(len(verdicts)),
                          **{k: v for k, v in verdict_metrics(verdicts, "filtered/").items() if "/format/" in k}}
-        if path is not None:
+        if path is not None and is_main():
             atomic_write_json(path, {"data": {str(t): self.data.get(t, []) for t in steps}, "stats": self.stats[r]})
 
     def batch(self, step: int, problems: list[Problem], n: int, model, tok, cfg) -> Batch | None:

@@ -161,3 +161,19 @@ def global_done(local_done: torch.Tensor) -> torch.Tensor:
     t = local_done.to(device=_comm_device(), dtype=torch.int32)
     dist.all_reduce(t)
     return (t > 0).to(local_done.device)
+
+
+def autocast_forward(module: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """Mixed precision for a module the data-parallel loop moves itself instead of handing it to
+    `accelerator.prepare`: its forward runs under the accelerator's autocast and returns fp32
+    outputs, as `Accelerator.prepare_model` does for a prepared one (fp32 master weights stay)."""
+    if not accelerator.native_amp:
+        return module
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32
+    from accelerate.utils.modeling import get_mixed_precision_context_manager
+
+    ctx = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
+    module.forward = MethodType(convert_outputs_to_fp32(ctx(module.forward.__func__)), module)
+    return module

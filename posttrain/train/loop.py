@@ -14,6 +14,7 @@ Checkpoints every `checkpoint_every` steps resume bit for bit (see `train.checkp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -37,6 +38,7 @@ from posttrain.tasks import Problem, Task
 from posttrain.train.checkpointing import (CRITIC_DIR, CriticState, latest_checkpoint, load_weights_into, resume_latest,
                                            save_training_checkpoint)
 from posttrain.train import distributed as ddp
+from posttrain.train import fsdp
 from posttrain.train.data_sources import DATA_SOURCES, Batch, SourceContext, prompt_schedule, score, step_seed, verdict_metrics
 from posttrain.train.freezing import apply_freezing
 from posttrain.train.lora import attach as attach_lora
@@ -180,12 +182,20 @@ def train(
                           f"methods.{method}.max_new_tokens" if method else "max_new_tokens")
     accelerator = make_accelerator(device, cfg.trackers, out_dir / "logs", mixed_precision=half)
     multi = accelerator.num_processes > 1  # data parallel: see train.distributed
+    sharding = fsdp.requested() if multi else None  # FSDP: see train.fsdp
     if multi:
         _check_shardable(cfg, accelerator.num_processes, method)
-        if accelerator.distributed_type.value not in ("MULTI_CPU", "MULTI_GPU"):
+        if sharding is not None:
+            fsdp.check_supported(cfg, method, critic_mode=critic_mode, half=half, dtype=opts.get("dtype", "fp32"),
+                                 device_type=accelerator.device.type, accelerate_precision=accelerator.mixed_precision)
+        elif accelerator.distributed_type.value not in ("MULTI_CPU", "MULTI_GPU"):
             # the loop replicates the model (data parallel); FSDP/DeepSpeed would need it sharded
             raise UserError(f"accelerate distributed_type {accelerator.distributed_type.value} is not supported by "
-                            "the training loop yet; launch with configs/accelerate/ddp_gpu.yaml or ddp_cpu.yaml")
+                            "the training loop; launch with a DDP or FSDP config of configs/accelerate/")
+        elif half == "fp16":
+            # accelerator.backward would scale the loss for an optimizer the loop never prepares (unscales)
+            raise UserError("dtype: fp16 under several processes needs loss scaling, which the data-parallel loop "
+                            "does not do; use bf16")
     ddp.barrier()  # every process has checked its inputs (and the CLI its --out) before anything is written
     main = accelerator.is_main_process
     if main:
@@ -194,6 +204,8 @@ def train(
         atomic_write_json(out_dir / "versions.json", versions())
     source = cfg.source_cls.build(cfg, SourceContext(task, seed, max_length, schedule, out_dir, expert_format))
 
+    if sharding is not None:
+        model = fsdp.shard(model, sharding, accelerator.device, half)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = params
     if value_head is not None:
@@ -205,8 +217,9 @@ def train(
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps * updates_per_step, cfg.steps * updates_per_step)
     if multi:
         # no DDP wrapper and no prepared scheduler (which steps once per process): gradients are
-        # summed by train.distributed.all_reduce_grads, the schedule steps once per update
-        model = model.to(accelerator.device)
+        # summed by train.distributed.all_reduce_grads (FSDP: reduce-scattered), the schedule steps once per update
+        # (the study's dtype sets the precision: bf16 autocast as accelerator.prepare would apply it)
+        model = model if sharding is not None else ddp.autocast_forward(model.to(accelerator.device), accelerator)
     else:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     critic = None
@@ -214,7 +227,8 @@ def train(
         # its own optimizer, schedule and gradient clipping: value-loss gradients never reach the policy
         c_opt = make_optimizer(list(critic_model.parameters()), critic_lr, cfg.weight_decay)
         c_sched = make_scheduler(c_opt, cfg.schedule, cfg.warmup_steps * updates_per_step, cfg.steps * updates_per_step)
-        critic = CriticState(critic_model.to(accelerator.device), c_opt, c_sched) if multi else \
+        critic = CriticState(ddp.autocast_forward(critic_model.to(accelerator.device), accelerator), c_opt, c_sched) \
+            if multi else \
             CriticState(*accelerator.prepare(critic_model, c_opt, c_sched))
         critic.module.train()
     dev = accelerator.device
@@ -254,16 +268,22 @@ def train(
         if on_step:
             on_step(row["step"], row)
 
+    def curve(row: dict) -> None:
+        with fsdp.full_weights(model):  # sharded: every process gathers, the main one evaluates
+            if main:
+                row.update(quick_eval(policy, tok, curve_tasks, curve_problems, cfg.max_new_tokens))
+
     if start == 0:
         first = {"step": 0, "trainable_params": frz.trainable, "total_params": frz.total}
-        if curve_every and curve_problems and main:
-            first.update(quick_eval(policy, tok, curve_tasks, curve_problems, cfg.max_new_tokens))
+        if curve_every and curve_problems:
+            curve(first)
         log_line(first)
 
     model.train()
     for step in range(start, cfg.steps):
         ts = time.time()
-        batch = source.batch(step, schedule[step], cfg.samples_per_prompt, policy, tok, cfg)
+        with fsdp.full_weights(model) if cfg.source_cls.on_policy else contextlib.nullcontext():
+            batch = source.batch(step, schedule[step], cfg.samples_per_prompt, policy, tok, cfg)
         if source.round_start(step):
             # Echo Chamber / ReST-EM: the round's data came from the latest policy, training restarts from init
             lora.reset() if lora is not None else load_weights_into(policy, Path(init_dir))
@@ -280,27 +300,29 @@ def train(
             row.update({"skipped": 1, "lr": scheduler.get_last_lr()[0]})
         else:
             row.update(_update(cfg, objective, model, ref, value_head, batch, optimizer, scheduler, accelerator,
-                               params, step, seed, out_dir, critic))
+                               params, step, seed, out_dir, critic, sharding is not None))
         row["step_seconds"] = time.time() - ts
         row = ddp.mean_metrics(row)
-        if main and curve_every and curve_problems and ((step + 1) % curve_every == 0 or step + 1 == cfg.steps):
-            row.update(quick_eval(policy, tok, curve_tasks, curve_problems, cfg.max_new_tokens))
+        if curve_every and curve_problems and ((step + 1) % curve_every == 0 or step + 1 == cfg.steps):
+            curve(row)
         log_line(row)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             rng = ddp.gather_objects(torch.get_rng_state())
+            full = (fsdp.full_model_state(model), fsdp.full_optimizer_state(model, optimizer)) if sharding else (None,) * 2
             if main:
                 save_training_checkpoint(out_dir / "checkpoints" / f"step-{step + 1}", saved, tok, optimizer,
-                                         scheduler, step + 1, value_head, critic_io, rng if multi else None)
+                                         scheduler, step + 1, value_head, critic_io, rng if multi else None, *full)
             ddp.barrier()
     policy.__dict__.pop(ENGINE_ATTR, None)
     model_dir = out_dir / "model"
     result = TrainResult(model_dir, metrics_path, cfg.steps, time.time() - t0, frz.trainable, frz.total)
+    final_weights = fsdp.full_model_state(model) if sharding else None
     if not main:
         ddp.barrier()  # returns once the main process has written every output
         accelerator.end_training()  # (which ends the process group)
         return result
     log.close()
-    model_dir = result.model_dir = save_checkpoint(saved, tok, out_dir / "model")
+    model_dir = result.model_dir = save_checkpoint(saved, tok, out_dir / "model", final_weights)
     if value_head is not None:
         value_head.save(out_dir / "value_head.safetensors")
     if critic_io is not None:
@@ -310,7 +332,7 @@ def train(
         "steps": cfg.steps, "wall_seconds": result.wall_seconds, "objective": cfg.objective, "data": cfg.data_source,
         "expert_format": expert_format if cfg.data_source == "expert" else None, "resumed_from_step": start or None,
         "trainable_params": frz.trainable, "total_params": frz.total, "rollout_backend": backend_label,
-        **({"processes": accelerator.num_processes} if multi else {}),
+        **({"processes": accelerator.num_processes, "parallelism": "fsdp" if sharding else "ddp"} if multi else {}),
     })
     ddp.barrier()
     accelerator.end_training()
@@ -329,8 +351,9 @@ def _check_shardable(cfg: TrainConfig, world: int, method: str | None) -> None:
 
 
 def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, optimizer, scheduler, accelerator,
-            params, step: int, seed: int, out_dir: Path, critic: CriticState | None = None) -> dict:
-    """All optimizer updates of one step on one batch; returns the step's metrics."""
+            params, step: int, seed: int, out_dir: Path, critic: CriticState | None = None, sharded: bool = False) -> dict:
+    """All optimizer updates of one step on one batch; returns the step's metrics. `sharded`: the
+    policy is FSDP-sharded (`train.fsdp`)."""
     dev = accelerator.device
     temp = objective.logit_temperature(cfg)  # the reference's log-probs too: the KL compares like with like
     values_from = value_head if critic is None else critic.module
@@ -344,8 +367,9 @@ def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, o
     single = cfg.num_iterations == 1 and cfg.minibatches == 1
     if single:
         # one update: the behaviour policy is the current one, so old = current (ratio exactly 1)
+        # sharded: no forward split by groups, whose number of passes could differ between processes
         new = policy_forward(model, batch.packed, temp, objective.traits.needs_entropy, values_from,
-                             objective.grad_groups(batch, cfg))
+                             None if sharded else objective.grad_groups(batch, cfg))
         old = PolicyOutputs(new.logp.detach(), None, None if new.values is None else new.values.detach())
     else:
         # minibatches are padded row subsets: the old log-probs come from the same layout, so the
@@ -379,10 +403,12 @@ def _update(cfg: TrainConfig, objective, model, ref, value_head, batch: Batch, o
             loss_value = float(out.loss.detach())
             _check_finite(loss_value, "loss", step, out_dir)
             accelerator.backward(out.loss)
-            ddp.all_reduce_grads(params)
+            if not sharded:  # FSDP reduce-scattered the policy's gradients as sums in backward
+                ddp.all_reduce_grads(params)
             if critic is not None:
                 ddp.all_reduce_grads(critic.module.parameters())
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = fsdp.clip_grad_norm_(params, cfg.max_grad_norm) if sharded else \
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -128,75 +128,42 @@ def _sample(probs: torch.Tensor, generator, glob: tuple[torch.Tensor, torch.Tens
     return (probs.cpu() / q[pos]).argmax(-1)
 
 
+def _next_tokens(logits, greedy, temperature, top_p, generator, glob=None) -> torch.Tensor:
+    """The next token of every row: argmax, or a draw from the temperature- and nucleus-warped
+    distribution (`_sample`; `glob` for several processes)."""
+    if greedy:
+        return logits.argmax(-1)
+    scaled = logits / temperature
+    probs = torch.softmax(scaled if top_p >= 1.0 else top_p_filter(scaled, top_p), dim=-1)
+    return _sample(probs, generator, glob)
+
+
 def _generate_batch(model, tok, prompt_ids, n, max_new_tokens, temperature, greedy, generator, top_p=1.0, rows=None):
     """`rows` (several processes): (local rows, their first global row, global rows) of this chunk."""
     if rows is not None:
         return _generate_shard(model, tok, prompt_ids, n, max_new_tokens, temperature, greedy, generator, top_p, rows)
-    device = next(model.parameters()).device
-    fast_mask = _takes_bool_mask(model)
-    pad = tok.pad_token_id
-    eos = tok.eos_token_id
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        input_ids[i, width - len(p) :] = torch.tensor(p)
-        attention[i, width - len(p) :] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-
-    cache = DynamicCache()
-    out = model(
-        input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-        use_cache=True, logits_to_keep=1,
-    )
-    logits = out.logits[:, -1].float()
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-        logits = logits.repeat_interleave(n, 0)
-        attention = attention.repeat_interleave(n, 0)
-        positions = positions.repeat_interleave(n, 0)
-    total = logits.shape[0]
-    next_pos = positions[:, -1:] + 1
-
-    tokens = torch.full((total, max_new_tokens), pad, dtype=torch.long)
+    state = _prefill(model, tok, prompt_ids, n)
+    total = state["logits"].shape[0]
+    tokens = torch.full((total, max_new_tokens), tok.pad_token_id, dtype=torch.long)
     lengths = torch.zeros(total, dtype=torch.long)
     finished = torch.zeros(total, dtype=torch.bool)
     alive = torch.arange(total)  # original row of each row still in the batch
     for step in range(max_new_tokens):
-        if greedy:
-            nxt = logits.argmax(-1)
-        else:
-            scaled = logits / temperature
-            probs = torch.softmax(scaled if top_p >= 1.0 else top_p_filter(scaled, top_p), dim=-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+        logits = state["logits"]
+        nxt = _next_tokens(logits, greedy, temperature, top_p, generator).to(logits.device)
         nxt_cpu = nxt.cpu()
         tokens[alive, step] = nxt_cpu
         lengths[alive] = step + 1
-        done = nxt_cpu == eos
+        done = nxt_cpu == tok.eos_token_id
         finished[alive[done]] = True
         if step == max_new_tokens - 1:
             break
         keep = ~done
         if not keep.any():
             break
-        if not keep.all():
-            idx = keep.nonzero().squeeze(-1)
-            cache.batch_select_indices(idx.to(device))
-            alive, nxt = alive[idx], nxt[idx.to(device)]
-            attention, next_pos = attention[idx.to(device)], next_pos[idx.to(device)]
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        # a one-token query may attend to every unpadded key: handing sdpa that 4-D mask directly
-        # skips transformers' per-step mask construction (the same mask, so the same samples)
-        out = model(
-            input_ids=nxt.unsqueeze(-1), attention_mask=attention.bool()[:, None, None, :] if fast_mask else attention,
-            position_ids=next_pos,
-            past_key_values=cache, use_cache=True,
-        )
-        logits = out.logits[:, -1].float()
-        next_pos = next_pos + 1
-    completions = [tokens[i, : lengths[i]].tolist() for i in range(total)]
-    return completions, finished.tolist()
+        alive = alive[keep]
+        _decode_step(model, state, nxt, keep)
+    return [tokens[i, : lengths[i]].tolist() for i in range(total)], finished.tolist()
 
 
 def _generate_shard(model, tok, prompt_ids, n, max_new_tokens, temperature, greedy, generator, top_p, rows):
@@ -217,13 +184,7 @@ def _generate_shard(model, tok, prompt_ids, n, max_new_tokens, temperature, gree
     alive = torch.arange(n_local)
     for step in range(max_new_tokens):
         if len(alive):
-            logits = state["logits"]
-            if greedy:
-                nxt = logits.argmax(-1).cpu()
-            else:
-                scaled = logits / temperature
-                probs = torch.softmax(scaled if top_p >= 1.0 else top_p_filter(scaled, top_p), dim=-1)
-                nxt = _sample(probs, generator, (g_alive, mine))
+            nxt = _next_tokens(state["logits"], greedy, temperature, top_p, generator, (g_alive, mine)).cpu()
         else:
             nxt = torch.zeros(0, dtype=torch.long)
             if not greedy:  # the other processes' rows draw from the same stream
