@@ -572,7 +572,7 @@ def test_svd_dtype_choice():
 
     assert AUTO_FLOAT64_MAX_ELEMENTS == 8192 * 8192
     assert svd_dtype_for((8, 8), "float64") == torch.float64 and svd_dtype_for((8, 8), "float32") == torch.float32
-    assert svd_dtype_for((8192, 8192), "float64") == torch.float64
+    assert svd_dtype_for((8192, 8193), "float64") == torch.float64  # asked for: whatever the size
     # auto: float64 up to 8192 * 8192 elements (counted over every dimension), float32 above
     assert svd_dtype_for((8192, 8192), "auto") == torch.float64
     assert svd_dtype_for((8192, 8193), "auto") == torch.float32

@@ -217,9 +217,10 @@ def test_esd_powerlaw_input_cleaning_and_size_limits():
     assert sp.esd_powerlaw(x32) == sp.esd_powerlaw(x32.double())
     # min_n = 10 eigenvalues are enough, 9 are not
     assert math.isfinite(sp.esd_powerlaw(x[:10]).alpha) and math.isnan(sp.esd_powerlaw(x[:9]).alpha)
+    assert math.isnan(sp.esd_powerlaw(np.append(x[:9], 1e-5)).alpha)  # a value at the floor does not count
     # two points fit when allowed: alpha = 1 + 2 / ln(4 / 1)
     two = sp.esd_powerlaw(np.array([1.0, 4.0]), min_n=2)
-    assert two.alpha == pytest.approx(1 + 2 / math.log(4)) and two.xmin == 1.0
+    assert two.alpha == pytest.approx(1 + 2 / math.log(4)) and two.xmin == 1.0 and two.n_tail == 2
     # a tail whose log-sum is below 1 still fits: 1 + 2 / ln 2
     assert sp.esd_powerlaw(np.array([1.0, 2.0]), min_n=2).alpha == pytest.approx(1 + 2 / math.log(2))
 
@@ -230,3 +231,4 @@ def test_esd_powerlaw_with_exactly_one_batch_of_candidates():
     fit = sp.esd_powerlaw(x)
     D, alpha, xmin = esd_reference(x)
     assert fit.alpha == pytest.approx(alpha, rel=1e-10) and fit.xmin == xmin
+    assert fit.n_tail == int((x >= xmin).sum())

@@ -232,6 +232,8 @@ def test_apply_op_integer_arithmetic():
 
 
 def test_facts_problems_name_their_task_split_and_relation():
+    d = build_task("facts")
+    assert (d.n_entities, d.relations, d.kb_seed) == (60, ("color", "city"), 1234)  # the documented defaults
     t = build_task("facts", {"n_entities": 3, "relations": ["pet", "city"]})
     p = t.sample(random.Random(0), "id")
     assert (p.task, p.split) == ("facts", "id") and p.data["relation"] in ("pet", "city")
