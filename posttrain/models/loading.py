@@ -164,14 +164,20 @@ def load_model(
     return model, tok
 
 
+def write_pretrained(model: PreTrainedModel, tok: PreTrainedTokenizerBase, directory: Path,
+                     state_dict: dict | None = None) -> None:
+    """Config, tokenizer and safetensors weights into `directory`. `state_dict`: the weights to
+    write in place of the model's own (a sharded model's gathered ones)."""
+    model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+    tok.save_pretrained(directory)
+
+
 def save_checkpoint(model: PreTrainedModel, tok: PreTrainedTokenizerBase, path: str | Path,
                     state_dict: dict | None = None) -> Path:
-    """Write config, tokenizer and safetensors weights to `path`, atomically. `state_dict`: the
-    weights to write in place of the model's own (a sharded model's gathered ones)."""
+    """`write_pretrained` to `path`, atomically."""
     path = Path(path)
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
-        tok.save_pretrained(tmp)
+        write_pretrained(model, tok, tmp, state_dict)
     return path
 
 

@@ -25,6 +25,7 @@ import torch
 from posttrain.analysis.checkpoints import Checkpoint, check_finite, step_dirs
 from posttrain.errors import UserError
 from posttrain.io import atomic_dir, atomic_write_text
+from posttrain.models.loading import write_pretrained
 from posttrain.train.fsdp import copy_into
 
 STATE_FILE = "trainer_state.pt"
@@ -47,8 +48,7 @@ def save_training_checkpoint(path: Path, model, tok, optimizer, scheduler, step:
     """`rank_rng`: each process's torch RNG state, in rank order, when several trained together.
     `weights`, `optimizer_state`: a sharded policy's gathered weights and full optimizer state."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
-        tok.save_pretrained(tmp)
+        write_pretrained(model, tok, tmp, weights)
         state = {"format": 1, "step": step,
                  "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
                  "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
