@@ -53,10 +53,10 @@ def accuracy_table(res: dict) -> str:
 
 def _wall(res: dict) -> str:
     """Elapsed time, and the seeds' own times summed when they ran side by side."""
-    total = f"{res['wall_seconds']:.0f}s summed over the seeds"
     if res.get("elapsed_seconds") is None:
         return f"total wall time {res['wall_seconds']:.0f}s"
-    return f"wall time {res['elapsed_seconds']:.0f}s ({res.get('jobs', 1)} at a time; {total})"
+    return (f"wall time {res['elapsed_seconds']:.0f}s ({res.get('jobs', 1)} at a time; "
+            f"{res['wall_seconds']:.0f}s summed over the seeds)")
 
 
 def multi_findings_table(findings: list[dict]) -> str:
