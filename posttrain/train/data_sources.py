@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from posttrain.errors import UserError
 from posttrain.tasks import Problem, Task, Verdict
-from posttrain.train.distributed import gather_objects, is_main, rank, shard_range, world_size
+from posttrain.train.distributed import gather_objects, is_main, rank, rank_block, shard_range, world_size
 from posttrain.train.rollout import generate
 from posttrain.train.sequences import PackedBatch, encode_completions, encode_prompts, pack
 
@@ -207,10 +207,7 @@ class OnPolicySource(DataSource):
 
     def batch(self, step: int, problems: list[Problem], n: int, model, tok, cfg) -> Batch:
         gen = torch.Generator().manual_seed(step_seed(self.seed, step, "rollout"))
-        shard = None
-        if world_size() > 1:  # this rank's block of whole prompt groups, sampled as one process would
-            lo, hi = shard_range(len(problems), world_size(), rank())
-            problems, shard = problems[lo:hi], (lo, len(problems))
+        problems, shard = rank_block(problems)  # whole prompt groups, sampled as one process would
         was_training = model.training
         model.eval()
         ro = generate(model, tok, [p.prompt for p in problems], n=n, max_new_tokens=cfg.max_new_tokens,
@@ -305,10 +302,7 @@ class FilteredSource(DataSource):
         steps = range(r * self.per_round, min((r + 1) * self.per_round, len(self.schedule)))
         flat = [(t, i, p) for t in steps for i, p in enumerate(self.schedule[t])]
         gen = torch.Generator().manual_seed(step_seed(self.seed, r, "filtered"))
-        prompts, shard = [p.prompt for _, _, p in flat], None
-        if world_size() > 1:  # this rank's block of the round's prompts, sampled as one process would
-            lo, hi = shard_range(len(flat), world_size(), rank())
-            prompts, shard = prompts[lo:hi], (lo, len(flat))
+        prompts, shard = rank_block([p.prompt for _, _, p in flat])  # sampled as one process would
         was_training = model.training
         model.eval()
         ro = generate(model, tok, prompts, n=self.k, max_new_tokens=cfg.max_new_tokens,

@@ -62,6 +62,15 @@ def shard_range(n: int, world: int, r: int) -> tuple[int, int]:
     return r * per, (r + 1) * per
 
 
+def rank_block(items: list) -> tuple[list, tuple[int, int] | None]:
+    """This rank's contiguous block of `items` and `generate`'s `shard` for it, (offset, total);
+    one process: all items and None."""
+    if world_size() == 1:
+        return items, None
+    lo, hi = shard_range(len(items), world_size(), rank())
+    return items[lo:hi], (lo, len(items))
+
+
 @contextlib.contextmanager
 def reducing() -> Iterator[None]:
     """Within this block, the loss reductions of `train.objectives` are over all ranks' rows."""
