@@ -72,6 +72,12 @@ def build(a) -> dict:
     model = build_tiny_model(ModelConfig(arch="qwen2", **shape), vocab or len(tok), seed=0)
     model.config.eos_token_id = tok.eos_token_id
     if not a.tiny:
+        # A random model at 152k tokens almost never samples EOS (p ~ 8e-6 a step), so every GRPO
+        # completion would be unfinished and earn 0, and posttrain would skip the backward that TRL
+        # still runs. EOS's (tied) embedding row x10 makes p(EOS) ~ 0.03 a step (measured on random
+        # prompts): most of 64-token completions finish, at mixed lengths, so rewards are mixed.
+        with torch.no_grad():
+            model.get_input_embeddings().weight[tok.eos_token_id] *= 10.0
         model.to(torch.bfloat16)  # stored as Qwen2.5 ships; the study loads it in its dtype
     save_checkpoint(model, tok, a.work / "base")
     return {"params": sum(p.numel() for p in model.parameters())}
@@ -207,7 +213,7 @@ def grpo_trl(a) -> dict:
             text = c[0]["content"] if isinstance(c, list) else c
             # as posttrain scores: a completion without EOS within the budget earns nothing
             out.append(task.verify(problems[k], text).reward if tok.eos_token_id in list(ids) else 0.0)
-            lens.append(len(text) + 1)
+            lens.append(len(ids))  # tokens, EOS included, as posttrain's rollout/len counts
         rewards.extend(out)
         return out
 
@@ -265,7 +271,11 @@ def diff_pair(a) -> dict:
     """`posttrain diff --spectral` of base vs the study's SFT model on the CPU and on --device."""
     import pandas as pd
 
-    target = a.work / "study" / "methods" / "sft" / "model"
+    # the study's SFT model, or (when the study was not among the parts) the bare SFT run's
+    target = next((d for d in (a.work / "study" / "methods" / "sft" / "model", a.work / "sft_ours" / "model")
+                   if (d / "config.json").is_file()), None)
+    if target is None:
+        raise RuntimeError("no SFT model to diff: run the study or sft_ours part first")
     res = {}
     for dev in ("cpu", a.device) if a.device != "cpu" else ("cpu",):
         t0 = time.perf_counter()
@@ -350,8 +360,14 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--budget", type=float, default=450, help="seconds for all parts together")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="comma-separated parts to run, in the table's order (a rerun of the ones that failed)")
     ap.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    chosen = [p for p in a.parts.split(",") if p]
+    unknown = sorted(set(chosen) - set(PARTS))
+    if unknown:
+        ap.error(f"--parts: unknown {', '.join(unknown)} (parts: {', '.join(PARTS)})")
     if a.part:
         print(json.dumps(PARTS[a.part](a)))
         return
@@ -360,11 +376,14 @@ def main() -> None:
     shares = {"build": 0.06, "study": 0.2, "sft_ours": 0.08, "sft_trl": 0.08, "grpo_ours": 0.12, "grpo_trl": 0.12,
               "sampler": 0.14, "diff": 0.2}
     t_end = time.perf_counter() + a.budget
-    res = {}
-    for i, name in enumerate(PARTS):
+    res = {n: {"error": "not run (--parts)"} for n in PARTS}
+    order = [n for n in PARTS if n in chosen]
+    for i, name in enumerate(order):
         left = t_end - time.perf_counter()
-        weight = shares[name] / sum(shares[n] for n in list(PARTS)[i:])
-        res[name] = run_part(name, a, max(5.0, left * weight))
+        weight = shares[name] / sum(shares[n] for n in order[i:])
+        # building and saving the 0.5B model takes ~24 s on an H200 machine, and every part needs it
+        floor = 60.0 if name == "build" and not a.tiny else 5.0
+        res[name] = run_part(name, a, min(max(floor, left * weight), max(left, 5.0)))
         print(f"[{name}] {json.dumps(res[name])}", file=sys.stderr, flush=True)
     import platform
 

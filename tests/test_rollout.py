@@ -76,3 +76,42 @@ def test_low_temperature_sampling_is_greedy_and_temperature_one_is_not(model_tok
     assert warm.completion_ids == again.completion_ids  # the generator alone decides the samples
     # a group's samples differ from each other (each row draws its own tokens)
     assert len({tuple(c) for c in warm.completion_ids[:3]}) > 1
+
+
+def test_exp_noise_race_is_multinomial_on_cpu():
+    """argmax(p / q), q ~ Exp(1) from `exp_noise`, is torch.multinomial's draw for the same generator
+    state: the identity that the sharded and the accelerator samplers rest on."""
+    from posttrain.train.rollout import exp_noise
+
+    probs = torch.softmax(torch.randn(5, 29, generator=torch.Generator().manual_seed(3)) * 2, -1)
+    want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(11)).squeeze(-1)
+    q = exp_noise(5, 29, torch.device("cpu"), torch.Generator().manual_seed(11))
+    assert torch.equal((probs / q).argmax(-1), want)
+
+
+def test_device_generator_is_seeded_by_one_draw():
+    """An accelerator's noise generator comes from exactly one draw of the CPU generator, so the CPU
+    state that checkpoints carry decides it and resume is exact there too."""
+    from posttrain.train.rollout import device_generator
+
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = torch.rand(4, generator=device_generator(g1, "cpu"))
+    b = torch.rand(4, generator=device_generator(g2, "cpu"))
+    assert torch.equal(a, b)
+    ref = torch.Generator().manual_seed(5)
+    torch.randint(0, 2**63 - 1, (), generator=ref)
+    assert torch.equal(g1.get_state(), ref.get_state())
+    c = torch.rand(4, generator=device_generator(g1, "cpu"))  # the next step gets other noise
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampling_on_cuda_is_reproducible(model_tok):
+    model, tok = model_tok
+    m = model.to("cuda")
+    try:
+        runs = [generate(m, tok, PROMPTS, n=3, max_new_tokens=MAX_NEW, generator=torch.Generator().manual_seed(4))
+                for _ in range(2)]
+    finally:
+        model.to("cpu")
+    assert runs[0].completion_ids == runs[1].completion_ids

@@ -112,20 +112,43 @@ def _takes_bool_mask(model) -> bool:
 def _sample(probs: torch.Tensor, generator, glob: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """One token per row of `probs` [N, V].
 
-    One process: `torch.multinomial`. Several (`glob` = (bool mask of the global rows still
-    sampling, global index of each local row)): the same draw written out. For one sample,
-    `torch.multinomial` on CPU is argmax(p / q) with q ~ Exp(1) filled into a tensor shaped like
-    the probabilities (aten/src/ATen/native/Distributions.cpp, the "gumbel softmax" fast path).
-    Each process fills q for all rows still sampling in every process, as one process would, and
-    keeps its own rows: the same generator state gives the same sample to a row wherever it runs
-    (`tests/test_distributed.py` checks the identity with `torch.multinomial`).
+    One process on the CPU: `torch.multinomial`. Elsewhere, the same draw written out: for one
+    sample, `torch.multinomial` on CPU is argmax(p / q) with q ~ Exp(1) filled into a tensor shaped
+    like the probabilities (aten/src/ATen/native/Distributions.cpp, the "gumbel softmax" fast path).
+    Several processes (`glob` = (bool mask of the global rows still sampling, global index of each
+    local row)): each process fills q for all rows still sampling in every process, as one process
+    would, and keeps its own rows: the same generator state gives the same sample to a row wherever
+    it runs (`tests/test_distributed.py` checks the identity with `torch.multinomial`).
     """
     if glob is None:
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)
+        if probs.device.type == "cpu":
+            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return (probs / exp_noise(probs.shape[0], probs.shape[1], probs.device, generator)).argmax(-1)
     alive, mine = glob
-    q = torch.empty((int(alive.sum()), probs.shape[-1]), dtype=probs.dtype).exponential_(1, generator=generator)
+    q = exp_noise(int(alive.sum()), probs.shape[-1], probs.device, generator)
     pos = (alive.cumsum(0) - 1)[mine]
-    return (probs.cpu() / q[pos]).argmax(-1)
+    return (probs / q[pos.to(q.device)]).argmax(-1)
+
+
+def exp_noise(rows: int, vocab: int, device: torch.device, generator) -> torch.Tensor:
+    """Exp(1) noise [rows, vocab] (float32) of one token step, made where the probabilities are.
+
+    On the CPU it is filled from `generator` itself. On an accelerator it is filled there by a
+    generator of that device seeded from one draw of `generator` (`device_generator`): filling
+    rows x vocab exponentials on the CPU and moving the probabilities there took 0.42 s per token
+    step at Qwen2.5's 152k vocabulary on an H200 (bench/gpu_check.py's profile), 20x the model's
+    forward. The CPU `generator` stays the one state that checkpoints carry, so resume is exact on
+    either device; an accelerator's samples differ from the CPU's, as its floats already do."""
+    device = torch.device(device)
+    g = generator if device.type == "cpu" else device_generator(generator, device)
+    return torch.empty((rows, vocab), device=device).exponential_(1, generator=g)
+
+
+def device_generator(generator: torch.Generator, device) -> torch.Generator:
+    """A generator on `device` seeded from one 63-bit draw of the CPU `generator` (which advances
+    by that one draw)."""
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _next_tokens(logits, greedy, temperature, top_p, generator, glob=None) -> torch.Tensor:
@@ -174,6 +197,7 @@ def _generate_shard(model, tok, prompt_ids, n, max_new_tokens, temperature, gree
 
     n_local, first, n_global = rows
     vocab = model.get_output_embeddings().weight.shape[0]
+    device = next(model.parameters()).device
     if n_local:
         state = _prefill(model, tok, prompt_ids, n)
     g_alive = torch.ones(n_global, dtype=torch.bool)
@@ -188,7 +212,7 @@ def _generate_shard(model, tok, prompt_ids, n, max_new_tokens, temperature, gree
         else:
             nxt = torch.zeros(0, dtype=torch.long)
             if not greedy:  # the other processes' rows draw from the same stream
-                torch.empty((int(g_alive.sum()), vocab)).exponential_(1, generator=generator)
+                exp_noise(int(g_alive.sum()), vocab, device, generator)
         tokens[alive, step] = nxt
         lengths[alive] = step + 1
         done = nxt == tok.eos_token_id
