@@ -4,6 +4,7 @@ row is what `scan` writes: every per-matrix column of the diagnostics table (NaN
 has nothing to say), filled by the table's per-matrix functions of one `MatrixPair`."""
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -16,10 +17,16 @@ from posttrain.analysis.tensor_metrics import (
     NAN,
     NULL_DRAWS,
     MatrixPair,
+    _safe_inv,
+    bottom_subspace_angles,
     from_gram,
     from_svd,
     null_seed_for,
     random_update_null,
+    spectrum_summaries,
+    top_subspace_angles,
+    update_energy_top,
+    update_ranks,
 )
 
 M, N, K, BINS = 30, 20, 3, 4
@@ -75,13 +82,18 @@ def orthonormal(m, k, seed):
 
 @pytest.fixture(scope="module")
 def pair():
-    """Tall base 30 x 20 with a spread spectrum; the fine-tuned matrix turns left vector 0 and right
-    vector 19 and rescales singular values 1 (x1.5) and 18 (x0.5)."""
+    """Tall base 30 x 20 with a spread spectrum; the fine-tuned matrix turns left vector 0 out of
+    span(U_b), left vectors 4 and 10 into each other (across the curve's bins 0 and 2) and right
+    vector 19, and rescales singular values 1 (x1.5) and 18 (x0.5)."""
     U, V = orthonormal(M, N + 1, 1), orthonormal(N, N, 2)
     s = torch.logspace(1, -1, N, dtype=torch.float64)
     Wb = U[:, :N] @ torch.diag(s) @ V.T
     Ut, Vt, st = U[:, :N].clone(), V.clone(), s.clone()
     Ut[:, 0] = math.cos(0.3) * U[:, 0] + math.sin(0.3) * U[:, N]  # out of span(U_b)
+    # within span(U_b) but out of each bin's own range: a curve that compares a bin with more than
+    # its own range on either side sees no angle there
+    Ut[:, 4], Ut[:, 10] = math.cos(0.25) * U[:, 4] + math.sin(0.25) * U[:, 10], \
+        -math.sin(0.25) * U[:, 4] + math.cos(0.25) * U[:, 10]
     c, sn = math.cos(0.2), math.sin(0.2)
     Vt[:, 19], Vt[:, 10] = c * V[:, 19] + sn * V[:, 10], -sn * V[:, 19] + c * V[:, 10]
     st[1] *= 1.5
@@ -176,12 +188,14 @@ def test_gram_route_gives_the_same_row(pair):
     dW = Wt - Wb
     fb, ft = gram_factors(Wb.T @ Wb), gram_factors(Wt.T @ Wt)
     ps = from_gram(Wb.T @ Wb, Wb.T @ dW, dW.T @ dW, fb, ft)
-    assert not ps.explicit_left
+    assert ps.explicit_left is False
     row, curve, _ = pair_metrics(ps, K, BINS, dsq, transposed=False)
     # angles from cosines alone are accurate to ~sqrt(eps): 1e-5 degrees near zero
     check_row(row, ref, rel=1e-5, abs=1e-4, null=False)
     explicit, curve_svd, _ = pair_metrics(from_svd(dW, svd_factors(Wb), svd_factors(Wt)), K, BINS, dsq, False)
     assert [c["angle"] for c in curve] == pytest.approx([c["angle"] for c in curve_svd], rel=1e-5, abs=1e-4)
+    # the turn of left vectors 4 and 10 shows in bins 0 and 2 of the left side (mean over 5 angles)
+    assert [c["angle"] for c in curve[:4]] == pytest.approx([(0.3 + 0.25) * DEG / 5, 0, 0.25 * DEG / 5, 0], abs=1e-4)
 
 
 def test_a_wide_matrix_names_its_sides_in_its_own_orientation(pair):
@@ -260,3 +274,136 @@ def test_spectrum_metrics_by_hand():
     assert "stable_rank_base" not in part and "stable_rank_ft" in part
     zero = spectrum_metrics(Factors(torch.zeros(2, dtype=torch.float64), None, None, True), ft, 1)
     assert math.isnan(zero["log_spectral_norm_base"]) and math.isnan(zero["sv_rel_change_top"])
+
+
+def test_safe_inv_leaves_out_directions_at_or_below_the_rank_tolerance():
+    # tol = s_max * len(s) * eps; directions at or below it get 0, the rest 1/s
+    assert _safe_inv(torch.zeros(0, dtype=torch.float64)).shape == (0,)
+    assert _safe_inv(torch.zeros(3, dtype=torch.float64)).tolist() == [0.0, 0.0, 0.0]
+    assert _safe_inv(torch.tensor([4.0, 2.0], dtype=torch.float64)).tolist() == [0.25, 0.5]
+    # exactly at the tolerance: 1 * 2 * 2^-52 = 2^-51
+    assert _safe_inv(torch.tensor([1.0, 2.0**-51], dtype=torch.float64)).tolist() == [1.0, 0.0]
+    # below 3 * eps = 6.7e-16 (but above eps / 3): left out
+    assert _safe_inv(torch.tensor([1.0, 0.5, 4e-16], dtype=torch.float64)).tolist() == [1.0, 2.0, 0.0]
+    assert _safe_inv(torch.tensor([1.0, 0.5, 8e-16], dtype=torch.float64)).tolist() == [1.0, 2.0, 1 / 8e-16]
+
+
+def test_the_curve_ranges_serve_the_top_and_bottom_angles(pair):
+    """With k = q / bins the top-k and bottom-k subspaces are the curve's first and last ranges: they
+    are found in the cache the curve filled, not decomposed again under another key."""
+    Wb, Wt = pair
+    dsq = float(((Wt - Wb) ** 2).sum())
+    m = MatrixPair(svd_factors(Wb), svd_factors(Wt), N // BINS, bins=BINS, delta_sq=dsq, base_sq=1.0,
+                   transposed=False, ps=from_svd(Wt - Wb, svd_factors(Wb), svd_factors(Wt)))
+    top, bottom = top_subspace_angles(m), bottom_subspace_angles(m)
+    assert set(m._angles) == {(side, s, s + 5) for side in (0, 1) for s in (0, 5, 10, 15)}
+    Ub, _, Vbh = torch.linalg.svd(Wb, full_matrices=False)
+    Ut, _, Vth = torch.linalg.svd(Wt, full_matrices=False)
+    assert top["angle_top_left"] == pytest.approx((0.3 + 0.25) * DEG / 5, rel=1e-6)
+    assert top["angle_top_right"] == pytest.approx(float(sp.principal_angles(Vbh[:5].T, Vth[:5].T).mean()) * DEG,
+                                                   rel=1e-6, abs=1e-9)
+    assert bottom["angle_bottom_right"] == pytest.approx(0.2 * DEG / 5, rel=1e-6)
+    assert bottom["angle_bottom_left"] == pytest.approx(0.0, abs=1e-6)
+
+
+def _delta_pair(dW, Wb):
+    return from_svd(dW, svd_factors(Wb), svd_factors(Wb + dW))
+
+
+def test_delta_singular_values_route_by_dtype_and_width():
+    """dW's singular values: svdvals for float64 or at most 64 columns, else the eigenvalues of its
+    float64 Gram matrix (which come out in float64)."""
+    g = torch.Generator().manual_seed(3)
+    for n, dt, route in ((64, torch.float32, "svd"), (65, torch.float32, "gram"), (65, torch.float64, "svd")):
+        Wb = torch.randn(80, n, generator=g, dtype=dt)
+        s = torch.logspace(0, -10, n, dtype=torch.float64)  # down to 1e-10: lost in a Gram matrix
+        dW = (orthonormal(80, n, 4) * s @ orthonormal(n, n, 5).T).to(dt)
+        ps = _delta_pair(dW, Wb)
+        if route == "svd":
+            assert ps.delta_sv.dtype == dt and torch.equal(ps.delta_sv, torch.linalg.svdvals(dW))
+        else:
+            assert ps.delta_sv.dtype == torch.float64
+            assert ps.delta_sv[:8] == pytest.approx(torch.linalg.svdvals(dW.double())[:8], rel=1e-4)
+        if dt == torch.float64:
+            assert ps.delta_sv.tolist() == pytest.approx(s.tolist(), rel=1e-4)
+        assert ps.delta_top_sv == pytest.approx(1.0, rel=1e-5)
+
+
+def test_empty_matrices_give_empty_spectra_and_no_logs():
+    # a matrix with no columns: no singular values, ||dW||_2 = 0, no spectral norm to take the log of
+    e = torch.zeros(5, 0, dtype=torch.float64)
+    ps = _delta_pair(e, e)
+    assert ps.delta_sv.numel() == 0 and ps.delta_top_sv == 0.0
+    fe = gram_factors(torch.zeros(0, 0, dtype=torch.float64))
+    g0 = torch.zeros(0, 0, dtype=torch.float64)
+    ps = from_gram(g0, g0, g0, fe, fe)
+    assert ps.delta_sv.numel() == 0 and ps.delta_top_sv == 0.0 and ps.c_sq == 0.0
+    empty = Factors(torch.zeros(0, dtype=torch.float64), None, None, False)
+    row = spectrum_summaries(MatrixPair(empty, empty, 1, bins=BINS, delta_sq=0.0, base_sq=0.0, transposed=False))
+    assert math.isnan(row["log_spectral_norm_base"]) and math.isnan(row["log_spectral_norm_ft"])
+
+
+def test_a_small_rank_one_update_by_hand():
+    """W_b = diag(3, 2, 1) over a zero row, dW = 0.5 e_1 e_1^T: ||dW||_F^2 = 0.25 = ||dW||_2^2, all of it
+    in the base's top singular pair (norms below 1 must not read as "no update")."""
+    Wb = torch.zeros(4, 3, dtype=torch.float64)
+    Wb[0, 0], Wb[1, 1], Wb[2, 2] = 3.0, 2.0, 1.0
+    dW = torch.zeros_like(Wb)
+    dW[0, 0] = 0.5
+    for k in (1, 2):
+        m = MatrixPair(svd_factors(Wb), svd_factors(Wb + dW), k, bins=1, delta_sq=0.25, base_sq=14.0,
+                       transposed=False, ps=_delta_pair(dW, Wb))
+        assert update_energy_top(m)["update_energy_top"] == pytest.approx(1.0)
+        ranks = update_ranks(m)
+        assert ranks["stable_rank_delta"] == pytest.approx(1.0)
+        assert ranks["effective_rank_delta"] == pytest.approx(1.0)
+    # spectral norm below 1: a negative log, not NaN
+    half = Factors(torch.tensor([0.5, 0.25], dtype=torch.float64), None, None, True)
+    row = spectrum_summaries(MatrixPair(half, half, 1, bins=1, delta_sq=0.0, base_sq=0.3125, transposed=False))
+    assert row["log_spectral_norm_base"] == pytest.approx(2 * math.log10(0.5))
+
+
+def test_null_seed_formula_by_hand():
+    crc = zlib.crc32(b"w")
+    assert null_seed_for(0, "w") == crc
+    assert null_seed_for(3, "w") == 3 * 1_000_003 + crc
+    # reduced mod 2^63: 2^62 times an odd number is 2^62 there
+    assert null_seed_for(2**62, "w") == 2**62 + crc
+
+
+def test_random_update_null_needs_a_nonzero_update_and_names_default_to_empty(pair):
+    Wb, Wt = pair
+    fb, ft = svd_factors(Wb), svd_factors(Wt)
+    ps = from_svd(Wt - Wb, fb, ft)
+
+    def null(**kw):
+        return random_update_null(MatrixPair(fb, ft, K, bins=BINS, base_sq=1.0, transposed=False, ps=ps, **kw))
+
+    assert null(delta_sq=0.0, null_seed=0) == {}
+    unnamed = null(delta_sq=1.0, null_seed=0)
+    assert unnamed == null(delta_sq=1.0, null_seed=0, name="")
+    assert unnamed != null(delta_sq=1.0, null_seed=0, name="w")
+
+
+def test_esd_reads_and_fills_the_shared_base_cache_and_uses_min_eval():
+    s = torch.logspace(1, -1, N, dtype=torch.float64)  # eigenvalues 100 .. 0.01, 10 of them above 1
+    f = Factors(s, None, None, True)
+    cached = object()
+    m = MatrixPair(f, f, K, bins=BINS, delta_sq=1.0, base_sq=1.0, transposed=False, base_cache={"esd": cached})
+    assert m.esd("base") is cached and m.esd("ft") is not cached
+    shared: dict = {}
+    m = MatrixPair(f, f, K, bins=BINS, delta_sq=1.0, base_sq=1.0, transposed=False, base_cache=shared,
+                   min_eval=1.0)
+    fit = m.esd("base")
+    assert shared["esd"] is fit
+    assert fit.alpha == pytest.approx(sp.esd_powerlaw(s**2, 1.0).alpha)
+    assert fit.n_tail <= 10 and fit.alpha != pytest.approx(sp.esd_powerlaw(s**2).alpha)
+
+
+def test_from_svd_needs_both_left_bases_and_crosses_them(pair):
+    Wb, Wt = pair
+    fb, ft = svd_factors(Wb), svd_factors(Wt)
+    with pytest.raises(AssertionError):
+        from_svd(Wt - Wb, fb, Factors(ft.S, ft.V, None, True))
+    ps = from_svd(Wt - Wb, fb, ft)
+    assert torch.equal(ps.left_cross(slice(0, 3), slice(1, 4)), fb.U[:, :3].T @ ft.U[:, 1:4])

@@ -30,7 +30,7 @@ class PairSpectra:
     fb: Factors
     ft: Factors
     c_diag: Tensor  # diagonal of C = U_b^T dW V_b over the available base triplets
-    c_sq: float  # ||C||_F^2
+    c_sq: float  # ||C||_F^2 (complete factors; from_svd gives ||U_b^T dW||_F^2 for truncated ones, read by nothing)
     c_top: Callable[[int], Tensor]  # k -> C[:k, :k] = U_b[:, :k]^T dW V_b[:, :k]
     delta_sv: Tensor | None  # all singular values of dW (None: not computed)
     delta_top_sv: float  # ||dW||_2
@@ -42,10 +42,11 @@ def from_svd(dW: Tensor, fb: Factors, ft: Factors) -> PairSpectra:
     """Pair view from explicit factorisations of tall W_b, W_t (dW = W_t - W_b, same orientation)."""
     assert fb.U is not None and ft.U is not None
     # C = X V_b with X = U_b^T dW; only diag(C), ||C||_F and the top-left block are needed, and with a
-    # complete (square, orthogonal) V_b, ||C||_F = ||X||_F: one GEMM instead of two
+    # complete (square, orthogonal) V_b, ||C||_F = ||X||_F: one GEMM instead of two. Only the energy
+    # split reads c_sq, and only for complete factors: a truncated V_b's ||X V_b||_F is never needed
     X = fb.U.mT @ dW
     c_diag = (X * fb.V.mT).sum(dim=-1)
-    c_sq = float(X.double().pow(2).sum()) if fb.complete else float((X @ fb.V).double().pow(2).sum())
+    c_sq = float(X.double().pow(2).sum())
     if fb.complete:
         # float64 (small matrices): exact singular values. float32: eigenvalues of the float64 Gram
         # matrix cost a fraction of an SVD, and float64 keeps the noise floor (~sqrt(eps) * s_1) from
@@ -93,8 +94,11 @@ def from_gram(Gbb: Tensor, Gbd: Tensor, Gdd: Tensor, fb: Factors, ft: Factors) -
 
 def _safe_inv(s: Tensor) -> Tensor:
     # directions with s ~ 0 have no defined left vector; leave them out rather than divide by ~0
-    tol = float(s.max()) * max(s.shape[-1], 1) * torch.finfo(s.dtype).eps if s.numel() else 0.0
-    return torch.where(s > tol, 1.0 / s.clamp(min=tol if tol > 0 else 1e-300), torch.zeros_like(s))
+    inv = torch.zeros_like(s)
+    if s.numel():
+        keep = s > float(s.max()) * s.numel() * torch.finfo(s.dtype).eps
+        inv[keep] = 1.0 / s[keep]
+    return inv
 
 
 class MatrixPair:
@@ -263,8 +267,9 @@ def random_update_null(m: MatrixPair) -> dict[str, float]:
         R = torch.randn((NULL_DRAWS, *Wb.shape), generator=gen, dtype=torch.float64).to(Wb.device)
         R *= math.sqrt(m.delta_sq) / torch.linalg.matrix_norm(R)[:, None, None]
         U, S, Vh = torch.linalg.svd(Wb + R, full_matrices=False)
-        left = sp.principal_angles(Ub[:, :k].expand(NULL_DRAWS, -1, -1).contiguous(), U[..., :k].contiguous())
-        right = sp.principal_angles(Vb[:, :k].expand(NULL_DRAWS, -1, -1).contiguous(), Vh[:, :k].mT.contiguous())
+        # the base's 2-D bases broadcast against the batch of draws
+        left = sp.principal_angles(Ub[:, :k], U[..., :k].contiguous())
+        right = sp.principal_angles(Vb[:, :k], Vh[:, :k].mT.contiguous())
     left, right = left.mean(-1) * DEG, right.mean(-1) * DEG
     svc = [_mean(sp.sv_relative_change(Sb[:k], S[d, :k]).abs()) for d in range(NULL_DRAWS)]
     out: dict[str, float] = {}
