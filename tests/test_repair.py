@@ -388,6 +388,11 @@ def test_cli_success_and_errors(models, tmp_path, run_cli):
                            models["sharded"], "--lambda", "0.3", "--out", tmp_path / "ta")
     assert code == 0, err
     assert json.loads((tmp_path / "ta" / "repair.json").read_text())["params"]["lambdas"] == [0.3]
+    # one --lambda per --target (the flag was a single float, so a second value could not be given)
+    code, _, err = run_cli("repair", "task-arithmetic", "--base", b, "--target", t, "--target",
+                           models["sharded"], "--lambda", "0.3", "--lambda", "0.2", "--out", tmp_path / "ta2")
+    assert code == 0, err
+    assert json.loads((tmp_path / "ta2" / "repair.json").read_text())["params"]["lambdas"] == [0.3, 0.2]
 
 
 def test_overwrite_refuses_a_directory_that_is_not_a_repair(models, tmp_path):
@@ -524,6 +529,9 @@ def test_grid_expansion_names_axes_and_products():
     assert items[0].series == "uvd mode=direction bottom=0" and items[1].series == "uvd mode=direction bottom=0.05"
     assert items[4].axis == "last_frac" and items[4].params["modules"] == ["q_proj", "k_proj"]
     assert [it.x for it in items[6:]] == [0.5, 1.0] and items[6].axis == "lambdas"
+    # a flat list of a list parameter is one value (one lambda per target), not a sweep over it
+    one = expand_grid([{"method": "task_arithmetic", "lambdas": [0.5, 0.25]}])
+    assert len(one) == 1 and one[0].params["lambdas"] == [0.5, 0.25]
 
 
 def test_recovery_curves_plot_the_sweep():

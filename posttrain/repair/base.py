@@ -37,7 +37,8 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
 
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -118,7 +119,7 @@ def _layer_spec(v: Any) -> str:
     if not isinstance(v, str):
         raise ValueError(f"must be a string like '0:6', '3' or '0:2,5' (quote it in YAML), got {v!r}")
     spec = v.replace(" ", "")
-    parse_layers(spec, None, "layers")  # syntax now; the range is checked against the model later
+    parse_layers(spec, None)  # syntax now; the range is checked against the model later
     return spec
 
 
@@ -156,16 +157,16 @@ SELECTION = Selection.model_fields
 def is_list_param(field) -> bool:
     """Whether a parameter's value is itself a list (so a sweep over it is a list of lists)."""
     ann = field.annotation
-    args = [a for a in get_args(ann) if a is not type(None)] or [ann]
-    return any(get_origin(a) is list or get_origin(get_args(a)[0] if get_args(a) else a) is list for a in args)
+    # the members of an optional (X | None) are its alternatives; a list's own args are its items
+    members = [a for a in get_args(ann) if a is not type(None)] if get_origin(ann) in (Union, UnionType) else [ann]
+    return any(get_origin(a) is list or (get_origin(a) is Annotated and get_origin(get_args(a)[0]) is list)
+               for a in members)
 
 
 def _message(method: str, err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(x) for x in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        return f"{method}: unknown parameter {loc}"
     if first["type"] == "missing":
         return f"{method}: {loc} is required"
     if first["type"] == "literal_error":  # pydantic's "Input should be ..." would not read as a sentence here
