@@ -236,7 +236,7 @@ def _ratio_aggregate(rows: pd.DataFrame, a: Aggregate, n_layers: int) -> dict[st
             return n / d if d > 0 else float("nan")
 
     def get(k: object) -> float:
-        return f(nums.get(k, 0.0), dens[k]) if k in dens else float("nan")
+        return f(nums[k], dens[k]) if k in dens else float("nan")
 
     return _bucketed(get, lambda k: k in dens, a.scopes, modules_of(rows), n_layers, a)
 
@@ -251,8 +251,7 @@ def _mean_aggregate(mat: pd.DataFrame, a: Aggregate, n_layers: int) -> dict[str,
     for s in a.scopes:
         key = a.summary_key(s)
         if s == "total":
-            x = df["v"].dropna()
-            out[key] = float(x.mean()) if len(x) else float("nan")
+            out[key] = float(df["v"].dropna().mean())  # nan when no matrix has a value
         elif s == "module":
             d = {k: float(v) for k, v in df[["module", "v"]].dropna().groupby("module", sort=False)["v"].mean().items()}
             out[key] = {m: d[m] for m in sorted(d, key=order.get)}
@@ -346,9 +345,7 @@ def default_spectra_names(spectra: pd.DataFrame, modules: tuple[str, ...] = ("q_
         present = list(dict.fromkeys(df["module"]))[:2]
     names = []
     for m in present:
-        sub = df[df["module"] == m].sort_values("layer")
-        if sub.empty:
-            continue
+        sub = df[df["module"] == m].sort_values("layer")  # never empty: m is one of df's modules
         layers = sorted(set(sub["layer"].astype(int)))
         for layer in dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]]):
             names.append(sub[sub["layer"].astype(int) == layer]["name"].iloc[0])
