@@ -6,8 +6,9 @@ from pydantic import Field
 
 from posttrain.analysis.checkpoints import MODULE_ORDER
 from posttrain.errors import UserError
-from posttrain.repair.base import (REPAIRS, ModelInfo, Params, Repair, TensorInfo, get_repair, is_list_param,
-                                   parse_layers, register_repair)
+from posttrain.repair.base import (REPAIRS, ModelInfo, Params, Repair, get_repair, is_list_param, parse_layers,
+                                   register_repair)
+from test_layer_selection import model_info
 
 
 def refused(fn, *a, **kw) -> str:
@@ -17,12 +18,11 @@ def refused(fn, *a, **kw) -> str:
 
 
 def model(n_layers: int, head: bool) -> ModelInfo:
-    ts = [TensorInfo("model.embed_tokens.weight", (8, 4), "F32", None, "embed")]
-    ts += [TensorInfo(f"model.layers.{i}.self_attn.q_proj.weight", (4, 4), "F32", i, "q_proj") for i in range(n_layers)]
-    ts += [TensorInfo("model.norm.weight", (4,), "F32", None, "norm")]
-    if head:
-        ts += [TensorInfo("lm_head.weight", (8, 4), "F32", None, "lm_head")]
-    return ModelInfo({t.name: t for t in ts}, n_layers)
+    """test_layer_selection's model, with or without a separate lm_head tensor (a tied head has none)."""
+    m = model_info(n_layers)
+    if not head:
+        del m.tensors["lm_head.weight"]
+    return m
 
 
 def test_parse_layers_messages_name_the_key_and_the_model():
@@ -44,7 +44,8 @@ def test_plan_messages_carry_the_repair_name():
         "interpolate: head requested but the checkpoint has no separate lm_head tensor "
         "(tied to the embeddings? use embeddings instead)")
     plan = get_repair("interpolate", alpha=0.5, layers="0", head=True).plan(model(4, True))
-    assert plan == ["model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight"]
+    assert plan == ["model.norm.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight",
+                    "model.layers.0.mlp.down_proj.weight", "model.layers.0.input_layernorm.weight"]
 
 
 def test_construction_messages_list_every_name():
