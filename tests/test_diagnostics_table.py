@@ -21,28 +21,27 @@ from posttrain.analysis.diagnostics import Aggregate, Diagnostic
 NAN = float("nan")
 
 
-def same(got, want) -> bool:
-    """Exact equality of nested lists/dicts, NaN equal to NaN (and only to NaN: None is not NaN)."""
+def _nested(got, want, leaf) -> bool:
+    """Nested lists/dicts equal in shape and key order, NaN equal to NaN (and only to NaN: None is not
+    NaN), other leaves compared by `leaf`."""
     if isinstance(want, dict):
-        return isinstance(got, dict) and list(got) == list(want) and all(same(got[k], want[k]) for k in want)
+        return isinstance(got, dict) and list(got) == list(want) and all(_nested(got[k], want[k], leaf) for k in want)
     if isinstance(want, list):
-        return isinstance(got, list) and len(got) == len(want) and all(same(g, w) for g, w in zip(got, want))
+        return isinstance(got, list) and len(got) == len(want) and all(_nested(g, w, leaf) for g, w in zip(got, want))
     if isinstance(want, float) and math.isnan(want):
         return isinstance(got, float) and math.isnan(got)
-    return type(got) is type(want) and got == want
+    return leaf(got, want)
+
+
+def same(got, want) -> bool:
+    """Exact equality, leaf types included."""
+    return _nested(got, want, lambda g, w: type(g) is type(w) and g == w)
 
 
 def close(got, want) -> bool:
     """Like `same`, floats to 1e-12 relative."""
-    if isinstance(want, dict):
-        return isinstance(got, dict) and list(got) == list(want) and all(close(got[k], want[k]) for k in want)
-    if isinstance(want, list):
-        return isinstance(got, list) and len(got) == len(want) and all(close(g, w) for g, w in zip(got, want))
-    if isinstance(want, float):
-        if math.isnan(want):
-            return isinstance(got, float) and math.isnan(got)
-        return isinstance(got, float) and got == pytest.approx(want, rel=1e-12)
-    return got == want and type(got) is type(want)
+    return _nested(got, want, lambda g, w: isinstance(g, float) and g == pytest.approx(w, rel=1e-12)
+                   if isinstance(w, float) else g == w and type(g) is type(w))
 
 
 # ------------------------------------------------------------------------------------------------
