@@ -8,6 +8,7 @@ from posttrain.config import StudyConfig
 from posttrain.findings import (NOISE_RULE, Finding, Measured, aggregate_findings, evaluate_findings, finding,
                                 t975)
 from posttrain.findings.weights import mid_layer_mlp, mid_layer_mlp_share, mid_layers
+from test_findings import seed_row
 
 
 @pytest.fixture
@@ -43,9 +44,8 @@ def test_evaluate_findings_passes_a_rules_statistics_through(only):
     assert out[2]["holds"] is True and out[2]["value"] == 0.30 and out[2]["se"] == 0.05
 
 
-def _seed(value, threshold, holds=None):
-    return [{"id": "x", "claim": "c", "holds": holds, "evidence": f"{value} vs {threshold}", "value": value,
-             "threshold": threshold, "se": 0.01}]
+def _seed(value, threshold):
+    return [seed_row("x", None, f"{value} vs {threshold}", value=value, threshold=threshold)]
 
 
 def test_aggregate_margin_interval_edges():
