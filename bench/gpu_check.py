@@ -74,8 +74,8 @@ def build(a) -> dict:
     if not a.tiny:
         # A random model at 152k tokens almost never samples EOS (p ~ 8e-6 a step), so every GRPO
         # completion would be unfinished and earn 0, and posttrain would skip the backward that TRL
-        # still runs. EOS's (tied) embedding row x10 makes p(EOS) ~ 0.03 a step (measured on random
-        # prompts): most of 64-token completions finish, at mixed lengths, so rewards are mixed.
+        # still runs. EOS's (tied) embedding row x10 makes p(EOS) ~ 0.03 a step (bench/eos_probe.py, on
+        # random prompts): most of 64-token completions finish, at mixed lengths, so rewards are mixed.
         with torch.no_grad():
             model.get_input_embeddings().weight[tok.eos_token_id] *= 10.0
         model.to(torch.bfloat16)  # stored as Qwen2.5 ships; the study loads it in its dtype
