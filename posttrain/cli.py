@@ -392,7 +392,7 @@ def _repair_command(cls) -> None:
     import inspect
     import typing
 
-    from posttrain.repair.base import SELECTION, is_list_param
+    from posttrain.repair.base import SELECTION, is_list_param, param_types
 
     kw = inspect.Parameter.KEYWORD_ONLY
     sig = [inspect.Parameter("base", kw, annotation=Path, default=typer.Option(
@@ -412,7 +412,7 @@ def _repair_command(cls) -> None:
                     False, flag, help=f"Set {name} to {value!r}. " + help_)))
             continue
         decl = extra.get("cli_name", "--" + name.replace("_", "-"))
-        if field.annotation is bool or typing.get_args(field.annotation)[:1] == (bool,):
+        if bool in param_types(field):
             decl = f"{decl}/--no-{decl[2:]}"
             ann, default = bool, bool(field.default)
         elif is_list_param(field):

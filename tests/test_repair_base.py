@@ -6,8 +6,8 @@ from pydantic import Field
 
 from posttrain.analysis.checkpoints import MODULE_ORDER
 from posttrain.errors import UserError
-from posttrain.repair.base import (REPAIRS, ModelInfo, Params, Repair, get_repair, is_list_param, parse_layers,
-                                   register_repair)
+from posttrain.repair.base import (REPAIRS, ModelInfo, Params, Repair, get_repair, is_list_param, param_types,
+                                   parse_layers, register_repair)
 from test_layer_selection import model_info
 
 
@@ -82,6 +82,8 @@ def test_registry_names_classes_and_refuses_a_second_class_under_one_name():
         assert REPAIRS["_test_twice"] is A
         # a plain list[int] field is a list parameter, and its item errors name the item's position
         assert is_list_param(A.Params.model_fields["xs"])
+        assert param_types(A.Params.model_fields["xs"]) == [list[int]]  # its item type is no alternative
+        assert param_types(REPAIRS["interpolate"](alpha=0.5).Params.model_fields["alpha"]) == [float]
         assert refused(A, xs=[1, "a"]).startswith("_test_twice: xs.1 ")
     finally:
         REPAIRS.pop("_test_twice", None)

@@ -154,13 +154,17 @@ class Selection(Params):
 SELECTION = Selection.model_fields
 
 
+def param_types(field) -> list:
+    """The types a parameter's value can have: the alternatives of an optional (X | None), else its
+    annotation (a list's own args are its items, not alternatives)."""
+    ann = field.annotation
+    return [a for a in get_args(ann) if a is not type(None)] if get_origin(ann) in (Union, UnionType) else [ann]
+
+
 def is_list_param(field) -> bool:
     """Whether a parameter's value is itself a list (so a sweep over it is a list of lists)."""
-    ann = field.annotation
-    # the members of an optional (X | None) are its alternatives; a list's own args are its items
-    members = [a for a in get_args(ann) if a is not type(None)] if get_origin(ann) in (Union, UnionType) else [ann]
     return any(get_origin(a) is list or (get_origin(a) is Annotated and get_origin(get_args(a)[0]) is list)
-               for a in members)
+               for a in param_types(field))
 
 
 def _message(method: str, err: ValidationError) -> str:
