@@ -718,3 +718,34 @@ def test_qk_rule_does_not_depend_on_a_modules_weight_scale(pair, tmp_path):
         return qk_change_most(SimpleNamespace(sft="m", rl=None, diagnostics={"m": d}))
 
     assert verdict(plain)[0] is True and verdict(big) == verdict(plain)
+
+
+def test_the_null_comparison_set_leaves_out_gram_route_matrices(tmp_path):
+    """Matrices analysed through their Gram matrix get no random-update null, so the model's own
+    ratio that sft_rotates_not_rescales compares with the null must be over the other matrices only:
+    `null_set_*` are the SVD-route matrix's own values, not the model-wide means."""
+    from posttrain.analysis.updates import summarise
+
+    g = torch.Generator().manual_seed(5)
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (40, 40), "model.layers.0.mlp.up_proj.weight": (120, 40)}
+    base = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    ft = {n: w + 0.05 * torch.randn(w.shape, generator=g, dtype=torch.float64) for n, w in base.items()}
+    ft["model.layers.0.mlp.up_proj.weight"] = 1.3 * base["model.layers.0.mlp.up_proj.weight"]  # a pure rescaling
+    for d, sd in (("base", base), ("ft", ft)):
+        (tmp_path / d).mkdir()
+        save_file(sd, str(tmp_path / d / "model.safetensors"))
+    opts = DiffOptions(spectral=True, gram_min_numel=1, gram_min_aspect=2.0, null_seed=0)
+    rows = pd.DataFrame(scan(Checkpoint(tmp_path / "base"), {"ft": Checkpoint(tmp_path / "ft")}, list(shapes),
+                             opts).rows["ft"])
+    by = rows.set_index("name")
+    q, up = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    assert (by.loc[q, "svd"], by.loc[up, "svd"]) == ("full", "gram")
+    assert not math.isnan(by.loc[q, "null_angle_top_left"]) and math.isnan(by.loc[up, "null_angle_top_left"])
+    s = summarise(rows, n_layers=1).to_json()
+    assert (s["null_set_matrices"], s["angle_matrices"]) == (1, 2)
+    q_angle = (by.loc[q, "angle_top_left"] + by.loc[q, "angle_top_right"]) / 2
+    assert s["null_set_principal_angle_top"] == pytest.approx(q_angle, rel=1e-12)
+    assert s["null_set_sv_rel_change_top"] == pytest.approx(by.loc[q, "sv_rel_change_top"], rel=1e-12)
+    # the model-wide means include the rescaled matrix (no rotation, a 30% s.v. change): a ratio far below q's
+    assert s["sv_rel_change_top"] == pytest.approx((by.loc[q, "sv_rel_change_top"] + 0.3) / 2, rel=1e-6)
+    assert s["principal_angle_top"] < q_angle

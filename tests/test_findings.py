@@ -67,6 +67,8 @@ def diag(mlp_mid=1.0, top_module="q_proj", angle=None, svc=None, curve=None):
          "update_sq_by_layer_module": energy(mlp_mid)}
     if angle is not None:
         d["principal_angle_top"], d["sv_rel_change_top"] = angle, svc
+        # every matrix has a null here: the null's set is the whole model
+        d["null_set_principal_angle_top"], d["null_set_sv_rel_change_top"] = angle, svc
         d.update(null_diag())
     if curve is not None:
         d["angle_curve"] = curve
@@ -215,20 +217,25 @@ CASES = [
     # rotation vs rescaling against the random updates' ratios (mean 2, SD 0.894, 2 SD = 1.789): SFT's
     # ratio 0.5236 rad / 0.1 = 5.24 holds. Before the null, 0.52 rad vs a change of 0.5 held (ratio
     # 1.05): a random update does more than that
-    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": 0.5}, None),
-    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": math.radians(30) / 2}, None),  # = null
-    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": math.radians(30) / 3.7}, None),  # +1.7
-    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": math.radians(30) / 3.9}, True),  # +1.9
-    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": math.radians(30) / 0.2}, False),  # -1.8
+    ("sft_rotates_not_rescales", {"diagnostics__sft__null_set_sv_rel_change_top": 0.5}, None),
+    ("sft_rotates_not_rescales", {"diagnostics__sft__null_set_sv_rel_change_top": math.radians(30) / 2}, None),  # = null
+    ("sft_rotates_not_rescales", {"diagnostics__sft__null_set_sv_rel_change_top": math.radians(30) / 3.7}, None),  # +1.7
+    ("sft_rotates_not_rescales", {"diagnostics__sft__null_set_sv_rel_change_top": math.radians(30) / 3.9}, True),  # +1.9
+    ("sft_rotates_not_rescales", {"diagnostics__sft__null_set_sv_rel_change_top": math.radians(30) / 0.2}, False),  # -1.8
     # draws that agree exactly have no spread: the plain comparison with their ratio
     ("sft_rotates_not_rescales", {"diagnostics__sft": {**diag(6.0, angle=30.0, svc=math.radians(30) / 2.01),
                                                        **null_diag((2.0,) * 6)}}, True),
     ("sft_rotates_not_rescales", {"diagnostics__sft": {**diag(6.0, angle=30.0, svc=math.radians(30) / 1.99),
                                                        **null_diag((2.0,) * 6)}}, False),
-    ("sft_rotates_not_rescales", {"diagnostics__sft__principal_angle_top": 0.0,
-                                  "diagnostics__sft__sv_rel_change_top": 0.0}, None),  # no ratio
+    ("sft_rotates_not_rescales", {"diagnostics__sft__null_set_principal_angle_top": 0.0,
+                                  "diagnostics__sft__null_set_sv_rel_change_top": 0.0}, None),  # no ratio
     ("sft_rotates_not_rescales", {"diagnostics__sft__null_sv_rel_change_top_d3": DELETE}, None),
     ("sft_rotates_not_rescales", {"diagnostics__sft__principal_angle_top": DELETE}, None),
+    # the ratio compared with the null's is over the null's matrices, not the whole model's
+    ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": math.radians(30) / 0.2}, True),
+    ("sft_rotates_not_rescales", {"diagnostics__sft__principal_angle_top": 1.0,
+                                  "diagnostics__sft__null_set_sv_rel_change_top": math.radians(30) / 0.2}, False),
+    ("sft_rotates_not_rescales", {"diagnostics__sft__null_set_sv_rel_change_top": DELETE}, None),
     ("sft_rotates_not_rescales", {"diagnostics__sft__sv_rel_change_top": DELETE}, None),
     # both ends above the middle
     ("rotation_at_spectrum_ends", {"diagnostics__sft__angle_curve": {"x": [0.05, 0.5, 0.95], "left": [10.0, 2.0, 1.0],
@@ -520,8 +527,8 @@ CLAIMS = {
                                 "a random update does (rule: SFT's rotation-to-rescaling ratio, mean top-k principal "
                                 "angle in radians over mean top-k relative singular-value change, must exceed the mean "
                                 "ratio of norm-matched random updates of the same matrices (per matrix the same "
-                                "||dW||_F as SFT's, i.i.d. Gaussian direction, seeded by the study seed; 6 draws) by "
-                                "more than twice the draws' standard deviation; several seeds: a 95% paired interval "
+                                "||dW||_F as SFT's, i.i.d. Gaussian direction, seeded by the study seed; 6 draws; both ratios over "
+                                "the matrices that have a null, every matrix decomposed by an SVD) by more than twice the draws' standard deviation; several seeds: a 95% paired interval "
                                 "over seeds of the margin must exclude 0; otherwise within noise).",
     "rotation_at_spectrum_ends": "The rotation concentrates at the top and bottom of the spectrum (SFT's principal angle "
                                  "in both the top and the bottom 10% of the spectrum exceeds its mean over the middle 50%).",
@@ -574,7 +581,7 @@ CLAIMS = {
 
 
 def test_claims_and_evidence_text():
-    res = results(**{"diagnostics__grpo__principal_angle_top": 9.0, "diagnostics__grpo__sv_rel_change_top": 0.25,
+    res = results(**{"diagnostics__grpo__null_set_principal_angle_top": 9.0, "diagnostics__grpo__null_set_sv_rel_change_top": 0.25,
                      "repairs__uv20__id_kept_frac": None})
     out = evaluate_findings(res, CFG)
     assert {f["id"]: f["claim"] for f in out if f["id"] in CLAIMS} == CLAIMS
@@ -643,12 +650,29 @@ def test_untestable_evidence_text():
     assert ev["sft_moves_mlp_more"] == "no per-layer update energy of the linear matrices (update_sq_by_layer_module)"
     sft_ev = ("sft: top-k angle 30.00 deg vs s.v. change 1.00e-01 (ratio 5.24); random updates of the same norm: "
               "30.00 deg vs 3.20e-01 (ratio 2 ± 0.89 SD over 6 draws)")
-    res = results(**{"diagnostics__grpo__principal_angle_top": 9.0})  # an RL angle without its s.v. change
+    res = results(**{"diagnostics__grpo__null_set_principal_angle_top": 9.0})  # an RL angle without its s.v. change
     ev = {f["id"]: f["evidence"] for f in evaluate_findings(res, CFG)}
     assert ev["sft_rotates_not_rescales"] == sft_ev
     res = results(**{"diagnostics__grpo": DELETE})
     ev = {f["id"]: f["evidence"] for f in evaluate_findings(res, CFG)}
     assert ev["sft_rotates_not_rescales"] == sft_ev
+    # some matrices went through the Gram route (no null there): the evidence says over which the ratios are
+    res = results(**{"diagnostics__sft__null_set_matrices": 20, "diagnostics__sft__angle_matrices": 26})
+    f = by_id(res)["sft_rotates_not_rescales"]
+    assert f["holds"] is True and f["evidence"].startswith(
+        "sft: top-k angle 30.00 deg vs s.v. change 1.00e-01 (ratio 5.24) on the 20 of 26 matrices that have a null "
+        "(those analysed through their Gram matrix have none); random updates of the same norm: ")
+    res = results(**{"diagnostics__sft__null_set_matrices": 26, "diagnostics__sft__angle_matrices": 26})
+    assert by_id(res)["sft_rotates_not_rescales"]["evidence"] == sft_ev
+    # diagnostics written before the null's own set: untestable, saying why
+    res = results(**{"diagnostics__sft__null_set_principal_angle_top": DELETE})
+    f = by_id(res)["sft_rotates_not_rescales"]
+    assert (f["holds"], f["evidence"]) == (None, "sft: no angle and s.v. change of its own on the null's matrices "
+                                                 "(diagnostics written before they were; rerun the diagnostics stage)")
+    res = results(**{"diagnostics__sft__null_set_sv_rel_change_top": 0.0})
+    f = by_id(res)["sft_rotates_not_rescales"]
+    assert (f["holds"], f["evidence"]) == (None, "sft: no rotation-to-rescaling ratio on the null's matrices "
+                                                 "(s.v. change 0.0)")
     # diagnostics written before the null: untestable, saying why
     res = results(**{"diagnostics__sft__null_principal_angle_top_d0": DELETE})
     f = by_id(res)["sft_rotates_not_rescales"]

@@ -357,6 +357,16 @@ def _both_sides(prefix: str) -> Callable[[pd.DataFrame], pd.Series]:
     return lambda df: df[[f"{prefix}_left", f"{prefix}_right"]].mean(axis=1, skipna=False)
 
 
+def _on_null_matrices(value: Callable[[pd.DataFrame], pd.Series]) -> Callable[[pd.DataFrame], pd.Series]:
+    """`value` on the matrices that have a random-update null, nan on the others."""
+    return lambda df: value(df).where(df["null_angle_top_left"].notna())
+
+
+def _count(values: pd.Series) -> int:
+    """How many matrices have a (non-nan) value."""
+    return int(values.notna().sum())
+
+
 # ------------------------------------------------------------------------------------------------
 # the built-in table
 
@@ -401,6 +411,13 @@ register(Diagnostic("random_update_null", tm.random_update_null, columns=(
         Aggregate("null_principal_angle_top", value=_both_sides("null_angle_top"), scopes=("total", "module"),
                   results=("total", "module")),
         Aggregate("null_sv_rel_change_top", scopes=("total", "module"), results=("total", "module")),
+        # the model's own top-k angle and s.v. change over exactly the matrices that have a null, so the
+        # comparison is like with like: matrices analysed through their Gram matrix get no null
+        Aggregate("null_set_principal_angle_top", value=_on_null_matrices(_both_sides("angle_top")), results=("total",)),
+        Aggregate("null_set_sv_rel_change_top", value=_on_null_matrices(lambda df: df["sv_rel_change_top"]),
+                  results=("total",)),
+        Aggregate("null_set_matrices", how=lambda inp: _count(inp.matrices["null_angle_top_left"]), results=("total",)),
+        Aggregate("angle_matrices", how=lambda inp: _count(_both_sides("angle_top")(inp.matrices)), results=("total",)),
         # each draw's model-level numbers: the spread of the null's ratio over draws
         *(a for d in range(tm.NULL_DRAWS) for a in (
             Aggregate(f"null_principal_angle_top_d{d}",

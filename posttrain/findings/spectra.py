@@ -12,7 +12,8 @@ ROTATES = ("SFT mostly rotates singular vectors rather than rescaling singular v
            "does (rule: SFT's rotation-to-rescaling ratio, mean top-k principal angle in radians over mean top-k "
            "relative singular-value change, must exceed the mean ratio of norm-matched random updates of the same "
            "matrices (per matrix the same ||dW||_F as SFT's, i.i.d. Gaussian direction, seeded by the study seed; "
-           f"{NULL_DRAWS} draws) by more than twice the draws' standard deviation; several seeds: a 95% paired "
+           f"{NULL_DRAWS} draws; both ratios over the matrices that have a null, every matrix decomposed by an SVD) "
+           "by more than twice the draws' standard deviation; several seeds: a 95% paired "
            "interval over seeds of the margin must exclude 0; otherwise within noise).")
 ENDS = ("The rotation concentrates at the top and bottom of the spectrum (SFT's principal angle in both the "
         "top and the bottom 10% of the spectrum exceeds its mean over the middle 50%).")
@@ -52,13 +53,23 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
 
 
+def _coverage(d: dict) -> str:
+    """Which matrices the comparison covers, when the null is missing on some of them."""
+    k, n = d.get("null_set_matrices"), d.get("angle_matrices")
+    if k is None or n is None or k == n:
+        return ""
+    return (f" on the {k:.0f} of {n:.0f} matrices that have a null (those analysed through their Gram matrix "
+            f"have none)")
+
+
 def _describe(d: dict) -> tuple[float | None, list[float] | None, str]:
-    """(ratio, the random updates' ratios, evidence) of one method's diagnostics."""
-    ang, svc = d.get("principal_angle_top"), d.get("sv_rel_change_top")
+    """(ratio, the random updates' ratios, evidence) of one method's diagnostics; the ratio is over
+    the matrices that have a null (`null_set_*`), all of them whenever every matrix had an SVD."""
+    ang, svc = d.get("null_set_principal_angle_top"), d.get("null_set_sv_rel_change_top")
     r, nulls = rotation_ratio(ang, svc), null_ratios(d)
     if r is None:
         return r, nulls, ""
-    ev = f"top-k angle {ang:.2f} deg vs s.v. change {svc:.2e} (ratio {r:.3g})"
+    ev = f"top-k angle {ang:.2f} deg vs s.v. change {svc:.2e} (ratio {r:.3g}){_coverage(d)}"
     if nulls is not None:
         mean, sd = mean_sd(nulls)
         ev += (f"; random updates of the same norm: {d['null_principal_angle_top']:.2f} deg vs "
@@ -73,11 +84,15 @@ def sft_rotates_not_rescales(ctx: Context):
     d = ctx.diagnostics.get(ctx.sft, {})
     if d.get("principal_angle_top") is None or d.get("sv_rel_change_top") is None:
         return None, "no spectral diagnostics (diagnostics.spectral: false)"
+    if null_ratios(d) is None:
+        return None, f"{ctx.sft}: no random-update null in the diagnostics (rerun the diagnostics stage)"
+    if "null_set_principal_angle_top" not in d or "null_set_sv_rel_change_top" not in d:
+        return None, (f"{ctx.sft}: no angle and s.v. change of its own on the null's matrices (diagnostics written "
+                      f"before they were; rerun the diagnostics stage)")
     r, nulls, ev = _describe(d)
     if r is None:
-        return None, f"{ctx.sft}: no rotation-to-rescaling ratio (s.v. change {d['sv_rel_change_top']})"
-    if nulls is None:
-        return None, f"{ctx.sft}: no random-update null in the diagnostics (rerun the diagnostics stage)"
+        return None, (f"{ctx.sft}: no rotation-to-rescaling ratio on the null's matrices (s.v. change "
+                      f"{d['null_set_sv_rel_change_top']})")
     mean, sd = mean_sd(nulls)
     if ctx.rl:
         _, _, rev = _describe(ctx.diagnostics.get(ctx.rl, {}))
