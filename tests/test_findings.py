@@ -664,6 +664,12 @@ def test_untestable_evidence_text():
         "(those analysed through their Gram matrix have none); random updates of the same norm: ")
     res = results(**{"diagnostics__sft__null_set_matrices": 26, "diagnostics__sft__angle_matrices": 26})
     assert by_id(res)["sft_rotates_not_rescales"]["evidence"] == sft_ev
+    # no matrix had an SVD, so none has a null: untestable, and rerunning would not help
+    gram_only = {f"diagnostics__sft__null_principal_angle_top_d{i}": None for i in range(6)}
+    res = results(**gram_only, **{"diagnostics__sft__null_set_matrices": 0, "diagnostics__sft__angle_matrices": 26})
+    f = by_id(res)["sft_rotates_not_rescales"]
+    assert (f["holds"], f["evidence"]) == (None, "sft: none of its 26 matrices has a random-update null (every one "
+                                                 "was analysed through its Gram matrix; the null needs an SVD)")
     # diagnostics written before the null's own set: untestable, saying why
     res = results(**{"diagnostics__sft__null_set_principal_angle_top": DELETE})
     f = by_id(res)["sft_rotates_not_rescales"]

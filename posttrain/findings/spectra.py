@@ -85,6 +85,9 @@ def sft_rotates_not_rescales(ctx: Context):
     if d.get("principal_angle_top") is None or d.get("sv_rel_change_top") is None:
         return None, "no spectral diagnostics (diagnostics.spectral: false)"
     if null_ratios(d) is None:
+        if d.get("null_set_matrices") == 0 and d.get("angle_matrices"):
+            return None, (f"{ctx.sft}: none of its {d['angle_matrices']:.0f} matrices has a random-update null (every "
+                          f"one was analysed through its Gram matrix; the null needs an SVD)")
         return None, f"{ctx.sft}: no random-update null in the diagnostics (rerun the diagnostics stage)"
     if "null_set_principal_angle_top" not in d or "null_set_sv_rel_change_top" not in d:
         return None, (f"{ctx.sft}: no angle and s.v. change of its own on the null's matrices (diagnostics written "
