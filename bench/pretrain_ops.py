@@ -6,30 +6,20 @@ and the rate of the matrix products against this core's rate on a 2048^3 product
 
     .venv/bin/python bench/pretrain_ops.py
 """
-import random, time, torch
+import torch
 torch.set_num_threads(1)
 from torch.profiler import profile
+from demo_flops import matmul_rate
 from posttrain.config import load_study_config, preset_path
 from posttrain.study import build_tasks
 from posttrain.models.tiny import build_char_tokenizer, build_tiny_model
-from posttrain.train.pretrain import mixture_texts
-from posttrain.train.sequences import encode_completions, encode_prompts, pack_documents
-from posttrain.train.data_sources import step_seed
+from posttrain.train.pretrain import pretrain_batch
 
 cfg = load_study_config(preset_path("default"))
 tasks = build_tasks(cfg)
 tok = build_char_tokenizer()
-batches = []
-for step in range(15):
-    rng = random.Random(step_seed(0, step, "pretrain"))
-    prompts, completions = mixture_texts(tasks, cfg.pretrain.mixture, rng, cfg.pretrain.batch_size)
-    docs = [p + c for p, c in zip(encode_prompts(tok, prompts), encode_completions(tok, completions))]
-    batches.append(pack_documents(docs, cfg.model.max_length, tok.pad_token_id))
-a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-a @ b
-best = min((lambda t: (a @ b, time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(10))
-peak = 2 * 2048**3 / best / 1e9
-print(f"this core: 2048^3 fp32 product at {peak:.1f} GFLOP/s")
+batches = [pretrain_batch(tasks, cfg.pretrain, tok, cfg.model.max_length, 0, step) for step in range(15)]
+print(f"this core: 2048^3 fp32 product at {matmul_rate() / 1e9:.1f} GFLOP/s")
 
 
 def step(model, opt, batch, bf16):

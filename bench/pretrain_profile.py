@@ -4,14 +4,12 @@ seconds per step (steps 5-29 of 30; the first five warm up).
 
     .venv/bin/python bench/pretrain_profile.py
 """
-import random, time, torch
+import time, torch
 torch.set_num_threads(1)
 from posttrain.config import load_study_config, preset_path
 from posttrain.study import build_tasks
 from posttrain.models.tiny import build_char_tokenizer, build_tiny_model
-from posttrain.train.pretrain import mixture_texts
-from posttrain.train.sequences import encode_completions, encode_prompts, pack_documents
-from posttrain.train.data_sources import step_seed
+from posttrain.train.pretrain import pretrain_batch
 cfg = load_study_config(preset_path("default"))
 tasks = build_tasks(cfg)
 tok = build_char_tokenizer(); model = build_tiny_model(cfg.model, len(tok), 0)
@@ -19,10 +17,7 @@ opt = torch.optim.AdamW(model.parameters(), 1e-3)
 tp = tf = tb = 0.0
 for step in range(30):
     t0 = time.process_time()
-    rng = random.Random(step_seed(0, step, "pretrain"))
-    prompts, completions = mixture_texts(tasks, cfg.pretrain.mixture, rng, cfg.pretrain.batch_size)
-    docs = [p + c for p, c in zip(encode_prompts(tok, prompts), encode_completions(tok, completions))]
-    batch = pack_documents(docs, cfg.model.max_length, tok.pad_token_id)
+    batch = pretrain_batch(tasks, cfg.pretrain, tok, cfg.model.max_length, 0, step)
     t1 = time.process_time()
     logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.input_ids[:, 1:].reshape(-1), reduction="none").view_as(batch.target_mask)

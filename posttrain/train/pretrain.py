@@ -25,7 +25,7 @@ from posttrain.tasks import Task
 from posttrain.train.checkpointing import resume_latest, save_training_checkpoint
 from posttrain.train.data_sources import step_seed
 from posttrain.train.loop import make_accelerator, make_optimizer, make_scheduler, seed_everything
-from posttrain.train.sequences import encode_completions, encode_prompts, pack_documents
+from posttrain.train.sequences import PackedDocs, encode_completions, encode_prompts, pack_documents
 
 
 def mixture_texts(tasks: dict[str, Task], mixture: list[TaskRef], rng: random.Random, n: int) -> tuple[list[str], list[str]]:
@@ -41,6 +41,15 @@ def mixture_texts(tasks: dict[str, Task], mixture: list[TaskRef], rng: random.Ra
         prompts.append(problem.prompt)
         completions.append(task.solve(problem, fmt, rng))
     return prompts, completions
+
+
+def pretrain_batch(tasks: dict[str, Task], cfg: PretrainConfig, tok, max_length: int, seed: int, step: int) -> PackedDocs:
+    """Step `step`'s batch: `cfg.batch_size` documents drawn from the mixture with the step's own
+    seed, encoded and packed into rows of `max_length` tokens."""
+    rng = random.Random(step_seed(seed, step, "pretrain"))
+    prompts, completions = mixture_texts(tasks, cfg.mixture, rng, cfg.batch_size)
+    docs = [p + c for p, c in zip(encode_prompts(tok, prompts), encode_completions(tok, completions))]
+    return pack_documents(docs, max_length, tok.pad_token_id)
 
 
 def pretrain(
@@ -75,10 +84,7 @@ def pretrain(
     start = resume_latest(out_dir, accelerator.unwrap_model(model), optimizer, scheduler, metrics) if resume else 0
     with metrics.open("a" if start else "w") as log:
         for step in range(start, cfg.steps):
-            rng = random.Random(step_seed(seed, step, "pretrain"))
-            prompts, completions = mixture_texts(tasks, cfg.mixture, rng, cfg.batch_size)
-            docs = [p + c for p, c in zip(encode_prompts(tok, prompts), encode_completions(tok, completions))]
-            batch = pack_documents(docs, model_cfg.max_length, tok.pad_token_id)
+            batch = pretrain_batch(tasks, cfg, tok, model_cfg.max_length, seed, step)
             dev = accelerator.device
             logits = model(input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev),
                            attention_mask=batch.attention_mask.to(dev)).logits[:, :-1]
