@@ -664,26 +664,24 @@ def test_untestable_evidence_text():
         "(those analysed through their Gram matrix have none); random updates of the same norm: ")
     res = results(**{"diagnostics__sft__null_set_matrices": 26, "diagnostics__sft__angle_matrices": 26})
     assert by_id(res)["sft_rotates_not_rescales"]["evidence"] == sft_ev
+    def rotates(**over) -> tuple:
+        f = by_id(results(**over))["sft_rotates_not_rescales"]
+        return f["holds"], f["evidence"]
+
     # no matrix had an SVD, so none has a null: untestable, and rerunning would not help
     gram_only = {f"diagnostics__sft__null_principal_angle_top_d{i}": None for i in range(6)}
-    res = results(**gram_only, **{"diagnostics__sft__null_set_matrices": 0, "diagnostics__sft__angle_matrices": 26})
-    f = by_id(res)["sft_rotates_not_rescales"]
-    assert (f["holds"], f["evidence"]) == (None, "sft: none of its 26 matrices has a random-update null (every one "
-                                                 "was analysed through its Gram matrix; the null needs an SVD)")
+    assert rotates(**gram_only, **{"diagnostics__sft__null_set_matrices": 0, "diagnostics__sft__angle_matrices": 26}) \
+        == (None, "sft: none of its 26 matrices has a random-update null (every one was analysed through its Gram "
+                  "matrix; the null needs an SVD)")
     # diagnostics written before the null's own set: untestable, saying why
-    res = results(**{"diagnostics__sft__null_set_principal_angle_top": DELETE})
-    f = by_id(res)["sft_rotates_not_rescales"]
-    assert (f["holds"], f["evidence"]) == (None, "sft: no angle and s.v. change of its own on the null's matrices "
-                                                 "(diagnostics written before they were; rerun the diagnostics stage)")
-    res = results(**{"diagnostics__sft__null_set_sv_rel_change_top": 0.0})
-    f = by_id(res)["sft_rotates_not_rescales"]
-    assert (f["holds"], f["evidence"]) == (None, "sft: no rotation-to-rescaling ratio on the null's matrices "
-                                                 "(s.v. change 0.0)")
+    assert rotates(**{"diagnostics__sft__null_set_principal_angle_top": DELETE}) == (
+        None, "sft: no angle and s.v. change of its own on the null's matrices (diagnostics written before they "
+              "were; rerun the diagnostics stage)")
+    assert rotates(**{"diagnostics__sft__null_set_sv_rel_change_top": 0.0}) == (
+        None, "sft: no rotation-to-rescaling ratio on the null's matrices (s.v. change 0.0)")
     # diagnostics written before the null: untestable, saying why
-    res = results(**{"diagnostics__sft__null_principal_angle_top_d0": DELETE})
-    f = by_id(res)["sft_rotates_not_rescales"]
-    assert (f["holds"], f["evidence"]) == (None, "sft: no random-update null in the diagnostics (rerun the diagnostics "
-                                                 "stage)")
+    assert rotates(**{"diagnostics__sft__null_principal_angle_top_d0": DELETE}) == (
+        None, "sft: no random-update null in the diagnostics (rerun the diagnostics stage)")
     # no recovered fraction: SFT did not lose OOD accuracy, or lost it within noise; without a QR variant
     res = results(**{"repairs__uv20__ood_recovered_frac": None, "repairs__uv20__ood_recovered_se": None,
                      "repairs__uv20__ood_gap": -0.02, "repairs__uvqr20": DELETE})
